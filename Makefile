@@ -1,0 +1,37 @@
+# Two commands: `make serve` starts the daemon with the embedded default model,
+# `make test` runs the whole test suite. Both create or update .venv/ themselves.
+#
+# torch: without CUDA the CPU build is installed. For a CUDA build, pass the PyTorch wheel
+# index of your CUDA version, e.g. `make serve TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ocs-installed
+
+ifneq ($(TORCH_INDEX_URL),)
+TORCH_PIP_ARGS := --index-url $(TORCH_INDEX_URL)
+endif
+
+.PHONY: serve test lint venv clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	OCS_MODELS=$${OCS_MODELS:-$(CURDIR)/models} OCS_ADAPTERS=$${OCS_ADAPTERS:-$(CURDIR)/adapters} \
+		$(BIN)/ollama-compact serve
+
+test: $(STAMP)
+	$(BIN)/ruff check ollama_compact_server tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,35 @@
+"""Bearer-key check: with OCS_API_KEY set, every route but the public probes needs
+`Authorization: Bearer <key>`, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import error_response
+
+PUBLIC = {("HEAD", "/"), ("GET", "/"), ("GET", "/health"), ("HEAD", "/health")}
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in PUBLIC:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                given = value
+                break
+        if not hmac.compare_digest(given, self.expected):
+            response = error_response(
+                401, "unauthorized: a valid 'Authorization: Bearer' key is required"
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,72 @@
+"""Composition root: builds the FastAPI application from settings, wiring the registry and
+(later) the engine. The only module that knows every concrete class."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import __version__
+from .api import ollama
+from .api.auth import APIKeyMiddleware
+from .api.errors import install_error_handlers
+from .registry.dropin import register_dropins
+from .registry.store import ProgressFn, Registry
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def startup_registry(registry: Registry, settings: Settings) -> None:
+    """Checks the registry and registers the drop-in adapters (fast; no model loading)."""
+    registry.root.mkdir(parents=True, exist_ok=True)
+    for problem in registry.fsck():
+        log.error("registry: %s", problem)
+    result = register_dropins(registry, settings.adapters)
+    if result.registered or result.skipped:
+        log.info(
+            "adapter folder: %d registered, %d unchanged, %d skipped",
+            len(result.registered),
+            len(result.unchanged),
+            len(result.skipped),
+        )
+
+
+def prepare_default_model(
+    registry: Registry, settings: Settings, progress: ProgressFn | None = None
+) -> None:
+    """Imports the default model on first start (about a minute, once)."""
+    if not settings.import_default:
+        return
+    from .modeling.default_model import ensure_default_model
+
+    ensure_default_model(registry, settings.default_model, progress)
+
+
+def create_app(settings: Settings, *, registry: Registry | None = None) -> FastAPI:
+    registry = registry or Registry(settings.models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(startup_registry, registry, settings)
+        log.info("ollama-compact-server %s ready, registry at %s", __version__, registry.root)
+        yield
+
+    app = FastAPI(
+        title="ollama-compact-server",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    install_error_handlers(app)
+    app.include_router(ollama.router)
+    if settings.api_key is not None and settings.api_key.get_secret_value():
+        app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
+    return app

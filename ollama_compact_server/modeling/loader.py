@@ -1,0 +1,54 @@
+"""Loads registry models with transformers: verified blobs are exposed to transformers as a
+directory of links, weights stay memory-mapped from the blob files."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..registry.manifest import MT_ADAPTER_FILE, MT_FILE
+from ..registry.store import ModelRecord, Registry
+
+
+@contextlib.contextmanager
+def model_dir(registry: Registry, record: ModelRecord, media_type: str = MT_FILE) -> Iterator[Path]:
+    """A temporary directory whose entries link to the model's verified blobs."""
+    files = registry.verified_files(record, media_type)
+    with tempfile.TemporaryDirectory(prefix="ocs-view-") as scratch:
+        view = Path(scratch)
+        for filename, blob in files.items():
+            (view / filename).symlink_to(blob)
+        yield view
+
+
+def load_tokenizer(registry: Registry, record: ModelRecord) -> Any:
+    from transformers import AutoTokenizer
+
+    with model_dir(registry, record) as directory:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+
+
+def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -> Any:
+    """A transformers causal LM for a registry model (an adapter model loads its base plus
+    the adapter through peft)."""
+    from transformers import AutoModelForCausalLM
+
+    base = (
+        registry.get(record.config.base_model)
+        if record.is_adapter and record.config.base_model
+        else record
+    )
+    with model_dir(registry, base) as directory:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype or "auto", trust_remote_code=False, use_safetensors=True
+        )
+    if record.is_adapter:
+        from peft import PeftModel
+
+        with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
+            model = PeftModel.from_pretrained(model, directory)  # type: ignore[assignment]
+    model.eval()
+    return model

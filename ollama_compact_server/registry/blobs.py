@@ -1,0 +1,157 @@
+"""Content-addressed blob store: files named by the sha256 of their bytes, verified on write
+and on read. :meth:`BlobStore.path` is the only place that turns a digest into a path."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .errors import BlobNotFound, DigestMismatch, InvalidDigest
+from .fsutil import TMP_PREFIX, fsync_dir, storage_error
+
+DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+CHUNK = 1 << 20
+
+Progress = Callable[[int], None]
+
+
+def normalize_digest(digest: object) -> str:
+    """Returns ``sha256:<64 lowercase hex>`` or raises :class:`InvalidDigest`."""
+    if not isinstance(digest, str):
+        raise InvalidDigest("invalid digest format")
+    match = DIGEST_RE.match(digest)
+    if not match:
+        raise InvalidDigest("invalid digest format")
+    return "sha256:" + match.group(1).lower()
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+            if progress:
+                progress(len(block))
+    return "sha256:" + digest.hexdigest()
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "blobs"
+
+    def path(self, digest: str) -> Path:
+        """The file of a digest (validated; never outside the blobs directory)."""
+        hexpart = normalize_digest(digest).split(":", 1)[1]
+        return self.dir / f"sha256-{hexpart}"
+
+    def has(self, digest: str) -> bool:
+        path = self.path(digest)
+        return path.is_file() and not path.is_symlink()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.path(digest).lstat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(f'blob "{normalize_digest(digest)}" not found') from None
+
+    def put_stream(
+        self,
+        chunks: Iterable[bytes],
+        expected: str | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[str, bool]:
+        """Streams bytes into the store. Returns (digest, created). With ``expected`` set, bytes
+        that hash otherwise are refused and leave nothing behind."""
+        if expected is not None:
+            expected = normalize_digest(expected)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.dir)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        tmp = Path(tmp_name)
+        try:
+            hasher = hashlib.sha256()
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    handle.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                handle.flush()
+                os.fsync(handle.fileno())
+            digest = "sha256:" + hasher.hexdigest()
+            if expected is not None and digest != expected:
+                raise DigestMismatch(f'digest mismatch, expected "{expected}", got "{digest}"')
+            target = self.path(digest)
+            if self.has(digest):
+                tmp.unlink()
+                return digest, False
+            os.replace(tmp, target)
+            fsync_dir(self.dir)
+            return digest, True
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, OSError):
+                raise storage_error(exc) from exc
+            raise
+
+    def put_file(self, source: Path, progress: Progress | None = None) -> tuple[str, bool]:
+        """Copies a local file into the store (hashing while copying)."""
+
+        def chunks() -> Iterable[bytes]:
+            with open(source, "rb") as handle:
+                while block := handle.read(CHUNK):
+                    yield block
+
+        return self.put_stream(chunks(), progress=progress)
+
+    def put_bytes(self, data: bytes) -> tuple[str, bool]:
+        return self.put_stream([data])
+
+    def read_bytes(self, digest: str, limit: int = 64 << 20) -> bytes:
+        """Reads a small blob whole, verifying its digest."""
+        path = self.path(digest)
+        try:
+            if path.is_symlink():
+                raise BlobNotFound(f'blob "{normalize_digest(digest)}" not found')
+            with open(path, "rb") as handle:
+                data = handle.read(limit + 1)
+        except FileNotFoundError:
+            raise BlobNotFound(f'blob "{normalize_digest(digest)}" not found') from None
+        if len(data) > limit:
+            raise DigestMismatch(f"blob {normalize_digest(digest)} is larger than expected")
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != normalize_digest(digest):
+            raise DigestMismatch(f"blob {normalize_digest(digest)} is corrupt (hashes to {actual})")
+        return data
+
+    def verify(self, digest: str, progress: Progress | None = None) -> Path:
+        """Checks that a blob's bytes still hash to its name; returns its path."""
+        path = self.path(digest)
+        if not self.has(digest):
+            raise BlobNotFound(f'blob "{normalize_digest(digest)}" not found')
+        actual = sha256_file(path, progress)
+        if actual != normalize_digest(digest):
+            raise DigestMismatch(f"blob {normalize_digest(digest)} is corrupt (hashes to {actual})")
+        return path
+
+    def remove(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(digest).unlink()
+
+    def all_digests(self) -> set[str]:
+        if not self.dir.is_dir():
+            return set()
+        found = set()
+        for entry in self.dir.iterdir():
+            name = entry.name
+            if name.startswith("sha256-") and DIGEST_RE.match(name):
+                found.add(normalize_digest(name))
+        return found

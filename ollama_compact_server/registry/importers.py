@@ -1,0 +1,480 @@
+"""Imports a Hugging Face model directory or a PEFT adapter directory into the registry
+(safetensors only), recording what the model is in its config blob. No torch here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidModel, ModelNotFound, RegistryError
+from .manifest import (
+    MT_ADAPTER_FILE,
+    MT_FILE,
+    MT_LICENSE,
+    MT_PARAMS,
+    MT_SYSTEM,
+    MT_TEMPLATE,
+    AdapterInfo,
+    ModelConfig,
+    check_filename,
+)
+from .names import ModelName
+from .store import ModelRecord, ProgressFn, Registry
+from .tensors import DTYPE_NAMES, TensorInfo, read_header
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+HF_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_JSON_BYTES = 64 << 20
+CONVERT_HINT = (
+    "pickle files can run arbitrary code when loaded, so only safetensors is accepted. "
+    "Convert once, in an environment you trust: "
+    'python -c "from transformers import AutoModelForCausalLM as M; '
+    "M.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\""
+)
+ADAPTER_HINT = (
+    "pickle files can run arbitrary code when loaded, so only adapter_model.safetensors is "
+    "accepted. Re-save it once, in an environment you trust, with "
+    "model.save_pretrained(OUT, safe_serialization=True)"
+)
+LIMITS = {
+    "vocab_size": 10_000_000,
+    "num_hidden_layers": 1024,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+}
+
+
+def _noop(status: str, completed: int | None = None, total: int | None = None) -> None:
+    return None
+
+
+def read_json(path: Path, label: str | None = None) -> dict[str, Any]:
+    label = label or path.name
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise InvalidModel(f"{label} is too large")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidModel(f"{label} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise InvalidModel(f"{label} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidModel(f"{label} must be a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------- model configs
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a config (multimodal configs nest it)."""
+    inner = config.get("text_config")
+    return inner if isinstance(inner, dict) else config
+
+
+def check_hf_config(config: dict[str, Any]) -> None:
+    """Refuses configs that would run remote code or allocate absurd amounts of memory."""
+    if config.get("auto_map") or config.get("trust_remote_code"):
+        raise InvalidModel(
+            "config.json asks for custom code (auto_map); remote code is never executed"
+        )
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise InvalidModel("config.json has no model_type")
+    for scope in (config, text_config(config)):
+        for key, limit in LIMITS.items():
+            value = scope.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise InvalidModel(f"config.json: {key}={str(value)[:30]} is out of range")
+
+
+def context_length(config: dict[str, Any]) -> int:
+    cfg = text_config(config)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx"):
+        value = cfg.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def family_of(model_type: str) -> str:
+    return model_type.removesuffix("_text")
+
+
+def chat_template_from(directory: Path, tokenizer_config: dict[str, Any]) -> str:
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cjson = directory / "chat_template.json"
+    if cjson.is_file():
+        template = read_json(cjson).get("chat_template")
+        if isinstance(template, str):
+            return template
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, str):
+        return template
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        chosen = named.get("default") or next(iter(named.values()), None)
+        if isinstance(chosen, str):
+            return chosen
+    return ""
+
+
+def capabilities_for(template: str) -> list[str]:
+    caps = ["completion"]
+    if "tools" in template:
+        caps.append("tools")
+    return caps
+
+
+# ---------------------------------------------------------------------------- HF model dirs
+
+
+def scan_hf_dir(directory: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+    """The files to import from a model directory, and all of its tensors."""
+    if not directory.is_dir():
+        raise InvalidModel(f"{directory} is not a directory")
+    entries = sorted(p for p in directory.iterdir() if p.is_file())
+    weights = [p for p in entries if p.suffix == ".safetensors"]
+    pickles = [p for p in entries if p.suffix in PICKLE_SUFFIXES]
+    if not weights:
+        if pickles:
+            raise InvalidModel(f"{pickles[0].name} is a pickle file: {CONVERT_HINT}")
+        raise InvalidModel("no *.safetensors weights found")
+    for pickled in pickles:
+        log.info("ignoring %s: the safetensors weights are imported instead", pickled.name)
+    tensors: dict[str, TensorInfo] = {}
+    for weight in weights:
+        check_filename(weight.name)
+        found, _ = read_header(weight)
+        duplicated = tensors.keys() & found.keys()
+        if duplicated:
+            raise InvalidModel(f"tensor {sorted(duplicated)[0]!r} appears in two weight files")
+        tensors.update(found)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InvalidModel("model.safetensors.index.json has no weight_map")
+        names = {w.name for w in weights}
+        missing = {str(f) for f in weight_map.values()} - names
+        if missing:
+            raise InvalidModel(
+                f"model.safetensors.index.json names missing shard {sorted(missing)[0]!r}"
+            )
+    files = weights + [p for p in entries if p.name in HF_FILES]
+    return files, tensors
+
+
+def import_hf_dir(
+    registry: Registry,
+    directory: Path,
+    name: str | ModelName,
+    *,
+    template: str | None = None,
+    system: str | None = None,
+    params: dict[str, Any] | None = None,
+    license_text: str | None = None,
+    source: dict[str, Any] | None = None,
+    aliases: list[str] | None = None,
+    progress: ProgressFn = _noop,
+) -> ModelRecord:
+    """Imports a Hugging Face model directory (config.json + *.safetensors + tokenizer)."""
+    target = ModelName.parse(name) if not isinstance(name, ModelName) else name
+    directory = Path(directory)
+    progress("reading model files", None, None)
+    config = read_json(directory / "config.json")
+    check_hf_config(config)
+    files, tensors = scan_hf_dir(directory)
+    if (
+        not (directory / "tokenizer.json").is_file()
+        and not (directory / "tokenizer.model").is_file()
+    ):
+        raise InvalidModel("no tokenizer (tokenizer.json or tokenizer.model) found")
+    tokenizer_config = (
+        read_json(directory / "tokenizer_config.json")
+        if (directory / "tokenizer_config.json").is_file()
+        else {}
+    )
+    chat_template = (
+        template if template is not None else chat_template_from(directory, tokenizer_config)
+    )
+    dtypes = Counter(t.dtype for t in tensors.values() for _ in range(1))
+    dominant = dtypes.most_common(1)[0][0] if dtypes else "F32"
+    cfg = text_config(config)
+    architectures = config.get("architectures") or []
+    model_type = str(config["model_type"])
+    record_aliases = list(aliases or [])
+    name_or_path = config.get("_name_or_path")
+    if isinstance(name_or_path, str) and name_or_path and not name_or_path.startswith(("/", ".")):
+        record_aliases.append(name_or_path)
+    if source is None:  # a user's own directory: its folder name identifies the model
+        record_aliases.append(directory.resolve().name)
+    model_config = ModelConfig(
+        kind="model",
+        architecture=str(architectures[0]) if architectures else "",
+        model_type=model_type,
+        family=family_of(model_type),
+        families=[family_of(model_type)],
+        parameter_count=sum(t.numel for t in tensors.values()),
+        dtype=DTYPE_NAMES.get(dominant, dominant.lower()),
+        context_length=context_length(config),
+        embedding_length=int(cfg.get("hidden_size") or 0),
+        source=source or {"kind": "huggingface", "ref": directory.resolve().name},
+        aliases=sorted(set(record_aliases)),
+        capabilities=capabilities_for(chat_template),
+    )
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress("copying model files", done, total)
+
+    with registry.transaction() as txn:
+        for path in files:
+            txn.add_file(MT_FILE, path, filename=path.name, progress=advance)
+        _add_text_layers(txn, chat_template, system, params, license_text)
+        progress("writing manifest", None, None)
+        record = txn.commit(target, model_config)
+    progress("success", None, None)
+    return record
+
+
+def _add_text_layers(
+    txn: Any,
+    template: str | None,
+    system: str | None,
+    params: dict[str, Any] | None,
+    license_text: str | None,
+) -> None:
+    if template:
+        txn.add_bytes(MT_TEMPLATE, template.encode())
+    if system:
+        txn.add_bytes(MT_SYSTEM, system.encode())
+    if params:
+        txn.add_bytes(MT_PARAMS, json.dumps(params, sort_keys=True).encode())
+    if license_text:
+        txn.add_bytes(MT_LICENSE, license_text.encode())
+
+
+# ---------------------------------------------------------------------------- PEFT adapters
+
+
+def check_adapter_config(config: dict[str, Any]) -> AdapterInfo:
+    """Accepts plain LoRA adapters; refuses what would run code or what we cannot serve."""
+    if config.get("auto_mapping"):
+        raise InvalidModel("adapter_config.json asks for custom code (auto_mapping); refused")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise InvalidModel(
+            f"unsupported adapter type {peft_type or 'unknown'!r}: only LoRA adapters are supported"
+        )
+    if config.get("use_dora"):
+        raise InvalidModel("DoRA adapters are not supported yet; use a plain LoRA adapter")
+    if config.get("modules_to_save"):
+        raise InvalidModel(
+            "adapters with modules_to_save (fully trained extra modules) are not supported; "
+            "merge them into a model and import that instead"
+        )
+    r = config.get("r")
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= 4096:
+        raise InvalidModel(f"adapter rank r={str(r)[:20]} is out of range (1-4096)")
+    if (
+        not isinstance(alpha, (int, float))
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise InvalidModel(f"lora_alpha={str(alpha)[:20]} must be a positive number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise InvalidModel(f"adapters with {key} are not supported yet")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise InvalidModel("target_modules must be a list of module names")
+    return AdapterInfo(
+        peft_type="LORA",
+        r=r,
+        alpha=float(alpha),
+        target_modules=sorted(targets),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=False,
+    )
+
+
+def base_tensors(registry: Registry, base: ModelRecord) -> dict[str, TensorInfo]:
+    """Shapes of the base model's tensors, read from the stored safetensors headers."""
+    shapes: dict[str, TensorInfo] = {}
+    for filename, layer in base.manifest.files(MT_FILE).items():
+        if filename.endswith(".safetensors"):
+            found, _ = read_header(registry.blobs.path(layer.digest))
+            shapes.update(found)
+    return shapes
+
+
+def check_adapter_shapes(
+    adapter: dict[str, TensorInfo], base: dict[str, TensorInfo], r: int
+) -> None:
+    """Every LoRA pair must sit on a base weight of matching shape."""
+    if not adapter:
+        raise InvalidModel("adapter_model.safetensors holds no tensors")
+    base_keys = {k.lower(): k for k in base}
+    for key, info in adapter.items():
+        stem = key.removeprefix("base_model.model.")
+        for marker, kind in (
+            (".lora_A.", "A"),
+            (".lora_B.", "B"),
+            (".lora_embedding_A", "eA"),
+            (".lora_embedding_B", "eB"),
+        ):
+            if marker in stem:
+                module = stem.split(marker, 1)[0]
+                matched = kind
+                break
+        else:
+            raise InvalidModel(f"adapter tensor {key[:100]!r} is not a LoRA weight")
+        target = base_keys.get(f"{module}.weight".lower())
+        if target is None:
+            raise InvalidModel(
+                f"adapter targets {module[:100]!r}, which the base model does not have"
+            )
+        out_dim, in_dim = (*base[target].shape, 0, 0)[:2]
+        shape = info.shape
+        kind = matched
+        if kind in ("eA", "eB"):
+            out_dim, in_dim = in_dim, out_dim  # embeddings: [vocab, hidden] is used as in=vocab
+        ok = len(shape) == 2 and (
+            (kind in ("A", "eA") and shape[0] == r and shape[1] == in_dim)
+            or (kind in ("B", "eB") and shape[1] == r and shape[0] == out_dim)
+        )
+        if not ok:
+            raise InvalidModel(
+                f"adapter tensor {key[:100]!r} has shape {list(shape)}, which does not fit "
+                f"the base "
+                f"weight {list(base[target].shape)} with rank {r}"
+            )
+
+
+def import_adapter_dir(
+    registry: Registry,
+    directory: Path,
+    name: str | ModelName,
+    base: str | ModelName,
+    *,
+    source: dict[str, Any] | None = None,
+    progress: ProgressFn = _noop,
+) -> ModelRecord:
+    """Imports a PEFT LoRA adapter directory as a model running on ``base``."""
+    target = ModelName.parse(name) if not isinstance(name, ModelName) else name
+    directory = Path(directory)
+    progress("reading adapter files", None, None)
+    if not directory.is_dir():
+        raise InvalidModel(f"{directory} is not a directory")
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise InvalidModel(f"{pickled[0]} is a pickle file: {ADAPTER_HINT}")
+        raise InvalidModel("adapter_model.safetensors is missing")
+    config = read_json(directory / "adapter_config.json")
+    info = check_adapter_config(config)
+    try:
+        base_record = registry.get(base)
+    except ModelNotFound:
+        raise ModelNotFound(
+            f"base model '{ModelName.parse(base) if isinstance(base, str) else base}' not found"
+        ) from None
+    if base_record.is_adapter:
+        raise InvalidModel(
+            f"'{base_record.name.display()}' is itself an adapter; name its base model"
+        )
+    adapter_tensors, _ = read_header(weights)
+    check_adapter_shapes(adapter_tensors, base_tensors(registry, base_record), info.r)
+    base_config = base_record.config
+    model_config = ModelConfig(
+        kind="adapter",
+        architecture=base_config.architecture,
+        model_type=base_config.model_type,
+        family=base_config.family,
+        families=base_config.families,
+        parameter_count=sum(t.numel for t in adapter_tensors.values()),
+        dtype=base_config.dtype,
+        quantization=base_config.quantization,
+        context_length=base_config.context_length,
+        embedding_length=base_config.embedding_length,
+        source=source or {"kind": "peft", "ref": str(config.get("base_model_name_or_path") or "")},
+        parent_model=base_record.name.display(),
+        base_model=base_record.name.display(),
+        base_digest=base_record.digest,
+        adapter=info,
+        capabilities=base_config.capabilities,
+    )
+    with registry.transaction() as txn:
+        for filename in ADAPTER_FILES:
+            txn.add_file(MT_ADAPTER_FILE, directory / filename, filename=filename)
+        # The adapter model runs with its base's template, system prompt, defaults and license.
+        for layer in base_record.manifest.layers:
+            if layer.media_type in (MT_TEMPLATE, MT_SYSTEM, MT_PARAMS, MT_LICENSE):
+                txn.add_existing(layer)
+        progress("writing manifest", None, None)
+        record = txn.commit(target, model_config)
+    progress("success", None, None)
+    return record
+
+
+def find_base(registry: Registry, reference: str) -> ModelRecord | None:
+    """The registry model that an adapter's ``base_model_name_or_path`` refers to, matched
+    against registry names and recorded aliases; None when absent or ambiguous."""
+    wanted = reference.strip().lower().rstrip("/")
+    if not wanted:
+        return None
+    tail = wanted.rsplit("/", 1)[-1]
+    try:
+        as_name: ModelName | None = ModelName.parse(reference)
+    except RegistryError:
+        as_name = None
+    if as_name is not None and registry.exists(as_name):
+        record = registry.get(as_name)
+        if not record.is_adapter:
+            return record
+    matches = []
+    for record in registry.models():
+        if record.is_adapter:
+            continue
+        names = {record.name.display().lower(), *(a.lower() for a in record.config.aliases)}
+        ref = record.config.source.get("ref")
+        if isinstance(ref, str) and ref:
+            names.add(ref.lower())
+        if wanted in names or tail in {n.rsplit("/", 1)[-1] for n in names}:
+            matches.append(record)
+    return matches[0] if len(matches) == 1 else None

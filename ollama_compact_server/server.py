@@ -1,0 +1,49 @@
+"""`ollama-compact serve`: prepares the registry (first-start import of the default model),
+then runs the app under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .app import create_app, prepare_default_model
+from .logs import setup_logging
+from .registry.errors import RegistryError
+from .registry.store import Registry
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _ProgressPrinter:
+    """Prints import progress on one terminal line (percent for byte counts)."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    def __call__(self, status: str, completed: int | None = None, total: int | None = None) -> None:
+        line = status
+        if completed is not None and total:
+            line = f"{status} {100 * completed // total:3d}% ({completed >> 20}/{total >> 20} MiB)"
+        if line != self.last:
+            end = "\r" if completed is not None and completed != total else "\n"
+            print(line.ljust(60), end=end, file=sys.stderr, flush=True)
+            self.last = line
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    setup_logging(settings.log_level, settings.log_json)
+    address = settings.address
+    registry = Registry(settings.models)
+    try:
+        registry.root.mkdir(parents=True, exist_ok=True)
+        prepare_default_model(registry, settings, _ProgressPrinter())
+    except (RegistryError, OSError) as exc:
+        print(f"Error: cannot prepare the registry at {settings.models}: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, registry=registry)
+    log.info("listening on %s", address.url)
+    uvicorn.run(app, host=address.host, port=address.port, log_config=None, access_log=False)
+    return 0

@@ -1,0 +1,394 @@
+"""Daemon settings: one pydantic-settings model that is the single source for environment
+variables, `serve` flags and the README's configuration table."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 11434
+DEFAULT_HOST = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_MODEL = "gemma3:270m"
+
+
+class SettingsError(ValueError):
+    """An invalid setting; its message is one line meant for the user."""
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Parses a byte size such as ``16GiB``, ``800MB``, ``12e9`` or ``1048576`` into bytes."""
+    if isinstance(text, bool):
+        raise ValueError("expected a size such as 16GiB")
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE_RE.match(text)
+        if not match:
+            try:
+                value, unit = float(text), ""
+            except ValueError:
+                raise ValueError(
+                    f"{text!r} is not a size (examples: 16GiB, 800MB, 1048576)"
+                ) from None
+        else:
+            value, unit = float(match.group(1)), match.group(2).lower()
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"unknown size unit {unit!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+    if not (value == value) or value in (float("inf"), float("-inf")):
+        raise ValueError("size must be finite")
+    if value < 0:
+        raise ValueError("size must not be negative")
+    return int(value * _SIZE_UNITS[unit])
+
+
+_DURATION_RE = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MAX_DURATION_S = 10 * 365 * 24 * 3600.0
+
+
+def parse_duration(value: str | int | float | None) -> float | None:
+    """Parses Ollama's keep-alive forms into seconds: a number of seconds, or a Go duration
+    string (``5m``, ``1h30m``, ``-1s``). Negative means "forever" and is returned as ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5m or a number of seconds")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        if not text:
+            raise ValueError("empty duration")
+        try:
+            seconds = float(text)
+        except ValueError:
+            sign = -1.0 if text.startswith("-") else 1.0
+            body = text.lstrip("+-")
+            pos, total = 0, 0.0
+            for match in _DURATION_RE.finditer(body):
+                if match.start() != pos:
+                    break
+                total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+                pos = match.end()
+            if pos != len(body) or not body:
+                raise ValueError(
+                    f"{value!r} is not a duration (examples: 5m, 1h30m, 30s, -1 for forever)"
+                ) from None
+            seconds = sign * total
+    if seconds != seconds or seconds in (float("inf"),):
+        raise ValueError("duration must be finite")
+    if seconds < 0:
+        return None
+    return min(seconds, _MAX_DURATION_S)
+
+
+@dataclass(frozen=True, slots=True)
+class HostAddress:
+    """Where the daemon listens or where a client finds it (OLLAMA_HOST's parts)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str = ""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+    @property
+    def client_url(self) -> str:
+        """The URL a client should use: a wildcard bind address is reached on loopback."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)  # noqa: S104
+        return HostAddress(self.scheme, host, self.port, self.path).url
+
+
+def parse_host(value: str | None) -> HostAddress:
+    """Parses OLLAMA_HOST like Ollama does: ``[scheme://]host[:port][/path]``; no scheme means
+    http, no port means 11434 (or 80 / 443 when the scheme is given explicitly)."""
+    text = (value or "").strip().strip("\"'")
+    if not text:
+        return HostAddress("http", "127.0.0.1", DEFAULT_PORT)
+    scheme, default_port = "http", DEFAULT_PORT
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {scheme!r} (use http or https)")
+        default_port = 443 if scheme == "https" else 80
+        text = rest
+    parts = urlsplit("//" + text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"port out of range in {value!r} (1-65535)") from None
+    host = parts.hostname if parts.hostname is not None else ""
+    if "@" in text or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} is not host[:port]")
+    if not host:
+        host = "127.0.0.1"
+    if port is None:
+        port = default_port
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range (1-65535)")
+    return HostAddress(scheme, host, port, parts.path.rstrip("/"))
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def default_home() -> Path:
+    return Path(os.path.expanduser("~")) / ".ollama-compact"
+
+
+# --------------------------------------------------------------------------- the settings
+
+
+class Settings(BaseSettings):
+    """Every setting of the daemon. Each field's description is its documentation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OCS_",
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    host: str = Field(
+        DEFAULT_HOST,
+        validation_alias=AliasChoices("host", "OLLAMA_HOST"),
+        description="Address to listen on (and, for client commands, where the daemon is): "
+        "[scheme://]host[:port], as Ollama reads it.",
+        json_schema_extra={"env": "OLLAMA_HOST"},
+    )
+    models: Path = Field(
+        default_factory=lambda: default_home() / "models",
+        description="Registry root: manifests and content-addressed blobs.",
+    )
+    adapters: Path | None = Field(
+        default_factory=lambda: default_home() / "adapters",
+        description="Drop-in folder: each subfolder holding a PEFT adapter is registered "
+        "at startup as a model named after the folder.",
+    )
+    default_model: str = Field(
+        DEFAULT_MODEL,
+        description="Model imported on first start (from the bundled Gemma 3 270M package) "
+        "and used by health checks.",
+    )
+    import_default: bool = Field(
+        True,
+        description="Import the default model on first start if the registry lacks it.",
+    )
+    device: str = Field("auto", description="Compute device: auto, cpu, cuda or cuda:N.")
+    dtype: str = Field(
+        "auto", description="Weight and activation dtype: auto, float32, bfloat16 or float16."
+    )
+    memory_budget: str = Field(
+        "auto",
+        description="Bytes for weights plus KV cache, e.g. 12GiB. auto: 14 GiB on CUDA "
+        "(fits a 16 GB card with room for activations), half of the RAM on CPU.",
+    )
+    max_loaded_models: int = Field(3, ge=1, le=64, description="Most base models resident at once.")
+    num_parallel: int = Field(
+        16, ge=1, le=1024, description="Most sequences decoded together per model."
+    )
+    max_queue: int = Field(
+        512,
+        ge=1,
+        le=1_000_000,
+        description="Most requests waiting; beyond it the daemon "
+        "answers 503 (Ollama routes) or 429 (OpenAI routes).",
+    )
+    keep_alive: str = Field(
+        "5m",
+        description="How long an idle model stays loaded: Go duration or seconds; "
+        "0 unloads at once, negative keeps it forever.",
+    )
+    max_loras: int = Field(
+        8, ge=1, le=1024, description="Most LoRA adapters resident on the device at once."
+    )
+    max_cpu_loras: int = Field(
+        32, ge=0, le=100_000, description="Most idle LoRA adapters kept in host memory."
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every route but HEAD /, GET / and /health needs "
+        "'Authorization: Bearer <key>'.",
+    )
+    origins: str = Field(
+        "",
+        validation_alias=AliasChoices("origins", "OCS_ORIGINS", "OLLAMA_ORIGINS"),
+        description="Extra CORS origins, comma-separated (local origins are always allowed; "
+        "OLLAMA_ORIGINS is read too).",
+    )
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    log_json: bool = Field(False, description="Write logs as JSON lines.")
+
+    # ---------------------------------------------------------------- validators
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        parse_host(value)
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: Path) -> Path:
+        value = value.expanduser()
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} exists and is not a directory")
+        return value
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _empty_adapters(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} exists and is not a directory")
+        return value
+
+    @field_validator("default_model")
+    @classmethod
+    def _check_default_model(cls, value: str) -> str:
+        from .registry.errors import InvalidName
+        from .registry.names import ModelName
+
+        try:
+            ModelName.parse(value)
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError(f"unknown device {value!r} (use auto, cpu, cuda or cuda:N)")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        value = value.strip().lower()
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+        value = aliases.get(value, value)
+        if value not in _DTYPES:
+            raise ValueError(f"unknown dtype {value!r} (use {', '.join(_DTYPES)})")
+        return value
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _check_budget(cls, value: str) -> str:
+        value = str(value).strip()
+        if value.lower() == "auto":
+            return "auto"
+        if parse_size(value) <= 0:
+            raise ValueError("memory budget must be positive")
+        return value
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _check_keep_alive(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in _LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r} (use {', '.join(_LOG_LEVELS)})")
+        return value
+
+    # ---------------------------------------------------------------- derived values
+
+    @property
+    def address(self) -> HostAddress:
+        return parse_host(self.host)
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        """Seconds an idle model stays loaded; None means forever."""
+        return parse_duration(self.keep_alive)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """The budget in bytes, or None for "auto" (the engine decides per device)."""
+        return None if self.memory_budget == "auto" else parse_size(self.memory_budget)
+
+    @property
+    def extra_origins(self) -> list[str]:
+        return [o.strip() for o in self.origins.split(",") if o.strip()]
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a field."""
+    info = Settings.model_fields[field]
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get("env"), str):
+        return str(extra["env"])
+    return f"OCS_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Builds settings from the environment plus explicit overrides (CLI flags), turning a
+    validation failure into one readable :class:`SettingsError` line."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        name = env_name(field) if field in Settings.model_fields else field
+        message = str(err.get("msg", "invalid value"))
+        message = message.removeprefix("Value error, ")
+        value = err.get("input")
+        shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
+        problems.append(f"{name}{shown}: {message}")
+    return "invalid setting " + "; ".join(problems)

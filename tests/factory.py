@@ -1,0 +1,361 @@
+"""Offline factory for tiny random-weight Hugging Face causal LMs used as test fixtures.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained on the spot
+(``tokenizers`` library) on a small built-in corpus, and the models are built from configs
+with random, seeded weights. Everything is written as safetensors (never pickle / ``.bin``).
+
+Public API:
+
+* :data:`FAMILIES` -- the model families :func:`make_tiny_model` can build.
+* :func:`make_tokenizer` -- the shared byte-level BPE tokenizer (about 512 tokens) with
+  Gemma-style special tokens and chat template.
+* :func:`make_tiny_model` -- a tiny ``llama`` / ``qwen2`` / ``gemma3`` (text-only) model
+  directory: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
+  tokenizer files.
+* :func:`make_lora_adapter` -- a PEFT LoRA adapter directory (``adapter_config.json`` +
+  ``adapter_model.safetensors``) for such a model, with non-zero A and B so it visibly
+  changes greedy output.
+
+Token ids of the special tokens follow Gemma's layout: ``<pad>`` = 0, ``<eos>`` = 1,
+``<bos>`` = 2, ``<unk>`` = 3, ``<start_of_turn>`` = 4, ``<end_of_turn>`` = 5. Like Gemma, the
+tokenizer prepends ``<bos>`` when ``add_special_tokens=True`` and the chat template starts
+with ``{{ bos_token }}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+from os import PathLike
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+__all__ = ["FAMILIES", "make_lora_adapter", "make_tiny_model", "make_tokenizer"]
+
+FAMILIES = ("llama", "qwen2", "gemma3")
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+SPECIAL_TOKENS = (PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN)  # ids 0..5, in this order
+
+VOCAB_SIZE = 512
+
+# Gemma-style turns; "assistant" is rendered as "model". Content may be a string or a list of
+# OpenAI-style parts ({"type": "text", "text": ...}); it is not trimmed.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}"
+    "{% else %}{% set content = namespace(text='') %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{% set content.text = content.text + part['text'] %}{% endif %}{% endfor %}"
+    "{% set content = content.text %}{% endif %}"
+    "<start_of_turn>{{ role }}\n{{ content }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you today? I am fine, thank you.",
+    "Once upon a time there was a little model that wanted to talk.",
+    "The server loads the model, applies the adapter and streams tokens back to the client.",
+    "Why is the sky blue? Because air scatters short wavelengths of sunlight more strongly.",
+    "Write a short poem about the sea, the wind and the stars at night.",
+    "user: what is two plus two? model: two plus two is four.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1000 3.14159 2024-01-01 12:30:45",
+    "Code: def main(argv: list[str]) -> int:\n    return 0  # done\n",
+    'JSON: {"name": "tiny", "size": 64, "ok": true, "items": [1, 2, 3]}',
+    "Punctuation: ( ) [ ] { } < > / \\ | - _ + = * & ^ % $ # @ ! ? ; : , . ' \" ` ~",
+    "Le café est délicieux. Où est la bibliothèque? Très bien, merci beaucoup!",
+    "Der Bär läuft über die Straße. Schöne Grüße aus München und Köln.",
+    "El niño comió piña en la mañana. ¿Dónde está el baño? ¡Qué día!",
+    "Ação, coração, informação, não, São Paulo, português.",
+    "Привет, мир! Как дела? Москва и Санкт-Петербург.",
+    "Γειά σου κόσμε. Καλημέρα!",
+    "你好，世界！今天天气很好。我们一起学习中文。",
+    "こんにちは世界。ありがとうございます。東京へようこそ。",
+    "안녕하세요 세계. 감사합니다.",
+    "مرحبا بالعالم. שלום עולם. नमस्ते दुनिया।",
+    "Emoji: 🙂 😀 🎉 🚀 ❤️ 👍 🌍 🐍 🤖 ✨ 👩‍💻 🇫🇷",
+    "Math: ∑ ∫ √ π ≈ ≠ ≤ ≥ ∞ → ← ° ± × ÷ € £ ¥ © ®",
+    "héllo wörld 你好 🙂 naïve façade coöperate résumé jalapeño",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    """Train the byte-level BPE once per process and return its ``tokenizer.json`` text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Repeat the corpus so frequent words win merges over one-off pairs.
+    corpus = [line for line in _CORPUS for _ in range(3)]
+    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, bos_id)],
+    )
+    # Canonicalise (sorted keys) so the text is byte-identical however training ordered things.
+    return json.dumps(json.loads(tok.to_str()), ensure_ascii=False, sort_keys=True)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Return a fresh fast tokenizer (byte-level BPE, vocab about 512) with a chat template.
+
+    Special tokens: ``<pad>`` (0), ``<eos>`` (1), ``<bos>`` (2), ``<unk>`` (3),
+    ``<start_of_turn>`` (4), ``<end_of_turn>`` (5). Round-trips arbitrary unicode text
+    (decode with ``skip_special_tokens=True`` to drop the leading ``<bos>``). Training happens
+    once per process; each call builds a new, independent tokenizer object from the cache.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[START_OF_TURN, END_OF_TURN],
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+        padding_side="left",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _family_config(
+    family: str, vocab_size: int, hidden_size: int, num_layers: int, tok: PreTrainedTokenizerFast
+):
+    """The transformers config for a tiny model of ``family``."""
+    heads = 4
+    head_dim = max(1, hidden_size // heads)
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            **common,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            architectures=["LlamaForCausalLM"],
+        )
+    if family == "qwen2":
+        from transformers import Qwen2Config
+
+        common.pop("head_dim")  # Qwen2 derives it from hidden_size / num_attention_heads
+        return Qwen2Config(
+            **common,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,  # as in the small Qwen2 / Qwen2.5 checkpoints
+            use_sliding_window=False,
+            architectures=["Qwen2ForCausalLM"],
+        )
+    if family == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        # Alternate sliding / full attention so both code paths exist (last layer full when
+        # num_layers is even, mirroring Gemma 3's "every n-th layer is global").
+        layer_types = [
+            "full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(num_layers)
+        ]
+        return Gemma3TextConfig(
+            **common,
+            num_key_value_heads=1,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=32,
+            layer_types=layer_types,
+            tie_word_embeddings=True,
+            architectures=["Gemma3ForCausalLM"],
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def _reinit_(model: PreTrainedModel, generator: torch.Generator, std: float) -> None:
+    """Overwrite every parameter deterministically (independent of transformers' own init).
+
+    Matrices get N(0, std), embeddings N(0, 1), biases N(0, 0.1), RMSNorm weights the
+    identity. Gemma needs more care, because its input embeddings are scaled by
+    sqrt(hidden_size), tied to the output head, and every sublayer output is re-normalised
+    ("sandwich" norms): with plain gains the residual stream is dominated by the input token
+    (greedy decoding echoes it) or by the near-constant average of flat attention (greedy
+    decoding repeats one token). So for Gemma the embeddings get N(0, 1 / hidden_size), the
+    post-attention / post-feedforward norms gains 4 / 8, and the q / k norms a gain of 4.
+
+    Finally the output rows of the special tokens are scaled down so their logits sit near
+    zero, far below the best ordinary token: greedy decoding never emits ``<eos>``,
+    ``<end_of_turn>``, ``<pad>`` etc., so generation always runs to its token limit.
+    """
+    import torch
+
+    gemma = type(model).__name__.startswith("Gemma")
+    # Gemma RMSNorm multiplies by (1 + w), the others by w.
+    gemma_gains = {"post_attention_layernorm": 4.0, "post_feedforward_layernorm": 8.0}
+    gemma_gains |= {"q_norm": 4.0, "k_norm": 4.0}
+    embed_std = 1.0 / math.sqrt(model.config.hidden_size) if gemma else 1.0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                scale = embed_std if "embed" in name else std
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            elif "norm" in name:
+                if gemma:
+                    module_name = name.rsplit(".", 2)[-2]
+                    param.fill_(gemma_gains.get(module_name, 1.0) - 1.0)
+                else:
+                    param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        # Tied heads share this tensor with the input embeddings; scaling it there is harmless.
+        model.get_output_embeddings().weight[: len(SPECIAL_TOKENS)] *= 0.05
+
+
+def make_tiny_model(
+    path: str | PathLike[str],
+    family: str = "llama",
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    dtype: str = "float32",
+) -> pathlib.Path:
+    """Build, save and return a tiny random-weight causal LM directory at ``path``.
+
+    ``family`` is one of :data:`FAMILIES` (``gemma3`` is the text-only ``Gemma3ForCausalLM``
+    with ``model_type`` ``gemma3_text``). Weights depend only on ``seed`` and the sizes.
+    4 attention heads of ``hidden_size // 4`` dims, 2 key/value heads (1 for gemma3),
+    intermediate size ``2 * hidden_size``, vocab = ``len(make_tokenizer())``. ``dtype`` is a
+    torch dtype name (``float32``, ``bfloat16``, ``float16``) used for the saved weights.
+    Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
+    tokenizer files; never pickle files. ``generation_config.json`` stops on ``<eos>`` and
+    ``<end_of_turn>``, but greedy decoding never emits special tokens (see ``_reinit_``).
+
+    Note: transformers 5 ``AutoTokenizer`` loads a ``qwen2`` directory as ``Qwen2Tokenizer``
+    whatever ``tokenizer_config.json`` says; that class rebuilds the pipeline with an NFC
+    normaliser and Qwen's pre-tokenizer regex (digits split one by one), so its ids can differ
+    from :func:`make_tokenizer`'s for digits and non-NFC text. The other families load the
+    saved tokenizer unchanged.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    config = _family_config(family, len(tok), hidden_size, num_layers, tok)
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    _reinit_(model, generator, std=0.5)
+    model = model.to(torch_dtype).eval()
+    model.config.dtype = dtype
+
+    end_of_turn = tok.convert_tokens_to_ids(END_OF_TURN)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, end_of_turn],
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(out)  # safetensors is the only format transformers 5 writes
+    tok.save_pretrained(out)
+    return out
+
+
+def make_lora_adapter(
+    model_dir: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    *,
+    r: int = 4,
+    alpha: int = 8,
+    target_modules: list[str] | None = None,
+    seed: int = 0,
+    use_rslora: bool = False,
+    base_name: str | None = None,
+) -> pathlib.Path:
+    """Build, save and return a LoRA adapter at ``out_dir`` for the model in ``model_dir``.
+
+    Targets all attention and MLP projections unless ``target_modules`` is given. Both LoRA
+    matrices are seeded random (N(0, 0.3)), large enough that the adapter changes the base
+    model's greedy output. ``adapter_config.json`` records ``base_model_name_or_path`` as
+    ``base_name`` (default: ``str(model_dir)``). Writes ``adapter_config.json``,
+    ``adapter_model.safetensors`` and PEFT's model-card ``README.md``; never pickle files.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    modules = target_modules or [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora_config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=modules,
+        init_lora_weights=False,
+        use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, lora_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    peft_model.peft_config["default"].base_model_name_or_path = (
+        base_name if base_name is not None else str(model_dir)
+    )
+
+    out = pathlib.Path(out_dir)
+    # An explicit save_embedding_layers stops PEFT looking base_name up on the Hub (it would,
+    # to check whether the vocabulary was resized, when base_name is not a local directory).
+    embeddings_targeted = any(m in ("embed_tokens", "lm_head") for m in modules)
+    peft_model.save_pretrained(
+        str(out), safe_serialization=True, save_embedding_layers=embeddings_targeted
+    )
+    return out

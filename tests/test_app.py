@@ -1,0 +1,92 @@
+"""The daemon in process: registry routes answer like Ollama's, bad input gets 4xx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from ollama_compact_server.registry.importers import import_hf_dir
+from ollama_compact_server.registry.store import Registry
+
+
+async def test_root_and_version(client: httpx.AsyncClient) -> None:
+    r = await client.get("/")
+    assert r.status_code == 200 and r.text == "Ollama is running"
+    assert (await client.head("/")).status_code == 200
+    version = (await client.get("/api/version")).json()["version"]
+    assert version.count(".") == 2
+
+
+async def test_tags_copy_delete(
+    client: httpx.AsyncClient, registry: Registry, tiny_models: dict[str, Path]
+) -> None:
+    assert (await client.get("/api/tags")).json() == {"models": []}
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    models = (await client.get("/api/tags")).json()["models"]
+    assert len(models) == 1
+    entry = models[0]
+    assert entry["name"] == entry["model"] == "tiny:latest"
+    assert len(entry["digest"]) == 64 and entry["size"] > 0
+    assert entry["modified_at"].endswith("Z")
+    assert entry["details"]["family"] == "llama" and entry["details"]["format"] == "safetensors"
+    assert entry["details"]["quantization_level"] == "F32"
+    r = await client.post("/api/copy", json={"source": "tiny", "destination": "copy:v1"})
+    assert r.status_code == 200 and r.content == b""
+    assert {m["name"] for m in (await client.get("/api/tags")).json()["models"]} == {
+        "tiny:latest",
+        "copy:v1",
+    }
+    # the CLI sends "model": "" beside "name"
+    r = await client.request("DELETE", "/api/delete", json={"model": "", "name": "COPY:v1"})
+    assert r.status_code == 200
+    r = await client.request("DELETE", "/api/delete", json={"model": "copy:v1"})
+    assert r.status_code == 404 and "not found" in r.json()["error"]
+
+
+async def test_bad_requests_are_4xx(client: httpx.AsyncClient) -> None:
+    cases = [
+        ("POST", "/api/copy", b""),
+        ("POST", "/api/copy", b"[1,2]"),
+        ("POST", "/api/copy", b"{not json"),
+        ("POST", "/api/copy", b'{"source": "../x", "destination": "y"}'),
+        ("POST", "/api/copy", b'{"source": 5, "destination": "y"}'),
+        ("POST", "/api/copy", b'{"source": "absent", "destination": "y"}'),
+        ("DELETE", "/api/delete", b'{"model": "../../etc/passwd"}'),
+        ("DELETE", "/api/delete", b"{}"),
+    ]
+    for method, path, body in cases:
+        r = await client.request(method, path, content=body)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code)
+        assert "error" in r.json()
+
+
+async def test_api_key_guards_every_route_but_the_probes(tmp_path: Path) -> None:
+    from asgi_lifespan import LifespanManager
+
+    from ollama_compact_server.app import create_app
+    from ollama_compact_server.settings import Settings
+
+    settings = Settings(
+        models=tmp_path / "r", adapters=None, import_default=False, api_key="s3cret"
+    )
+    app = create_app(settings)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            assert (await c.get("/")).status_code == 200
+            assert (await c.head("/")).status_code == 200
+            routes = {
+                (method, route.path)
+                for route in app.routes
+                for method in getattr(route, "methods", set())
+                if (method, route.path) not in {("GET", "/"), ("HEAD", "/")}
+            }
+            assert routes
+            for method, path in routes:
+                r = await c.request(method, path)
+                assert r.status_code == 401, (method, path)
+                r = await c.request(method, path, headers={"Authorization": "Bearer wrong"})
+                assert r.status_code == 401, (method, path)
+            ok = await c.get("/api/tags", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200

