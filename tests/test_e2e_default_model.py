@@ -107,3 +107,56 @@ def test_serve_on_an_empty_registry_imports_the_default_model(
     assert "copying model files 100%" in log
     daemon.stop()
     assert Registry(tmp_path / "models").get("gemma3:270m").config.family == "gemma3"
+
+
+async def test_engine_greedy_equality_on_gemma3(gemma_registry: Registry) -> None:
+    """gemma3:270m through the device loop: each request inside a busy batch equals its
+    output alone and transformers' greedy generate."""
+    import asyncio
+
+    import torch
+
+    from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+    from ollama_compact_server.engine.provider import RegistryProvider
+    from ollama_compact_server.engine.types import GenerateRequest, SamplingParams
+
+    provider = RegistryProvider(gemma_registry, torch.device("cpu"), torch.float32)
+    loaded = provider("gemma3:270m")
+    loop = DeviceLoop(
+        lambda name: loaded,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        slots=4,
+        capacity=512,
+        prefill_chunk=32,
+    )
+    loop.start()
+    engine = LocalEngine(loop)
+    prompts = [
+        "Once upon a time",
+        "The capital of France is",
+        "def fibonacci(n):",
+        "In a small village",
+    ]
+    ids = [loaded.tokenizer(p)["input_ids"] for p in prompts]
+
+    async def run(i: int, prompt: list[int], delay: float) -> list[int]:
+        await asyncio.sleep(delay)
+        params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=16)
+        out: list[int] = []
+        async for event in engine.generate(
+            GenerateRequest(f"g{i}-{delay}", "gemma3:270m", prompt, params)
+        ):
+            out += event.token_ids
+        return out
+
+    try:
+        alone = [await run(i, p, 0) for i, p in enumerate(ids)]
+        together = await asyncio.gather(*(run(i, p, 0.05 * i) for i, p in enumerate(ids)))
+    finally:
+        loop.stop()
+    assert together == alone
+    for prompt, tokens in zip(ids, alone):
+        ref = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+        expected = [t for t in ref[0, len(prompt) :].tolist()]
+        assert tokens == expected[: len(tokens)] and len(tokens) >= 1

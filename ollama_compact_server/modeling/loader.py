@@ -43,7 +43,11 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
     )
     with model_dir(registry, base) as directory:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype or "auto", trust_remote_code=False, use_safetensors=True
+            directory,
+            dtype=dtype or "auto",
+            trust_remote_code=False,
+            use_safetensors=True,
+            attn_implementation="sdpa",
         )
     if record.is_adapter:
         from peft import PeftModel

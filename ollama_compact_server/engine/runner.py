@@ -1,0 +1,76 @@
+"""Runs one model's forward passes over the slot KV cache: a decode step for many rows, or
+a prefill chunk of one sequence. Uses the model's own transformers modules, so numerics
+match transformers; only the cache and the masks are ours."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .kv import KVShape, SlotKVCache
+
+
+def kv_shape(config: Any) -> KVShape:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return KVShape(
+        config.num_hidden_layers, getattr(config, "num_key_value_heads", heads), head_dim
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self, model: Any, *, slots: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        self.device = device
+        self.cache = SlotKVCache(kv_shape(self.config), slots, capacity, dtype, device)
+        layer_types = list(getattr(self.config, "layer_types", None) or [])
+        self.window: int | None = None
+        if "sliding_attention" in layer_types and getattr(self.config, "sliding_window", None):
+            self.window = int(self.config.sliding_window)
+        # Models that take a dict of prepared masks per layer type (gemma3, qwen2, ...)
+        self.mask_dict = bool(layer_types)
+
+    def _masks(self, positions: torch.Tensor, length: int) -> Any:
+        # positions: [B, q] -> bool masks [B, 1, q, length]; True = attend
+        keys = torch.arange(length, device=self.device).view(1, 1, 1, length)
+        query = positions.view(positions.shape[0], 1, positions.shape[1], 1)
+        full = keys <= query
+        if not self.mask_dict:
+            return full
+        masks = {"full_attention": full}
+        if self.window is not None:
+            masks["sliding_attention"] = full & (query - keys < self.window)
+        else:
+            masks["sliding_attention"] = full
+        return masks
+
+    @torch.inference_mode()
+    def forward(
+        self, slots: list[int], input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids, positions: [B, q]; returns the last position's logits [B, V]."""
+        length = int(positions.max()) + 1
+        self.cache.bind(slots, positions, length)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=self._masks(positions, length),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
+        return self.forward(slots, ids, pos)
+
+    def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
+        pos = torch.arange(start, start + len(tokens), device=self.device).view(1, -1)
+        return self.forward([slot], ids, pos)

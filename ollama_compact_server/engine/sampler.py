@@ -1,0 +1,91 @@
+"""Per-row sampling inside a batch: penalties, temperature, top-k, top-p, min-p, seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .types import SamplingParams
+
+
+class RowState:
+    """What a row needs across steps: its generator and the tokens that penalties read."""
+
+    __slots__ = ("counts", "generator", "history")
+
+    def __init__(
+        self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device
+    ) -> None:
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device="cpu")
+            seed = params.seed if params.seed is not None else torch.seed()
+            self.generator.manual_seed(seed % (2**63))
+        self.history: list[int] = list(prompt_ids)  # prompt + generated (repeat penalty window)
+        self.counts: dict[int, int] = {}  # generated tokens only (presence / frequency)
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, state: RowState) -> torch.Tensor:
+    """logits: [V] for one row; returns penalised logits (llama.cpp's rules)."""
+    if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
+        window = (
+            state.history if params.repeat_last_n < 0 else state.history[-params.repeat_last_n :]
+        )
+        if window:
+            ids = torch.tensor(sorted(set(window)), dtype=torch.long, device=logits.device)
+            picked = logits[ids]
+            logits[ids] = torch.where(
+                picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty
+            )
+    if (params.presence_penalty or params.frequency_penalty) and state.counts:
+        ids = torch.tensor(list(state.counts), dtype=torch.long, device=logits.device)
+        counts = torch.tensor(list(state.counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    return logits
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, state: RowState) -> int:
+    """logits: [V] float32 for one row; returns the chosen token id."""
+    if params.penalised:
+        logits = apply_penalties(logits.clone(), params, state)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs > params.top_p  # keep at least the top token
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    total = probs.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs.cpu() / total.cpu(), 1, generator=state.generator))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[RowState]) -> list[int]:
+    """logits: [B, V]. Greedy rows without penalties share one argmax; the host syncs once
+    for them, and once per sampled row."""
+    logits = logits.float()
+    logits = torch.nan_to_num(logits, nan=-1e30, posinf=1e30, neginf=-1e30)
+    fast = [i for i, p in enumerate(params) if p.greedy and not p.penalised]
+    chosen: list[int] = [0] * len(params)
+    if fast:
+        picks = torch.argmax(logits[fast], dim=-1).tolist()
+        for i, token in zip(fast, picks):
+            chosen[i] = int(token)
+    for i, p in enumerate(params):
+        if i not in fast:
+            chosen[i] = sample_row(logits[i], p, states[i])
+    return chosen

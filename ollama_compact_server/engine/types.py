@@ -1,0 +1,119 @@
+"""Engine records: what a request asks for and what the engine streams back."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; ``status`` is the HTTP code the API should use."""
+
+    status = 400
+
+
+class RequestTooLarge(EngineError):
+    status = 400
+
+
+class EngineBusy(EngineError):
+    status = 503
+
+
+class ModelLoadError(EngineError):
+    status = 500
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None: until the context is full
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raises :class:`EngineError` naming the first out-of-range or non-finite value."""
+        checks = (
+            ("temperature", self.temperature, 0.0, 100.0),
+            ("top_p", self.top_p, 0.0, 1.0),
+            ("min_p", self.min_p, 0.0, 1.0),
+            ("repeat_penalty", self.repeat_penalty, 0.0, 100.0),
+            ("presence_penalty", self.presence_penalty, -100.0, 100.0),
+            ("frequency_penalty", self.frequency_penalty, -100.0, 100.0),
+        )
+        for name, value, low, high in checks:
+            if (
+                not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not low <= value <= high
+            ):
+                raise EngineError(f"{name} must be a finite number in [{low:g}, {high:g}]")
+        if self.repeat_penalty == 0:
+            raise EngineError("repeat_penalty must be greater than 0")
+        if not 0 <= self.top_k <= 1_000_000:
+            raise EngineError("top_k must be in [0, 1000000]")
+        if not -1 <= self.repeat_last_n <= 1_000_000:
+            raise EngineError("repeat_last_n must be in [-1, 1000000]")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise EngineError("max tokens must not be negative")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise EngineError("seed is out of range")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.repeat_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """A piece of output. The last event of a request has ``finish_reason`` set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    status: int = 500  # HTTP status for an error that ends a request before any output
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # seconds
+    queue_time: float = 0.0
+    load_time: float = 0.0
+    prompt_time: float = 0.0
+    decode_time: float = 0.0
+    total_time: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

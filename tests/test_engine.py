@@ -1,0 +1,251 @@
+"""The device loop on tiny models: greedy equality inside busy batches, seeded sampling,
+stop strings, UTF-8 streaming, cancellation, fault isolation and context limits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from ollama_compact_server.engine.detok import Detokenizer, StopMatcher
+from ollama_compact_server.engine.loop import DeviceLoop, LoadedModel, LocalEngine
+from ollama_compact_server.engine.provider import stop_ids_of
+from ollama_compact_server.engine.types import (
+    EngineError,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+)
+from tests.factory import make_tokenizer
+
+_ids = itertools.count()
+
+
+def provider_for(models: dict[str, Path]):
+    cache: dict[str, LoadedModel] = {}
+
+    def provide(name: str) -> LoadedModel:
+        if name not in models:
+            raise EngineError(f"model '{name}' not found")
+        if name not in cache:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(
+                models[name], attn_implementation="sdpa"
+            ).eval()
+            tokenizer = AutoTokenizer.from_pretrained(models[name])
+            # the tiny models never emit their special tokens; keep eos out for length tests
+            cache[name] = LoadedModel(model, tokenizer, stop_ids=set())
+        return cache[name]
+
+    return provide
+
+
+@pytest.fixture
+def engine(tiny_models: dict[str, Path]):
+    loop = DeviceLoop(
+        provider_for(tiny_models),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        slots=6,
+        capacity=256,
+        prefill_chunk=16,
+    )
+    loop.start()
+    yield LocalEngine(loop)
+    loop.stop()
+
+
+def greedy(n: int = 12, **extra) -> SamplingParams:
+    return SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=n, **extra)
+
+
+def request(model: str, prompt: list[int], params: SamplingParams) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=f"r{next(_ids)}", model=model, prompt_ids=prompt, sampling=params
+    )
+
+
+async def collect(engine: LocalEngine, req: GenerateRequest, delay: float = 0.0):
+    await asyncio.sleep(delay)
+    tokens: list[int] = []
+    text = []
+    final = None
+    async for event in engine.generate(req):
+        tokens += event.token_ids
+        text.append(event.text)
+        if event.finished:
+            final = event
+    return tokens, "".join(text), final
+
+
+PROMPTS = [
+    list(range(10, 30)),
+    list(range(40, 47)),
+    list(range(100, 160)),  # longer than one prefill chunk and the gemma3 sliding window
+    [7, 8, 9],
+    list(range(200, 235)),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+async def test_greedy_output_in_a_busy_batch_equals_solo_and_transformers(
+    engine: LocalEngine, tiny_models: dict[str, Path], family: str
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        tiny_models[family], attn_implementation="sdpa"
+    ).eval()
+    solo = []
+    for prompt in PROMPTS:
+        tokens, _, final = await collect(engine, request(family, prompt, greedy()))
+        assert final.finish_reason == FinishReason.LENGTH and final.completion_tokens == 12
+        solo.append(tokens)
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[
+            0, len(prompt) :
+        ]
+        assert tokens == ref.tolist()
+    # now all together, joining at different steps (staggered), more than the slots hold
+    jobs = [
+        collect(engine, request(family, prompt, greedy()), delay=0.003 * i)
+        for i, prompt in enumerate(PROMPTS + PROMPTS)
+    ]
+    results = await asyncio.gather(*jobs)
+    for i, (tokens, _, _) in enumerate(results):
+        assert tokens == solo[i % len(PROMPTS)], f"request {i} differs inside the batch"
+    assert engine.device_loop.active_sequences() == 0
+    assert engine.device_loop.workers[family].runner.cache.used == 0
+
+
+async def test_several_models_in_one_loop(engine: LocalEngine) -> None:
+    jobs = [
+        collect(engine, request(f, PROMPTS[0], greedy(6))) for f in ("llama", "qwen2", "gemma3")
+    ] * 2
+    results = await asyncio.gather(*jobs)
+    assert results[0][0] == results[3][0] and results[1][0] == results[4][0]
+    assert len(engine.device_loop.workers) == 3
+
+
+async def test_seeded_sampling_is_reproducible_inside_a_batch(engine: LocalEngine) -> None:
+    params = dict(temperature=1.0, top_k=50, top_p=0.95, max_tokens=16)
+    alone, _, _ = await collect(
+        engine, request("llama", PROMPTS[0], SamplingParams(seed=42, **params))
+    )
+    noise = [collect(engine, request("llama", p, SamplingParams(**params))) for p in PROMPTS]
+    together = await asyncio.gather(
+        collect(engine, request("llama", PROMPTS[0], SamplingParams(seed=42, **params))), *noise
+    )
+    assert together[0][0] == alone
+    other, _, _ = await collect(
+        engine, request("llama", PROMPTS[0], SamplingParams(seed=43, **params))
+    )
+    assert other != alone
+
+
+async def test_stop_strings_across_token_boundaries(engine: LocalEngine) -> None:
+    _, text, _ = await collect(engine, request("llama", PROMPTS[0], greedy(12)))
+    assert len(text) > 6
+    stop = text[3:7]  # likely spans a token boundary; must never be emitted
+    _, stopped_text, final = await collect(
+        engine, request("llama", PROMPTS[0], greedy(12, stop=[stop]))
+    )
+    assert final.finish_reason == FinishReason.STOP
+    assert stopped_text == text[: text.find(stop)]
+    assert stop not in stopped_text
+
+
+def test_stop_matcher_holds_back_partial_matches() -> None:
+    matcher = StopMatcher(["</end>"])
+    assert matcher.feed("hello </") == ("hello ", False)
+    assert matcher.feed("en") == ("", False)
+    assert matcher.feed("x more") == ("</enx more", False)
+    assert matcher.feed("a</e") == ("a", False)
+    assert matcher.feed("nd> tail") == ("", True)
+
+
+def test_utf8_streaming_never_splits_a_character() -> None:
+    tokenizer = make_tokenizer()
+    text = "héllo wörld 你好世界 🙂👍 naïve café"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = Detokenizer(tokenizer, [])
+    pieces = [detok.add(t) for t in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+async def test_max_tokens_zero_and_context_limit(engine: LocalEngine) -> None:
+    tokens, _, final = await collect(engine, request("llama", PROMPTS[0], greedy(0)))
+    assert tokens == [] and final.finish_reason == FinishReason.LENGTH
+    with pytest.raises(EngineError) as info:
+        await collect(engine, request("llama", list(range(200)), greedy(100)))
+    assert info.value.status == 400
+    assert "200" in str(info.value) and "100" in str(info.value) and "256" in str(info.value)
+    # without max tokens, generation stops at the context's end
+    tokens, _, final = await collect(engine, request("llama", list(range(240)), greedy(None)))
+    assert final.finish_reason == FinishReason.LENGTH and len(tokens) == 16
+
+
+async def test_unknown_model_and_bad_params(engine: LocalEngine) -> None:
+    with pytest.raises(EngineError, match="not found"):
+        await collect(engine, request("absent", [1, 2], greedy()))
+    for bad in (dict(temperature=float("nan")), dict(top_p=2.0), dict(repeat_penalty=-1.0)):
+        with pytest.raises(EngineError):
+            await collect(engine, request("llama", [1, 2], SamplingParams(**bad)))
+    assert engine.health()
+
+
+async def test_abandoned_streams_free_everything(engine: LocalEngine) -> None:
+    async def abandon(i: int) -> None:
+        async for _ in engine.generate(request("llama", PROMPTS[i % 5], greedy(150))):
+            break  # the client goes away after its first token
+
+    await asyncio.gather(*(abandon(i) for i in range(40)))
+    cache = engine.device_loop.workers["llama"].runner.cache
+    for _ in range(200):
+        if engine.device_loop.active_sequences() == 0 and cache.used == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.device_loop.active_sequences() == 0
+    assert engine.device_loop.workers["llama"].runner.cache.used == 0
+    tokens, _, _ = await collect(engine, request("llama", PROMPTS[0], greedy(4)))
+    assert len(tokens) == 4
+
+
+async def test_a_failing_request_fails_alone(engine: LocalEngine) -> None:
+    await collect(engine, request("llama", PROMPTS[0], greedy(2)))  # load the model
+    runner = engine.device_loop.workers["llama"].runner
+    real = runner.decode
+    poisoned = 77  # only the bad request (a 77-token prompt) decodes at this position
+
+    def decode(slots, tokens, positions):
+        if poisoned in positions:
+            raise RuntimeError("injected fault")
+        return real(slots, tokens, positions)
+
+    runner.decode = decode  # type: ignore[method-assign]
+    try:
+        good = [collect(engine, request("llama", p, greedy(6))) for p in PROMPTS[:2]]
+        bad = collect(engine, request("llama", list(range(300, 377)), greedy(6)))
+        results = await asyncio.gather(*good, bad)
+    finally:
+        runner.decode = real  # type: ignore[method-assign]
+    for tokens, _, final in results[:2]:
+        assert len(tokens) == 6 and final.error is None
+    tokens, _, final = results[2]
+    assert final.finish_reason == FinishReason.ERROR and "RuntimeError" in final.error
+    assert len(tokens) == 1  # the token from its prefill, then the fault
+    assert engine.health()
+    assert engine.device_loop.active_sequences() == 0
+
+
+def test_stop_ids_from_generation_config(tiny_models: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["gemma3"])
+    assert stop_ids_of(model, tokenizer) == {1, 5}
