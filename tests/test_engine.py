@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ollama_compact_server.engine.detok import Detokenizer, StopMatcher
-from ollama_compact_server.engine.loop import DeviceLoop, LoadedModel, LocalEngine
+from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
 from ollama_compact_server.engine.provider import stop_ids_of
 from ollama_compact_server.engine.types import (
     EngineError,
@@ -19,6 +19,7 @@ from ollama_compact_server.engine.types import (
     GenerateRequest,
     SamplingParams,
 )
+from ollama_compact_server.engine.worker import LoadedModel
 from tests.factory import make_tokenizer
 
 _ids = itertools.count()

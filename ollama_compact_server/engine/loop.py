@@ -10,291 +10,60 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 from .detok import Detokenizer, StopMatcher
+from .mailbox import Mailbox
 from .runner import ModelRunner
-from .sampler import RowState, sample
+from .sampler import RowState
 from .types import (
+    DEFAULT,
+    EngineBusy,
     EngineError,
     FinishReason,
     GenerateRequest,
+    KeepAlive,
     TokenEvent,
 )
+from .worker import ModelProvider, ModelWorker, Sequence, release_memory
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------- mailbox
-
-
-class Mailbox:
-    """Carries events from the device thread to one request's coroutine without blocking
-    either side; text that piles up while the client reads slowly is merged."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.pending: list[TokenEvent] = []
-        self.ready = asyncio.Event()
-        self.closed = False  # the consumer went away
-
-    def put(self, event: TokenEvent) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            self.pending.append(event)
-            wake = len(self.pending) == 1
-        if wake:
-            try:
-                self.loop.call_soon_threadsafe(self.ready.set)
-            except RuntimeError:  # the event loop is gone
-                self.closed = True
-
-    async def get(self) -> TokenEvent:
-        while True:
-            with self.lock:
-                if self.pending:
-                    events, self.pending = self.pending, []
-                    self.ready.clear()
-                    return merge(events)
-            await self.ready.wait()
-
-
-def merge(events: list[TokenEvent]) -> TokenEvent:
-    if len(events) == 1:
-        return events[0]
-    last = events[-1]
-    last.text = "".join(e.text for e in events)
-    last.token_ids = [t for e in events for t in e.token_ids]
-    return last
-
-
-# ---------------------------------------------------------------------------- sequences
-
-
-@dataclass(slots=True)
-class Sequence:
-    request: GenerateRequest
-    mailbox: Mailbox
-    state: RowState
-    detok: Detokenizer
-    stops: StopMatcher
-    stop_ids: set[int]
-    max_tokens: int
-    slot: int = -1
-    prefilled: int = 0
-    cached: int = 0  # positions written to the KV cache
-    generated: list[int] = field(default_factory=list)
-    submitted: float = field(default_factory=time.perf_counter)
-    admitted: float = 0.0
-    first_token: float = 0.0
-    prompt_time: float = 0.0
-    load_time: float = 0.0
-    finished: bool = False
-
-    @property
-    def prompt(self) -> list[int]:
-        return self.request.prompt_ids
-
-    @property
-    def position(self) -> int:
-        """Position of the last token, the one the next decode step feeds."""
-        return len(self.prompt) + len(self.generated) - 1
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    stop_ids: set[int]
-
-
-ModelProvider = Callable[[str], LoadedModel]
-
-
-# ---------------------------------------------------------------------------- one model
-
-
-class ModelWorker:
-    """The sequences of one resident model: waiting, prefilling (one at a time, in
-    chunks), running."""
-
-    def __init__(
-        self, name: str, loaded: LoadedModel, runner: ModelRunner, prefill_chunk: int
-    ) -> None:
-        self.name = name
-        self.loaded = loaded
-        self.runner = runner
-        self.prefill_chunk = prefill_chunk
-        self.waiting: deque[Sequence] = deque()
-        self.prefilling: Sequence | None = None
-        self.running: list[Sequence] = []
-        self.by_slot: dict[int, Sequence] = {}
-        self.last_used = time.monotonic()
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
-
-    def sequences(self) -> list[Sequence]:
-        seqs = list(self.waiting) + self.running
-        if self.prefilling is not None:
-            seqs.append(self.prefilling)
-        return seqs
-
-    # ------------------------------------------------------------ schedule → run → postprocess
-
-    def step(self) -> bool:
-        if not self.busy:
-            return False
-        self.last_used = time.monotonic()
-        decode_batch = sorted(self.running, key=lambda s: s.slot)
-        self._prefill_step()
-        if decode_batch:
-            self._decode_step(decode_batch)
-        return True
-
-    def _prefill_step(self) -> None:
-        if self.prefilling is None and self.waiting and self.runner.cache.can_allocate():
-            admitted = self.waiting.popleft()
-            admitted.slot = self.runner.cache.allocate()
-            self.by_slot[admitted.slot] = admitted
-            admitted.admitted = time.perf_counter()
-            self.prefilling = admitted
-        if self.prefilling is None:
-            return
-        seq = self.prefilling
-        started = time.perf_counter()
-        chunk = seq.prompt[seq.prefilled : seq.prefilled + self.prefill_chunk]
-        try:
-            logits = self.runner.prefill(seq.slot, chunk, seq.prefilled)
-        except Exception as exc:  # a failing request fails alone
-            log.exception("prefill failed for %s", seq.request.request_id)
-            self.finish(seq, FinishReason.ERROR, error=f"prefill failed: {exc.__class__.__name__}")
-            return
-        seq.prefilled += len(chunk)
-        seq.cached = seq.prefilled
-        seq.prompt_time += time.perf_counter() - started
-        if seq.prefilled < len(seq.prompt):
-            return
-        self.prefilling = None
-        token = sample(logits, [seq.request.sampling], [seq.state])[0]
-        seq.first_token = time.perf_counter()
-        if not self.accept(seq, token):
-            self.running.append(seq)
-
-    def _decode_step(self, batch: list[Sequence]) -> None:
-        batch = [s for s in batch if not s.finished]
-        if not batch:
-            return
-        try:
-            logits = self.runner.decode(
-                [s.slot for s in batch],
-                [s.generated[-1] for s in batch],
-                [s.position for s in batch],
-            )
-            tokens = sample(logits, [s.request.sampling for s in batch], [s.state for s in batch])
-        except Exception:
-            log.exception("decode step failed; retrying its %d rows one by one", len(batch))
-            self._decode_rows_alone(batch)
-            return
-        for seq in batch:
-            seq.cached = seq.position + 1
-        for seq, token in zip(batch, tokens):
-            self.accept(seq, token)
-
-    def _decode_rows_alone(self, batch: list[Sequence]) -> None:
-        for seq in batch:
-            try:
-                logits = self.runner.decode([seq.slot], [seq.generated[-1]], [seq.position])
-                token = sample(logits, [seq.request.sampling], [seq.state])[0]
-            except Exception as exc:
-                self.finish(
-                    seq, FinishReason.ERROR, error=f"generation failed: {exc.__class__.__name__}"
-                )
-                continue
-            seq.cached = seq.position + 1
-            self.accept(seq, token)
-
-    def accept(self, seq: Sequence, token: int) -> bool:
-        """Postprocess one new token; returns True when the sequence finished."""
-        seq.generated.append(token)
-        seq.state.append(token)
-        if token in seq.stop_ids:
-            self.finish(seq, FinishReason.STOP, flush=True)
-            return True
-        text, stopped = seq.stops.feed(seq.detok.add(token))
-        if stopped:
-            self._emit(seq, text, [token])
-            self.finish(seq, FinishReason.STOP)
-            return True
-        if len(seq.generated) >= seq.max_tokens or seq.position + 1 >= self.runner.cache.capacity:
-            self._emit(seq, text, [token])
-            self.finish(seq, FinishReason.LENGTH, flush=True)
-            return True
-        self._emit(seq, text, [token])
-        return False
-
-    def _emit(self, seq: Sequence, text: str, tokens: list[int]) -> None:
-        if text or tokens:
-            seq.mailbox.put(TokenEvent(text=text, token_ids=tokens))
-
-    def finish(
-        self, seq: Sequence, reason: FinishReason, *, flush: bool = False, error: str | None = None
-    ) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        tail = ""
-        if flush:
-            held, stopped = seq.stops.feed(seq.detok.flush())
-            tail = held + ("" if stopped else seq.stops.flush())
-        self._release(seq)
-        now = time.perf_counter()
-        counted = [t for t in seq.generated if reason != FinishReason.STOP or t not in seq.stop_ids]
-        seq.mailbox.put(
-            TokenEvent(
-                text=tail,
-                finish_reason=reason,
-                error=error,
-                prompt_tokens=len(seq.prompt),
-                completion_tokens=len(counted),
-                queue_time=(seq.admitted or now) - seq.submitted,
-                load_time=seq.load_time,
-                prompt_time=seq.prompt_time,
-                decode_time=now - seq.first_token if seq.first_token else 0.0,
-                total_time=now - seq.submitted,
-            )
-        )
-
-    def _release(self, seq: Sequence) -> None:
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq is self.prefilling:
-            self.prefilling = None
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq.slot >= 0:
-            del self.by_slot[seq.slot]
-            moved_from = self.runner.cache.free(seq.slot)
-            if moved_from is not None:
-                # keep running sequences in slots 0..n-1: the last one fills the hole
-                mover = self.by_slot.pop(moved_from)
-                self.runner.cache.move(moved_from, seq.slot, mover.cached)
-                mover.slot = seq.slot
-                self.by_slot[seq.slot] = mover
-            seq.slot = -1
 
 
 # ---------------------------------------------------------------------------- the device loop
 
 
+@dataclass(slots=True)
+class Pending:
+    """A request (or a bare load, without request) on its way to its model's worker."""
+
+    model: str
+    mailbox: Mailbox
+    request: GenerateRequest | None = None
+    keep_alive: KeepAlive = DEFAULT
+
+
+Sizer = Callable[[str], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    """What /api/ps shows about a loaded model."""
+
+    name: str
+    memory: int
+    context: int
+    expires_in: float | None  # seconds until unloaded when idle; None = busy or forever
+    busy: bool
+
+
 class DeviceLoop:
-    """Owns one device: a thread that steps every resident model's worker."""
+    """Owns one device: a thread that steps every resident model's worker, loads models on
+    a helper thread beside it and evicts idle ones (LRU, keep-alive, memory budget)."""
 
     def __init__(
         self,
@@ -306,6 +75,10 @@ class DeviceLoop:
         capacity: int = 4096,
         prefill_chunk: int = 256,
         max_queue: int = 512,
+        max_loaded_models: int = 3,
+        memory_budget: int | None = None,
+        estimate: Sizer | None = None,
+        keep_alive: float | None = 300.0,
     ) -> None:
         self.provider = provider
         self.device = device
@@ -314,7 +87,14 @@ class DeviceLoop:
         self.capacity = capacity
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
+        self.max_loaded_models = max_loaded_models
+        self.memory_budget = memory_budget
+        self.estimate = estimate
+        self.keep_alive = keep_alive
         self.workers: dict[str, ModelWorker] = {}
+        self.pending: dict[str, deque[Pending]] = {}
+        self.loads: dict[str, Future[ModelWorker]] = {}
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
         self.inbox: deque[tuple[str, Any]] = deque()
         self.wakeup = threading.Event()
         self.stopping = False
@@ -334,6 +114,7 @@ class DeviceLoop:
         self.wakeup.set()
         if self.thread is not None:
             self.thread.join(timeout)
+        self.loader.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         try:
@@ -344,14 +125,20 @@ class DeviceLoop:
             for worker in self.workers.values():
                 for seq in worker.sequences():
                     worker.finish(seq, FinishReason.ABORT, error="the server is shutting down")
+            for queue in self.pending.values():
+                for item in queue:
+                    item.mailbox.put(error_event("the server is shutting down", 503))
         except BaseException as exc:  # pragma: no cover - the loop itself must not die
             self.crashed = exc
             log.exception("engine loop died")
 
     def step(self) -> bool:
+        """schedule -> run -> postprocess for every resident model, plus housekeeping."""
         worked = self._drain_inbox()
+        worked = self._service_loads() or worked
         for worker in list(self.workers.values()):
             worked = worker.step() or worked
+        self._expire()
         return worked
 
     def _drain_inbox(self) -> bool:
@@ -360,17 +147,34 @@ class DeviceLoop:
             kind, payload = self.inbox.popleft()
             worked = True
             if kind == "submit":
-                self._admit(*payload)
+                self._route(payload)
             elif kind == "abort":
                 self._abort(payload)
             elif kind == "unload":
-                self._unload(payload)
+                self._request_unload(payload)
         return worked
 
-    def _worker(self, name: str) -> tuple[ModelWorker, float]:
+    # ------------------------------------------------------------ residency
+
+    def _route(self, item: Pending) -> None:
+        name = item.model
         worker = self.workers.get(name)
         if worker is not None:
-            return worker, 0.0
+            self._enqueue(worker, item, 0.0)
+            return
+        self.pending.setdefault(name, deque()).append(item)
+        self._start_load(name)
+
+    def _start_load(self, name: str) -> None:
+        if name in self.loads or self.stopping:
+            return
+        if not self._make_room(name):
+            return  # waits until a resident model goes idle
+        log.info("loading %s", name)
+        self.loads[name] = self.loader.submit(self._load, name)
+
+    def _load(self, name: str) -> ModelWorker:
+        """Runs on the loader thread, beside the device loop: other models keep streaming."""
         started = time.perf_counter()
         loaded = self.provider(name)
         runner = ModelRunner(
@@ -381,53 +185,131 @@ class DeviceLoop:
             device=self.device,
         )
         worker = ModelWorker(name, loaded, runner, self.prefill_chunk)
-        self.workers[name] = worker
-        seconds = time.perf_counter() - started
+        worker.memory = runner.cache.nbytes + weight_bytes(loaded.model)
+        worker.load_time = time.perf_counter() - started
+        worker.keep_alive = self.keep_alive
         log.info(
-            "loaded %s in %.1fs (KV cache %d MiB, %d slots x %d tokens)",
+            "loaded %s in %.1fs: %d MiB resident (KV cache %d MiB: %d slots x %d tokens)",
             name,
-            seconds,
+            worker.load_time,
+            worker.memory >> 20,
             runner.cache.nbytes >> 20,
             self.slots,
             self.capacity,
         )
-        return worker, seconds
+        return worker
 
-    def _admit(self, request: GenerateRequest, mailbox: Mailbox) -> None:
-        def fail(message: str, status: int = 400) -> None:
-            mailbox.put(TokenEvent(finish_reason=FinishReason.ERROR, error=message, status=status))
+    def _service_loads(self) -> bool:
+        worked = False
+        for name, future in list(self.loads.items()):
+            if not future.done():
+                continue
+            worked = True
+            del self.loads[name]
+            waiting = self.pending.pop(name, deque())
+            try:
+                worker = future.result()
+            except EngineError as exc:
+                for item in waiting:
+                    item.mailbox.put(error_event(str(exc), exc.status))
+                continue
+            except Exception as exc:
+                log.exception("loading %s failed", name)
+                for item in waiting:
+                    item.mailbox.put(
+                        error_event(f"loading model '{name}' failed: {exc.__class__.__name__}", 500)
+                    )
+                continue
+            self.workers[name] = worker
+            for item in waiting:
+                self._enqueue(worker, item, worker.load_time)
+        for name in list(self.pending):  # loads that waited for room
+            if name not in self.loads and self.pending[name]:
+                self._start_load(name)
+        return worked
 
-        try:
-            worker, load_time = self._worker(request.model)
-        except EngineError as exc:
-            fail(str(exc), exc.status)
+    def _make_room(self, name: str) -> bool:
+        """Evicts idle models, least recently used first, until ``name`` fits by count and
+        by memory; a model in use is never evicted. False if it must wait."""
+        need = self.estimate(name) if self.estimate is not None else 0
+        if self.memory_budget is not None and need > self.memory_budget:
+            for item in self.pending.pop(name, deque()):
+                item.mailbox.put(
+                    error_event(
+                        f"model '{name}' needs about {need >> 20} MiB but the memory budget is "
+                        f"{self.memory_budget >> 20} MiB",
+                        400,
+                    )
+                )
+            return False
+
+        def fits() -> bool:
+            count_ok = len(self.workers) + len(self.loads) < self.max_loaded_models
+            used = sum(w.memory for w in self.workers.values())
+            memory_ok = self.memory_budget is None or used + need <= self.memory_budget
+            return count_ok and memory_ok
+
+        while not fits():
+            idle = [w for w in self.workers.values() if not w.busy]
+            if not idle:
+                return False
+            self._evict(min(idle, key=lambda w: w.last_used), "to make room for " + name)
+        return True
+
+    def _evict(self, worker: ModelWorker, why: str) -> None:
+        del self.workers[worker.name]
+        release_memory(self.device)
+        log.info("unloaded %s (%s)", worker.name, why)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            expires = worker.expires_at
+            if expires is not None and now >= expires:
+                self._evict(worker, "keep-alive expired")
+
+    def _request_unload(self, name: str) -> None:
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.keep_alive = 0.0  # unloads as soon as it is idle
+
+    # ------------------------------------------------------------ requests
+
+    def _enqueue(self, worker: ModelWorker, item: Pending, load_time: float) -> None:
+        worker.last_used = time.monotonic()
+        # like Ollama, every request sets how long the model stays after it
+        keep_alive = self.keep_alive if item.keep_alive is DEFAULT else item.keep_alive
+        worker.keep_alive = cast(float | None, keep_alive)
+        if item.request is None:  # a bare load
+            item.mailbox.put(TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time))
             return
-        except Exception as exc:
-            log.exception("loading %s failed", request.model)
-            fail(f"loading model '{request.model}' failed: {exc.__class__.__name__}", 500)
-            return
+        request = item.request
         params = request.sampling
         prompt = len(request.prompt_ids)
-        room = self.capacity - prompt
+        capacity = worker.runner.cache.capacity
         if prompt == 0:
-            fail("the prompt is empty")
+            item.mailbox.put(error_event("the prompt is empty", 400))
             return
-        if room < 1:
-            fail(f"the prompt has {prompt} tokens but the context holds {self.capacity}")
-            return
-        if params.max_tokens is not None and prompt + params.max_tokens > self.capacity:
-            fail(
-                f"prompt ({prompt} tokens) plus max tokens ({params.max_tokens}) exceeds "
-                f"the context length ({self.capacity})"
+        if prompt >= capacity:
+            item.mailbox.put(
+                error_event(f"the prompt has {prompt} tokens but the context holds {capacity}", 400)
             )
             return
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        tokenizer = worker.loaded.tokenizer
+        if params.max_tokens is not None and prompt + params.max_tokens > capacity:
+            item.mailbox.put(
+                error_event(
+                    f"prompt ({prompt} tokens) plus max tokens ({params.max_tokens}) exceeds "
+                    f"the context length ({capacity})",
+                    400,
+                )
+            )
+            return
+        max_tokens = params.max_tokens if params.max_tokens is not None else capacity - prompt
         seq = Sequence(
             request=request,
-            mailbox=mailbox,
+            mailbox=item.mailbox,
             state=RowState(params, request.prompt_ids, self.device),
-            detok=Detokenizer(tokenizer, request.prompt_ids),
+            detok=Detokenizer(worker.loaded.tokenizer, request.prompt_ids),
             stops=StopMatcher(params.stop),
             stop_ids=set(params.stop_token_ids) | worker.loaded.stop_ids,
             max_tokens=max_tokens,
@@ -443,23 +325,22 @@ class DeviceLoop:
             for seq in worker.sequences():
                 if seq.request.request_id == request_id:
                     worker.finish(seq, FinishReason.ABORT)
-
-    def _unload(self, name: str) -> None:
-        worker = self.workers.get(name)
-        if worker is not None and not worker.busy:
-            del self.workers[name]
-            log.info("unloaded %s", name)
+        for queue in self.pending.values():
+            for item in list(queue):
+                if item.request is not None and item.request.request_id == request_id:
+                    queue.remove(item)
 
     # ------------------------------------------------------------ event-loop side
 
-    def submit(self, request: GenerateRequest, mailbox: Mailbox) -> None:
-        if len(self.inbox) >= self.max_queue or self.queued() >= self.max_queue:
-            raise EngineError("server busy, please try again.  maximum pending requests exceeded")
-        self.inbox.append(("submit", (request, mailbox)))
+    def submit(self, item: Pending) -> None:
+        if len(self.inbox) + self.queued() >= self.max_queue:
+            raise EngineBusy("server busy, please try again.  maximum pending requests exceeded")
+        self.inbox.append(("submit", item))
         self.wakeup.set()
 
     def queued(self) -> int:
-        return sum(len(w.waiting) for w in list(self.workers.values()))
+        waiting = sum(len(w.waiting) for w in list(self.workers.values()))
+        return waiting + sum(len(q) for q in list(self.pending.values()))
 
     def abort(self, request_id: str) -> None:
         self.inbox.append(("abort", request_id))
@@ -475,6 +356,37 @@ class DeviceLoop:
     def active_sequences(self) -> int:
         return sum(len(w.sequences()) for w in list(self.workers.values()))
 
+    def resident(self) -> list[Resident]:
+        now = time.monotonic()
+        snapshot = []
+        for worker in list(self.workers.values()):
+            expires = worker.expires_at
+            snapshot.append(
+                Resident(
+                    name=worker.name,
+                    memory=worker.memory,
+                    context=worker.runner.cache.capacity,
+                    expires_in=None if expires is None else max(0.0, expires - now),
+                    busy=worker.busy,
+                )
+            )
+        return snapshot
+
+
+def error_event(message: str, status: int) -> TokenEvent:
+    return TokenEvent(finish_reason=FinishReason.ERROR, error=message, status=status)
+
+
+def weight_bytes(model: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
 
 class LocalEngine:
     """The engine protocol over one device loop: what the API layer calls."""
@@ -483,9 +395,13 @@ class LocalEngine:
         self.device_loop = loop
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Streams a request's events. An error before any output raises EngineError (with
+        the HTTP status to use); later errors arrive as the final event."""
         request.sampling.validate()
         mailbox = Mailbox(asyncio.get_running_loop())
-        self.device_loop.submit(request, mailbox)
+        self.device_loop.submit(
+            Pending(request.model, mailbox, request=request, keep_alive=request.keep_alive)
+        )
         done = False
         started = False
         try:
@@ -493,10 +409,7 @@ class LocalEngine:
                 event = await mailbox.get()
                 done = event.finished
                 if event.error and not started:
-                    done = True
-                    error = EngineError(event.error)
-                    error.status = event.status
-                    raise error
+                    raise engine_error(event)
                 started = True
                 yield event
         finally:
@@ -504,8 +417,33 @@ class LocalEngine:
             if not done:
                 self.device_loop.abort(request.request_id)
 
+    async def load(self, model: str, keep_alive: KeepAlive = DEFAULT) -> float:
+        """Makes a model resident; returns the seconds spent loading (0 if it was)."""
+        mailbox = Mailbox(asyncio.get_running_loop())
+        self.device_loop.submit(Pending(model, mailbox, keep_alive=keep_alive))
+        event = await mailbox.get()
+        if event.error:
+            raise engine_error(event)
+        return event.load_time
+
+    def unload(self, model: str) -> None:
+        """Unloads a model as soon as no request uses it."""
+        self.device_loop.unload(model)
+
     def abort(self, request_id: str) -> None:
         self.device_loop.abort(request_id)
 
     def health(self) -> bool:
         return self.device_loop.health()
+
+    def resident(self) -> list[Resident]:
+        return self.device_loop.resident()
+
+    def close(self) -> None:
+        self.device_loop.stop()
+
+
+def engine_error(event: TokenEvent) -> EngineError:
+    error = EngineBusy(event.error or "") if event.status == 503 else EngineError(event.error or "")
+    error.status = event.status
+    return error

@@ -8,7 +8,7 @@ import torch
 
 from ..modeling.loader import load_causal_lm, load_tokenizer
 from ..registry.store import Registry
-from .loop import LoadedModel
+from .worker import LoadedModel
 
 
 def stop_ids_of(model: Any, tokenizer: Any) -> set[int]:

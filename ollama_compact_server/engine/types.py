@@ -88,12 +88,25 @@ class SamplingParams:
         )
 
 
+class Default:
+    """Marks "use the daemon's default" (for keep-alive)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = Default()
+KeepAlive = float | None | Default
+"""Seconds an idle model stays loaded after this request; None = forever; DEFAULT."""
+
+
 @dataclass(slots=True)
 class GenerateRequest:
     request_id: str
     model: str
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    keep_alive: KeepAlive = DEFAULT
 
 
 @dataclass(slots=True)

@@ -59,7 +59,7 @@ class ModelRecord:
 
 class Registry:
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).expanduser().absolute()
         self.blobs = BlobStore(self.root)
         self.manifest_dir = self.root / "manifests"
         self._lock = threading.RLock()

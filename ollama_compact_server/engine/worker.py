@@ -1,0 +1,296 @@
+"""The sequences of one resident model and its step: schedule (admit, chunked prefill),
+run (one decode forward for every running row), postprocess (sample, detokenize, stop)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .detok import Detokenizer, StopMatcher
+from .mailbox import Mailbox
+from .runner import ModelRunner
+from .sampler import RowState, sample
+from .types import FinishReason, GenerateRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Sequence:
+    request: GenerateRequest
+    mailbox: Mailbox
+    state: RowState
+    detok: Detokenizer
+    stops: StopMatcher
+    stop_ids: set[int]
+    max_tokens: int
+    slot: int = -1
+    prefilled: int = 0
+    cached: int = 0  # positions written to the KV cache
+    generated: list[int] = field(default_factory=list)
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    first_token: float = 0.0
+    prompt_time: float = 0.0
+    load_time: float = 0.0
+    preemptions: int = 0
+    finished: bool = False
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What prefill must put in the cache: the prompt, or after a preemption the prompt
+        plus every generated token but the last (which the next decode step feeds)."""
+        return self.prompt if not self.generated else self.prompt + self.generated[:-1]
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the one the next decode step feeds."""
+        return len(self.prompt) + len(self.generated) - 1
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    stop_ids: set[int]
+
+
+ModelProvider = Callable[[str], LoadedModel]
+
+
+# ---------------------------------------------------------------------------- one model
+
+
+class ModelWorker:
+    """The sequences of one resident model: waiting, prefilling (one at a time, in
+    chunks), running."""
+
+    def __init__(
+        self, name: str, loaded: LoadedModel, runner: ModelRunner, prefill_chunk: int
+    ) -> None:
+        self.name = name
+        self.loaded = loaded
+        self.runner = runner
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None
+        self.running: list[Sequence] = []
+        self.by_slot: dict[int, Sequence] = {}
+        self.last_used = time.monotonic()
+        self.keep_alive: float | None = None  # seconds idle before unloading; None = forever
+        self.memory = 0  # resident bytes: weights + KV cache
+        self.load_time = 0.0
+
+    @property
+    def expires_at(self) -> float | None:
+        """Monotonic time when this idle model unloads; None while busy or kept forever."""
+        if self.busy or self.keep_alive is None:
+            return None
+        return self.last_used + self.keep_alive
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def sequences(self) -> list[Sequence]:
+        seqs = list(self.waiting) + self.running
+        if self.prefilling is not None:
+            seqs.append(self.prefilling)
+        return seqs
+
+    # ------------------------------------------------------------ schedule → run → postprocess
+
+    def step(self) -> bool:
+        if not self.busy:
+            return False
+        self.last_used = time.monotonic()
+        decode_batch = sorted(self.running, key=lambda s: s.slot)
+        self._prefill_step()
+        if decode_batch:
+            self._decode_step(decode_batch)
+        return True
+
+    def _prefill_step(self) -> None:
+        if self.prefilling is None and self.waiting and self.runner.cache.can_allocate():
+            admitted = self.waiting.popleft()
+            admitted.slot = self.runner.cache.allocate()
+            self.by_slot[admitted.slot] = admitted
+            admitted.admitted = time.perf_counter()
+            self.prefilling = admitted
+        if self.prefilling is None:
+            return
+        seq = self.prefilling
+        started = time.perf_counter()
+        target = seq.prefill_ids
+        chunk = target[seq.prefilled : seq.prefilled + self.prefill_chunk]
+        try:
+            logits = self.runner.prefill(seq.slot, chunk, seq.prefilled)
+        except Exception as exc:  # a failing request fails alone
+            if is_oom(exc) and self.running:
+                self.preempt(max(self.running, key=lambda s: s.submitted))
+                return
+            log.exception("prefill failed for %s", seq.request.request_id)
+            self.finish(seq, FinishReason.ERROR, error=error_text("prefill failed", exc))
+            return
+        seq.prefilled += len(chunk)
+        seq.cached = seq.prefilled
+        seq.prompt_time += time.perf_counter() - started
+        if seq.prefilled < len(target):
+            return
+        self.prefilling = None
+        if seq.generated:  # resumed after a preemption: the next decode step continues it
+            self.running.append(seq)
+            return
+        token = sample(logits, [seq.request.sampling], [seq.state])[0]
+        seq.first_token = time.perf_counter()
+        if not self.accept(seq, token):
+            self.running.append(seq)
+
+    def _decode_step(self, batch: list[Sequence]) -> None:
+        batch = [s for s in batch if not s.finished]
+        if not batch:
+            return
+        try:
+            logits = self.runner.decode(
+                [s.slot for s in batch],
+                [s.generated[-1] for s in batch],
+                [s.position for s in batch],
+            )
+            tokens = sample(logits, [s.request.sampling for s in batch], [s.state for s in batch])
+        except Exception as exc:
+            if is_oom(exc) and len(batch) > 1:
+                # out of memory: the youngest request steps back and resumes later
+                self.preempt(max(batch, key=lambda s: s.submitted))
+                return
+            log.exception("decode step failed; retrying its %d rows one by one", len(batch))
+            self._decode_rows_alone(batch)
+            return
+        for seq in batch:
+            seq.cached = seq.position + 1
+        for seq, token in zip(batch, tokens):
+            self.accept(seq, token)
+
+    def _decode_rows_alone(self, batch: list[Sequence]) -> None:
+        for seq in batch:
+            try:
+                logits = self.runner.decode([seq.slot], [seq.generated[-1]], [seq.position])
+                token = sample(logits, [seq.request.sampling], [seq.state])[0]
+            except Exception as exc:
+                self.finish(
+                    seq, FinishReason.ERROR, error=f"generation failed: {exc.__class__.__name__}"
+                )
+                continue
+            seq.cached = seq.position + 1
+            self.accept(seq, token)
+
+    def accept(self, seq: Sequence, token: int) -> bool:
+        """Postprocess one new token; returns True when the sequence finished."""
+        seq.generated.append(token)
+        seq.state.append(token)
+        if token in seq.stop_ids:
+            self.finish(seq, FinishReason.STOP, flush=True)
+            return True
+        text, stopped = seq.stops.feed(seq.detok.add(token))
+        if stopped:
+            self._emit(seq, text, [token])
+            self.finish(seq, FinishReason.STOP)
+            return True
+        if len(seq.generated) >= seq.max_tokens or seq.position + 1 >= self.runner.cache.capacity:
+            self._emit(seq, text, [token])
+            self.finish(seq, FinishReason.LENGTH, flush=True)
+            return True
+        self._emit(seq, text, [token])
+        return False
+
+    def _emit(self, seq: Sequence, text: str, tokens: list[int]) -> None:
+        if text or tokens:
+            seq.mailbox.put(TokenEvent(text=text, token_ids=tokens))
+
+    def finish(
+        self, seq: Sequence, reason: FinishReason, *, flush: bool = False, error: str | None = None
+    ) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        tail = ""
+        if flush:
+            held, stopped = seq.stops.feed(seq.detok.flush())
+            tail = held + ("" if stopped else seq.stops.flush())
+        self._release(seq)
+        now = time.perf_counter()
+        counted = [t for t in seq.generated if reason != FinishReason.STOP or t not in seq.stop_ids]
+        seq.mailbox.put(
+            TokenEvent(
+                text=tail,
+                finish_reason=reason,
+                error=error,
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=len(counted),
+                queue_time=(seq.admitted or now) - seq.submitted,
+                load_time=seq.load_time,
+                prompt_time=seq.prompt_time,
+                decode_time=now - seq.first_token if seq.first_token else 0.0,
+                total_time=now - seq.submitted,
+            )
+        )
+
+    def preempt(self, seq: Sequence) -> None:
+        """Gives up a running sequence's cache; it waits at the head of the queue and is
+        recomputed from its prompt and generated tokens when a slot frees."""
+        log.warning(
+            "out of memory: preempting %s (%d tokens) to resume later",
+            seq.request.request_id,
+            seq.cached,
+        )
+        release_memory(self.runner.device)
+        self._release(seq)
+        seq.prefilled = 0
+        seq.cached = 0
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq is self.prefilling:
+            self.prefilling = None
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            del self.by_slot[seq.slot]
+            moved_from = self.runner.cache.free(seq.slot)
+            if moved_from is not None:
+                # keep running sequences in slots 0..n-1: the last one fills the hole
+                mover = self.by_slot.pop(moved_from)
+                self.runner.cache.move(moved_from, seq.slot, mover.cached)
+                mover.slot = seq.slot
+                self.by_slot[seq.slot] = mover
+            seq.slot = -1
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def error_text(what: str, exc: BaseException) -> str:
+    if is_oom(exc):
+        return f"{what}: out of memory"
+    return f"{what}: {exc.__class__.__name__}"
