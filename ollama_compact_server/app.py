@@ -14,6 +14,7 @@ from . import __version__
 from .api import ollama
 from .api.auth import APIKeyMiddleware
 from .api.errors import install_error_handlers
+from .engine.protocol import Engine
 from .registry.dropin import register_dropins
 from .registry.store import ProgressFn, Registry
 from .settings import Settings
@@ -47,14 +48,60 @@ def prepare_default_model(
     ensure_default_model(registry, settings.default_model, progress)
 
 
-def create_app(settings: Settings, *, registry: Registry | None = None) -> FastAPI:
+def build_engine(settings: Settings, registry: Registry) -> Engine:
+    """The device loop for the configured device, sized by the memory planner."""
+    import torch
+
+    from .engine.device import dtype_name, resolve_device, resolve_dtype
+    from .engine.loop import DeviceLoop, LocalEngine
+    from .engine.planner import default_budget
+    from .engine.provider import RegistryProvider, RegistrySizing
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    budget = settings.memory_budget_bytes or default_budget(device.type)
+    sizing = RegistrySizing(
+        registry,
+        dtype=dtype,
+        num_parallel=settings.num_parallel,
+        context_length=settings.context_length,
+    )
+    loop = DeviceLoop(
+        RegistryProvider(registry, device, dtype),
+        device=device,
+        dtype=dtype,
+        max_queue=settings.max_queue,
+        max_loaded_models=settings.max_loaded_models,
+        memory_budget=budget,
+        estimate=sizing.estimate,
+        planner=sizing.plan,
+        keep_alive=settings.keep_alive_seconds,
+    )
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    log.info(
+        "engine on %s in %s, memory budget %.1f GiB", device, dtype_name(dtype), budget / (1 << 30)
+    )
+    loop.start()
+    return LocalEngine(loop)
+
+
+def create_app(
+    settings: Settings, *, registry: Registry | None = None, engine: Engine | None = None
+) -> FastAPI:
     registry = registry or Registry(settings.models)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(startup_registry, registry, settings)
+        owned = engine is None
+        app.state.engine = engine if engine is not None else build_engine(settings, registry)
         log.info("ollama-compact-server %s ready, registry at %s", __version__, registry.root)
-        yield
+        try:
+            yield
+        finally:
+            if owned:
+                await asyncio.to_thread(app.state.engine.close)
 
     app = FastAPI(
         title="ollama-compact-server",

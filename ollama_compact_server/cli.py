@@ -102,6 +102,34 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="unload a running model")
     stop.add_argument("model")
 
+    plan = sub.add_parser(
+        "plan",
+        help="show how a model fits a memory budget",
+        description="Print the memory plan for a registry model (or a config.json): weight "
+        "bytes, KV bytes per token, and how many sequences of what context fit the budget.",
+    )
+    plan.add_argument("model", help="registry model name, or a path to a config.json")
+    plan.add_argument(
+        "--budget", default=None, help="e.g. 16GiB [default: OCS_MEMORY_BUDGET or auto]"
+    )
+    plan.add_argument(
+        "--quantize", default=None, help="weight format: float32, bfloat16, int8, int4, nf4, int2"
+    )
+    plan.add_argument(
+        "--adapters",
+        dest="plan_adapters",
+        type=int,
+        default=0,
+        help="LoRA adapters resident beside it",
+    )
+    plan.add_argument("--adapter-rank", type=int, default=16)
+    plan.add_argument(
+        "--device", dest="plan_device", default="cuda", help="cuda or cpu (for the auto budget)"
+    )
+    plan.add_argument("--context", type=int, default=None, help="tokens per sequence")
+    plan.add_argument("--num-parallel", dest="plan_parallel", type=int, default=None)
+    plan.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
+
     imp = sub.add_parser(
         "import",
         help="import a local model directory, GGUF file or PEFT adapter into the registry",
@@ -130,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .commands import import_command
 
             return import_command(settings_from(args), args)
+        if args.command == "plan":
+            from .commands import plan_command
+
+            return plan_command(settings_from(args), args)
         from .commands import client_command
 
         return client_command(load_settings(), args)

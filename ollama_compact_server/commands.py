@@ -370,3 +370,48 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print(f"imported {record.name.display()} ({human_size(record.size)}) into {registry.root}")
     return 0
+
+
+def plan_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`ollama-compact plan`: the memory planner for a registry model or a config.json."""
+    from .engine.planner import PlanError, default_budget, format_plan, plan_memory
+    from .registry.store import Registry
+    from .settings import parse_size
+
+    try:
+        path = Path(args.model)
+        if path.suffix == ".json" and path.is_file():
+            config = json.loads(path.read_text())
+            name = path.parent.name or path.name
+        else:
+            registry = Registry(settings.models)
+            record = registry.get(args.model)
+            if record.is_adapter and record.config.base_model:
+                record = registry.get(record.config.base_model)
+            layer = record.manifest.files()["config.json"]
+            config = json.loads(registry.blobs.read_bytes(layer.digest))
+            name = record.name.display()
+        if args.budget:
+            budget = parse_size(args.budget)
+        elif settings.memory_budget_bytes:
+            budget = settings.memory_budget_bytes
+        elif args.plan_device.startswith("cuda"):
+            budget = default_budget("cuda", total_device_memory=16 * 10**9)
+        else:
+            budget = default_budget("cpu")
+        fmt = args.quantize or ("bfloat16" if args.plan_device.startswith("cuda") else "float32")
+        plan = plan_memory(
+            config,
+            budget=budget,
+            kv_dtype="bfloat16" if fmt not in ("float32",) else "float32",
+            weight_format=fmt,
+            num_parallel=args.plan_parallel or settings.num_parallel,
+            context=args.context or settings.context_length,
+            adapters=args.plan_adapters,
+            adapter_rank=args.adapter_rank,
+        )
+    except (RegistryError, PlanError, ValueError, OSError, KeyError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(format_plan(plan, name))
+    return 0 if plan.fits else 3

@@ -220,6 +220,13 @@ class Settings(BaseSettings):
         "(fits a 16 GB card with room for activations), half of the RAM on CPU.",
     )
     max_loaded_models: int = Field(3, ge=1, le=64, description="Most base models resident at once.")
+    context_length: int = Field(
+        4096,
+        ge=256,
+        le=1 << 20,
+        description="Tokens per sequence (prompt plus output), capped by the model's own "
+        "context length and the memory budget.",
+    )
     num_parallel: int = Field(
         16, ge=1, le=1024, description="Most sequences decoded together per model."
     )

@@ -27,9 +27,10 @@ from .types import (
     FinishReason,
     GenerateRequest,
     KeepAlive,
+    Resident,
     TokenEvent,
 )
-from .worker import ModelProvider, ModelWorker, Sequence, release_memory
+from .worker import LoadedModel, ModelProvider, ModelWorker, Sequence, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,8 @@ class Pending:
 
 
 Sizer = Callable[[str], int]
-
-
-@dataclass(frozen=True, slots=True)
-class Resident:
-    """What /api/ps shows about a loaded model."""
-
-    name: str
-    memory: int
-    context: int
-    expires_in: float | None  # seconds until unloaded when idle; None = busy or forever
-    busy: bool
+Planner = Callable[[str, LoadedModel, int | None], tuple[int, int]]
+"""(model, loaded, bytes available or None) -> (slots, tokens per slot) to allocate."""
 
 
 class DeviceLoop:
@@ -78,6 +70,7 @@ class DeviceLoop:
         max_loaded_models: int = 3,
         memory_budget: int | None = None,
         estimate: Sizer | None = None,
+        planner: Planner | None = None,
         keep_alive: float | None = 300.0,
     ) -> None:
         self.provider = provider
@@ -90,6 +83,7 @@ class DeviceLoop:
         self.max_loaded_models = max_loaded_models
         self.memory_budget = memory_budget
         self.estimate = estimate
+        self.planner = planner
         self.keep_alive = keep_alive
         self.workers: dict[str, ModelWorker] = {}
         self.pending: dict[str, deque[Pending]] = {}
@@ -177,12 +171,15 @@ class DeviceLoop:
         """Runs on the loader thread, beside the device loop: other models keep streaming."""
         started = time.perf_counter()
         loaded = self.provider(name)
+        slots, capacity = self.slots, self.capacity
+        if self.planner is not None:
+            available = None
+            if self.memory_budget is not None:
+                used = sum(w.memory for w in list(self.workers.values()))
+                available = self.memory_budget - used
+            slots, capacity = self.planner(name, loaded, available)
         runner = ModelRunner(
-            loaded.model,
-            slots=self.slots,
-            capacity=self.capacity,
-            dtype=self.dtype,
-            device=self.device,
+            loaded.model, slots=slots, capacity=capacity, dtype=self.dtype, device=self.device
         )
         worker = ModelWorker(name, loaded, runner, self.prefill_chunk)
         worker.memory = runner.cache.nbytes + weight_bytes(loaded.model)
@@ -194,8 +191,8 @@ class DeviceLoop:
             worker.load_time,
             worker.memory >> 20,
             runner.cache.nbytes >> 20,
-            self.slots,
-            self.capacity,
+            slots,
+            capacity,
         )
         return worker
 

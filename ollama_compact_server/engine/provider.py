@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 import torch
 
 from ..modeling.loader import load_causal_lm, load_tokenizer
 from ..registry.store import Registry
+from .planner import format_plan, plan_memory
+from .types import EngineError
 from .worker import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def stop_ids_of(model: Any, tokenizer: Any) -> set[int]:
@@ -36,3 +42,79 @@ class RegistryProvider:
         model.to(self.device)
         tokenizer = load_tokenizer(self.registry, record)
         return LoadedModel(model=model, tokenizer=tokenizer, stop_ids=stop_ids_of(model, tokenizer))
+
+
+class RegistrySizing:
+    """Sizes models from their registry config with the memory planner: an estimate for
+    making room before a load, and the exact slots x context the engine then allocates."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        dtype: torch.dtype,
+        num_parallel: int,
+        context_length: int,
+    ) -> None:
+        self.registry = registry
+        self.dtype_name = {
+            torch.float32: "float32",
+            torch.bfloat16: "bfloat16",
+            torch.float16: "float16",
+        }[dtype]
+        self.num_parallel = num_parallel
+        self.context_length = context_length
+
+    def hf_config(self, name: str) -> dict[str, Any]:
+        record = self.registry.get(name)
+        base = (
+            self.registry.get(record.config.base_model)
+            if record.is_adapter and record.config.base_model
+            else record
+        )
+        data = self.registry.blobs.read_bytes(base.manifest.files()["config.json"].digest)
+        config = json.loads(data)
+        return config if isinstance(config, dict) else {}
+
+    def context_for(self, config: dict[str, Any]) -> int:
+        from ..registry.importers import context_length
+
+        model_context = context_length(config) or self.context_length
+        return min(self.context_length, model_context)
+
+    def estimate(self, name: str) -> int:
+        """Bytes needed to load ``name`` with at least one sequence of context."""
+        config = self.hf_config(name)
+        plan = plan_memory(
+            config,
+            budget=1 << 62,
+            kv_dtype=self.dtype_name,
+            weight_format=self.dtype_name,
+            num_parallel=1,
+            context=self.context_for(config),
+            activation_reserve=0,
+        )
+        return plan.weight_bytes + plan.kv_bytes
+
+    def plan(self, name: str, loaded: LoadedModel, available: int | None) -> tuple[int, int]:
+        config = loaded.model.config.to_dict()
+        context = self.context_for(config)
+        if available is None:
+            return self.num_parallel, context
+        plan = plan_memory(
+            config,
+            budget=max(available, 0),
+            kv_dtype=self.dtype_name,
+            weight_format=self.dtype_name,
+            num_parallel=self.num_parallel,
+            context=context,
+            min_context=min(512, context),
+            activation_reserve=0,
+        )
+        log.info("memory plan for %s:\n%s", name, format_plan(plan, name))
+        if not plan.fits:
+            raise EngineError(
+                f"model '{name}' does not fit in the memory left ({max(available, 0) >> 20} MiB): "
+                + "; ".join(plan.notes)
+            )
+        return plan.sequences, plan.context

@@ -130,3 +130,14 @@ class TokenEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    """What /api/ps shows about a loaded model."""
+
+    name: str
+    memory: int
+    context: int
+    expires_in: float | None  # seconds until unloaded when idle; None = busy or forever
+    busy: bool

@@ -1,0 +1,26 @@
+"""The narrow engine protocol the API layer uses, and nothing else of the engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from .types import DEFAULT, GenerateRequest, KeepAlive, Resident, TokenEvent
+
+
+class Engine(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Streams a request's token events; raises EngineError before any output."""
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def load(self, model: str, keep_alive: KeepAlive = DEFAULT) -> float: ...
+
+    def unload(self, model: str) -> None: ...
+
+    def health(self) -> bool: ...
+
+    def resident(self) -> list[Resident]: ...
+
+    def close(self) -> None: ...
