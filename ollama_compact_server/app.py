@@ -96,6 +96,10 @@ def create_app(
         await asyncio.to_thread(startup_registry, registry, settings)
         owned = engine is None
         app.state.engine = engine if engine is not None else build_engine(settings, registry)
+        from .chat.service import ChatService
+        from .chat.tokenizers import TokenizerCache
+
+        app.state.chat = ChatService(registry, app.state.engine, TokenizerCache(registry))
         log.info("ollama-compact-server %s ready, registry at %s", __version__, registry.root)
         try:
             yield

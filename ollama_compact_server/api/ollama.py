@@ -1,21 +1,30 @@
-"""Ollama dialect routes (`/`, `/api/*`). Registry routes answer from disk; generation routes
-arrive with the engine."""
+"""Ollama dialect routes (`/`, `/api/*`): translate Ollama's request and response shapes to
+and from the shared chat service, and frame streams as NDJSON."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .. import __version__
+from ..chat.options import OptionError
+from ..chat.service import ChatError, ChatService, Completion, ModelView
+from ..chat.templates import TemplateError
+from ..engine.types import DEFAULT, EngineError, KeepAlive
 from ..registry.errors import InvalidName
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
+from ..settings import parse_duration
 from .errors import APIError
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 OLLAMA_COMPAT_VERSION = "0.12.0"
 
@@ -137,3 +146,404 @@ async def delete(request: Request) -> Response:
 
 def not_found() -> JSONResponse:
     return JSONResponse({"error": "not found"}, status_code=404)
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def chat_service(request: Request) -> ChatService:
+    service: ChatService = request.app.state.chat
+    return service
+
+
+def keep_alive_of(body: dict[str, Any]) -> KeepAlive:
+    """Ollama's keep_alive: seconds or a Go duration; negative = forever; absent = default."""
+    if "keep_alive" not in body or body["keep_alive"] is None:
+        return DEFAULT
+    value = body["keep_alive"]
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise APIError(400, f'time: missing unit in duration "{value[:40]}"')
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise APIError(400, f"invalid keep_alive: {exc}") from None
+
+
+def now_rfc3339() -> str:
+    return rfc3339(datetime.now(timezone.utc))
+
+
+def nanos(seconds: float) -> int:
+    return max(0, int(seconds * 1e9))
+
+
+def metrics(done: Completion, started: float) -> dict[str, Any]:
+    return {
+        "total_duration": nanos(time.perf_counter() - started),
+        "load_duration": nanos(done.load_time),
+        "prompt_eval_count": done.prompt_tokens,
+        "prompt_eval_duration": nanos(done.prompt_time),
+        "eval_count": done.completion_tokens,
+        "eval_duration": nanos(done.decode_time),
+    }
+
+
+def check_format(body: dict[str, Any]) -> None:
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        return
+    if fmt == "json" or isinstance(fmt, dict):
+        raise APIError(400, "structured output (format) is not supported yet")
+    raise APIError(
+        400, f'invalid format: {str(fmt)[:40]}; expected "json" or a valid JSON Schema object'
+    )
+
+
+def check_common(body: dict[str, Any], view: ModelView) -> None:
+    think = body.get("think")
+    if think not in (None, False) and think not in (True, "low", "medium", "high", "max"):
+        raise APIError(400, f"invalid think value: {str(think)[:20]}")
+    if think not in (None, False):
+        raise APIError(400, f'"{view.name}" does not support thinking')
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "options must be an object")
+    check_format(body)
+
+
+def ndjson(items: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            async for item in items:
+                yield (json.dumps(item, ensure_ascii=False) + "\n").encode()
+        except (EngineError, ChatError, TemplateError) as exc:
+            yield (json.dumps({"error": str(exc)}) + "\n").encode()
+        except Exception:
+            log.exception("stream failed")
+            yield (json.dumps({"error": "internal error while generating"}) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def load_or_unload(
+    service: ChatService, view: ModelView, keep_alive: KeepAlive, shape: dict[str, Any]
+) -> JSONResponse:
+    """Empty prompt or messages: load the model, or with keep_alive 0 unload it."""
+    if keep_alive == 0:
+        service.engine.unload(view.name)
+        reason = "unload"
+    else:
+        try:
+            await service.engine.load(view.name, keep_alive)
+        except EngineError as exc:
+            raise APIError(exc.status, str(exc)) from None
+        reason = "load"
+    return JSONResponse(
+        {
+            "model": view.name,
+            "created_at": now_rfc3339(),
+            **shape,
+            "done": True,
+            "done_reason": reason,
+        }
+    )
+
+
+async def run_stream(
+    service: ChatService,
+    view: ModelView,
+    prompt_ids: list[int],
+    body: dict[str, Any],
+    keep_alive: KeepAlive,
+    frame: Any,
+    final_extra: Any,
+) -> Response:
+    """Shared by generate and chat: first event before the status is sent, then NDJSON
+    chunks (or one object when stream is false)."""
+    started = time.perf_counter()
+    try:
+        sampling = service.sampling(view, body.get("options"))
+        sampling.validate()
+    except (OptionError, EngineError) as exc:
+        raise APIError(400, str(exc)) from None
+    events = service.stream(view, prompt_ids, sampling, keep_alive=keep_alive)
+    try:
+        first = await anext(events)
+    except EngineError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    except StopAsyncIteration:
+        raise APIError(500, "the engine returned nothing") from None
+
+    def final(done: Completion) -> dict[str, Any]:
+        if done.error:
+            return {"error": done.error}
+        reason = done.finish_reason.value if done.finish_reason else "stop"
+        return {
+            **frame(""),
+            "done": True,
+            "done_reason": "stop" if reason == "abort" else reason,
+            **metrics(done, started),
+            **final_extra(done),
+        }
+
+    if body.get("stream") is False:
+        totals = first[1]
+        async for pair in events:
+            totals = pair[1]
+        result = final(totals)
+        if "error" in result:
+            raise APIError(500, result["error"])
+        result.update(frame(totals.text))
+        return JSONResponse(result)
+
+    async def items() -> AsyncIterator[dict[str, Any]]:
+        pending = [first]
+        async for pair in _chain(pending, events):
+            event, totals = pair
+            if event.text:
+                yield {**frame(event.text), "done": False}
+            if event.finished:
+                yield final(totals)
+
+    return ndjson(items())
+
+
+async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    body = await json_body(request)
+    service = chat_service(request)
+    name = model_field(body)
+    try:
+        view = service.model(name)
+    except ChatError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    keep_alive = keep_alive_of(body)
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt must be a string")
+    if not prompt and not body.get("images"):
+        return await load_or_unload(service, view, keep_alive, {"response": ""})
+    check_common(body, view)
+    if body.get("images"):
+        raise APIError(400, f'"{view.name}" does not support vision')
+    if body.get("suffix"):
+        raise APIError(400, f'"{view.name}" does not support insert')
+    raw = bool(body.get("raw"))
+    system = body.get("system") or None
+    context = body.get("context") or None
+    if raw and (body.get("template") or system or context):
+        raise APIError(400, "raw mode does not support template, system, or context")
+    if body.get("template"):
+        raise APIError(400, "request templates are not supported; set the template on the model")
+    if context is not None and (
+        not isinstance(context, list)
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in context)
+    ):
+        raise APIError(400, "context must be a list of token ids")
+    try:
+        prompt_ids = await service.generate_prompt(
+            view, prompt, system=system, raw=raw, context=context
+        )
+    except TemplateError as exc:
+        raise APIError(400, str(exc)) from None
+    vocab = (
+        view.record.config.model_extra.get("vocab_size") if view.record.config.model_extra else None
+    )
+    if context and any(t < 0 or (isinstance(vocab, int) and t >= vocab) for t in context):
+        raise APIError(400, "context holds token ids outside the vocabulary")
+
+    def frame(text: str) -> dict[str, Any]:
+        return {"model": view.name, "created_at": now_rfc3339(), "response": text}
+
+    def extra(done: Completion) -> dict[str, Any]:
+        return {} if raw else {"context": [*done.prompt_ids, *done.token_ids]}
+
+    return await run_stream(service, view, prompt_ids, body, keep_alive, frame, extra)
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    body = await json_body(request)
+    service = chat_service(request)
+    name = model_field(body)
+    try:
+        view = service.model(name)
+    except ChatError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    keep_alive = keep_alive_of(body)
+    messages = body.get("messages")
+    if not messages:
+        return await load_or_unload(
+            service, view, keep_alive, {"message": {"role": "assistant", "content": ""}}
+        )
+    check_common(body, view)
+    if isinstance(messages, list) and any(
+        isinstance(m, dict) and m.get("images") for m in messages
+    ):
+        raise APIError(400, f'"{view.name}" does not support vision')
+    tools = body.get("tools") or None
+    if tools and "tools" not in view.record.config.capabilities:
+        raise APIError(400, f'"{view.name}" does not support tools')
+    try:
+        normalized = (
+            [
+                {**m, "role": str(m.get("role", "")).lower()} if isinstance(m, dict) else m
+                for m in messages
+            ]
+            if isinstance(messages, list)
+            else messages
+        )
+        prompt_ids = await service.chat_prompt(view, normalized, tools)
+    except (ChatError, TemplateError) as exc:
+        raise APIError(400, str(exc)) from None
+
+    def frame(text: str) -> dict[str, Any]:
+        return {
+            "model": view.name,
+            "created_at": now_rfc3339(),
+            "message": {"role": "assistant", "content": text},
+        }
+
+    return await run_stream(service, view, prompt_ids, body, keep_alive, frame, lambda done: {})
+
+
+# ------------------------------------------------------------------------------ show / ps
+
+
+def parameters_text(params: dict[str, Any]) -> str:
+    lines = []
+    for key, value in params.items():
+        for item in value if isinstance(value, list) else [value]:
+            shown = (
+                json.dumps(item)
+                if isinstance(item, str)
+                else str(item).lower()
+                if isinstance(item, bool)
+                else str(item)
+            )
+            lines.append(f"{key:<30} {shown}")
+    return "\n".join(lines)
+
+
+def model_info(view: ModelView, registry: Registry) -> dict[str, Any]:
+    config = view.record.config
+    arch = config.family or config.model_type or "unknown"
+    hf: dict[str, Any] = {}
+    base = view.record
+    if view.record.is_adapter and config.base_model:
+        try:
+            base = registry.get(config.base_model)
+        except Exception:  # the base was deleted: show what the adapter records
+            base = view.record
+    layer = base.manifest.files().get("config.json")
+    if layer is not None:
+        try:
+            loaded = json.loads(registry.blobs.read_bytes(layer.digest))
+            hf = loaded.get("text_config", loaded) if isinstance(loaded, dict) else {}
+        except Exception:
+            hf = {}
+    info = {
+        "general.architecture": arch,
+        "general.parameter_count": config.parameter_count,
+        "general.file_type": config.quantization_level,
+        f"{arch}.context_length": config.context_length,
+        f"{arch}.embedding_length": config.embedding_length,
+    }
+    for key, name in (
+        ("num_hidden_layers", "block_count"),
+        ("num_attention_heads", "attention.head_count"),
+        ("num_key_value_heads", "attention.head_count_kv"),
+        ("vocab_size", "vocab_size"),
+        ("rope_theta", "rope.freq_base"),
+        ("intermediate_size", "feed_forward_length"),
+    ):
+        if isinstance(hf.get(key), (int, float)):
+            info[f"{arch}.{name}"] = hf[key]
+    return info
+
+
+def modelfile_text(view: ModelView) -> str:
+    parts = [
+        '# Modelfile generated by "ollama show"',
+        "# To build a new Modelfile based on this, replace FROM with:",
+        f"# FROM {view.name}",
+        "",
+        f"FROM {view.record.config.base_model or view.name}",
+    ]
+    if view.template:
+        parts.append(f'TEMPLATE """{view.template}"""')
+    if view.system:
+        parts.append(f'SYSTEM """{view.system}"""')
+    for key, value in view.params.items():
+        for item in value if isinstance(value, list) else [value]:
+            parts.append(f"PARAMETER {key} {item}")
+    for message in view.messages:
+        parts.append(f'MESSAGE {message.get("role")} """{message.get("content")}"""')
+    return "\n".join(parts) + "\n"
+
+
+@router.post("/api/show")
+async def show(request: Request) -> dict[str, Any]:
+    body = await json_body(request)
+    service = chat_service(request)
+    name = parse_name(model_field(body))
+    try:
+        view = service.model(name.display())
+    except ChatError:
+        raise APIError(404, f"model '{name.display()}' not found") from None
+    registry = registry_of(request)
+    params = dict(view.params)
+    if isinstance(body.get("options"), dict):
+        params.update(body["options"])
+    return {
+        "license": registry.license(view.record),
+        "modelfile": modelfile_text(view),
+        "parameters": parameters_text(params),
+        "template": view.template,
+        "system": body.get("system") or view.system,
+        "details": details(view.record),
+        "messages": view.messages,
+        "model_info": model_info(view, registry),
+        "capabilities": view.record.config.capabilities,
+        "modified_at": rfc3339(view.record.modified_at),
+    }
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    service = chat_service(request)
+    registry = registry_of(request)
+    entries: list[dict[str, Any]] = []
+    order: list[datetime] = []
+    now = datetime.now(timezone.utc)
+    forever = now + timedelta(days=365 * 100)
+    for resident in service.engine.resident():
+        if not registry.exists(resident.name):
+            continue  # deleted while loaded
+        record = registry.get(resident.name)
+        expires = (
+            forever if resident.expires_in is None else now + timedelta(seconds=resident.expires_in)
+        )
+        on_gpu = resident.device.startswith("cuda")
+        order.append(expires)
+        entries.append(
+            {
+                "name": record.name.display(),
+                "model": record.name.display(),
+                "size": resident.memory,
+                "digest": record.digest,
+                "details": details(record),
+                "expires_at": rfc3339(expires),
+                "size_vram": resident.memory if on_gpu else 0,
+                "context_length": resident.context,
+            }
+        )
+    ranked = sorted(zip(order, range(len(entries))), reverse=True)  # longest life first
+    return {"models": [entries[i] for _, i in ranked]}

@@ -365,6 +365,7 @@ class DeviceLoop:
                     context=worker.runner.cache.capacity,
                     expires_in=None if expires is None else max(0.0, expires - now),
                     busy=worker.busy,
+                    device=str(self.device),
                 )
             )
         return snapshot

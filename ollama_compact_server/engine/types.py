@@ -141,3 +141,4 @@ class Resident:
     context: int
     expires_in: float | None  # seconds until unloaded when idle; None = busy or forever
     busy: bool
+    device: str = "cpu"

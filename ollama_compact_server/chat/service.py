@@ -1,0 +1,214 @@
+"""The one path from either API dialect to the engine: resolves the model, applies its
+template, system prompt and default parameters, tokenizes off the event loop, and turns
+engine events into text deltas with usage and timings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.protocol import Engine
+from ..engine.types import (
+    DEFAULT,
+    FinishReason,
+    GenerateRequest,
+    KeepAlive,
+    SamplingParams,
+    TokenEvent,
+)
+from ..registry.errors import ModelNotFound
+from ..registry.names import ModelName
+from ..registry.store import ModelRecord, Registry
+from .options import merge_options, to_sampling
+from .templates import plain_chat, render
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGES = 4096
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatError(ValueError):
+    """A bad request found by the chat layer (400 unless ``status`` says otherwise)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class ModelView:
+    """What the chat layer needs from a registry model (cached per manifest digest)."""
+
+    record: ModelRecord
+    template: str
+    system: str
+    params: dict[str, Any]
+    messages: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.record.name.display()
+
+
+@dataclass(slots=True)
+class Completion:
+    """What both dialects need to frame a finished or streaming completion."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    load_time: float = 0.0
+    prompt_time: float = 0.0
+    decode_time: float = 0.0
+    total_time: float = 0.0
+
+
+class ChatService:
+    def __init__(self, registry: Registry, engine: Engine, tokenizers: Any) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.tokenizers = tokenizers  # callable: ModelRecord -> tokenizer (may be slow)
+        self._views: dict[str, ModelView] = {}
+
+    # ------------------------------------------------------------------ models
+
+    def model(self, name: str) -> ModelView:
+        parsed = ModelName.parse(name)
+        try:
+            record = self.registry.get(parsed)
+        except ModelNotFound:
+            raise ChatError(
+                f'model "{parsed.display()}" not found, try pulling it first', 404
+            ) from None
+        view = self._views.get(record.digest)
+        if view is None:
+            view = ModelView(
+                record=record,
+                template=self.registry.template(record),
+                system=self.registry.system(record),
+                params=self.registry.params(record),
+                messages=self.registry.messages(record),
+            )
+            self._views = {k: v for k, v in self._views.items() if v.record.name != record.name}
+            self._views[record.digest] = view
+        return view
+
+    async def tokenizer(self, view: ModelView) -> Any:
+        return await asyncio.to_thread(self.tokenizers, view.record)
+
+    # ------------------------------------------------------------------ prompts
+
+    def sampling(
+        self, view: ModelView, options: dict[str, Any] | None, **overrides: Any
+    ) -> SamplingParams:
+        merged = merge_options(
+            view.params, options, {k: v for k, v in overrides.items() if v is not None}
+        )
+        return to_sampling(merged)
+
+    async def chat_prompt(
+        self, view: ModelView, messages: list[dict[str, Any]], tools: list[Any] | None = None
+    ) -> list[int]:
+        check_messages(messages)
+        history = [*view.messages, *messages]
+        if view.system and not any(m["role"] == "system" for m in history[:1]):
+            history = [{"role": "system", "content": view.system}, *history]
+        tokenizer = await self.tokenizer(view)
+        return await asyncio.to_thread(self._render_and_encode, view, tokenizer, history, tools)
+
+    def _render_and_encode(
+        self,
+        view: ModelView,
+        tokenizer: Any,
+        history: list[dict[str, Any]],
+        tools: list[Any] | None,
+    ) -> list[int]:
+        if view.template:
+            text = render(
+                view.template,
+                messages=history,
+                tools=tools or None,
+                add_generation_prompt=True,
+                bos_token=tokenizer.bos_token or "",
+                eos_token=tokenizer.eos_token or "",
+            )
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(plain_chat(history))["input_ids"])
+
+    async def generate_prompt(
+        self,
+        view: ModelView,
+        prompt: str,
+        *,
+        system: str | None,
+        raw: bool,
+        context: list[int] | None,
+    ) -> list[int]:
+        tokenizer = await self.tokenizer(view)
+        if raw:
+            return list(await asyncio.to_thread(lambda: tokenizer(prompt)["input_ids"]))
+        messages: list[dict[str, Any]] = []
+        chosen_system = system if system else view.system
+        if chosen_system:
+            messages.append({"role": "system", "content": chosen_system})
+        messages.append({"role": "user", "content": prompt})
+        ids = await asyncio.to_thread(self._render_and_encode, view, tokenizer, messages, None)
+        return [*(context or []), *ids]
+
+    # ------------------------------------------------------------------ generation
+
+    async def stream(
+        self,
+        view: ModelView,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        keep_alive: KeepAlive = DEFAULT,
+        request_id: str | None = None,
+    ) -> AsyncIterator[tuple[TokenEvent, Completion]]:
+        """Yields (event, running totals). Raises EngineError before any output."""
+        request = GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            model=view.name,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            keep_alive=keep_alive,
+        )
+        totals = Completion(prompt_ids=prompt_ids)
+        async for event in self.engine.generate(request):
+            totals.text += event.text
+            totals.token_ids += event.token_ids
+            if event.finished:
+                totals.finish_reason = event.finish_reason
+                totals.error = event.error
+                totals.prompt_tokens = event.prompt_tokens
+                totals.completion_tokens = event.completion_tokens
+                totals.load_time = event.load_time
+                totals.prompt_time = event.prompt_time
+                totals.decode_time = event.decode_time
+                totals.total_time = event.total_time
+            yield event, totals
+
+
+def check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise ChatError("messages must be a list")
+    if len(messages) > MAX_MESSAGES:
+        raise ChatError(f"too many messages (at most {MAX_MESSAGES})")
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ChatError("each message must be an object")
+        role = message.get("role")
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            raise ChatError(f"invalid message role {str(role)[:20]!r}")
+        if not isinstance(message.get("content", ""), str):
+            raise ChatError("message content must be a string")

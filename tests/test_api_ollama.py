@@ -1,0 +1,200 @@
+"""Ollama generation routes in process, with the official `ollama` Python client and raw
+requests shaped like the Ollama CLI's, on a tiny model and the real engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+from asgi_lifespan import LifespanManager
+
+from ollama_compact_server.app import create_app
+from ollama_compact_server.registry.importers import import_hf_dir
+from ollama_compact_server.registry.store import Registry
+from ollama_compact_server.settings import Settings
+
+GREEDY = {"temperature": 0, "num_predict": 8}
+
+
+@pytest.fixture
+async def app_client(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> AsyncIterator[tuple[httpx.AsyncClient, ollama.AsyncClient]]:
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny", params={"stop": ["<end_of_turn>"]})
+    settings = Settings(models=registry.root, adapters=None, import_default=False, dtype="float32")
+    app = create_app(settings, registry=registry)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1:11434", timeout=60
+        ) as raw:
+            client = ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport)
+            yield raw, client
+
+
+async def ndjson_lines(response: httpx.Response) -> list[dict]:
+    lines = [line async for line in response.aiter_lines()]
+    assert all(line.strip() for line in lines), "no blank lines in a stream"
+    return [json.loads(line) for line in lines]
+
+
+async def test_generate_with_the_ollama_client(app_client) -> None:
+    _, client = app_client
+    result = await client.generate(model="tiny", prompt="hello world", options=GREEDY)
+    assert result.done and result.done_reason == "length"
+    assert result.eval_count == 8 and result.prompt_eval_count > 0
+    assert isinstance(result.total_duration, int) and result.total_duration > 0
+    assert result.context and len(result.context) == result.prompt_eval_count + 8
+    again = await client.generate(model="tiny", prompt="hello world", options=GREEDY)
+    assert again.response == result.response  # greedy is deterministic
+    streamed = [
+        part
+        async for part in await client.generate(
+            model="tiny", prompt="hello world", options=GREEDY, stream=True
+        )
+    ]
+    assert "".join(p.response for p in streamed) == result.response
+    assert streamed[-1].done and not any(p.done for p in streamed[:-1])
+
+
+async def test_chat_with_the_ollama_client(app_client) -> None:
+    _, client = app_client
+    messages = [{"role": "user", "content": "Hi there"}]
+    result = await client.chat(model="tiny", messages=messages, options=GREEDY)
+    assert result.message.role == "assistant" and result.done_reason == "length"
+    parts = [
+        p
+        async for p in await client.chat(
+            model="tiny", messages=messages, options=GREEDY, stream=True
+        )
+    ]
+    assert "".join(p.message.content for p in parts) == result.message.content
+    assert parts[-1].eval_count == 8
+
+
+async def test_raw_ndjson_shape(app_client) -> None:
+    raw, _ = app_client
+    async with raw.stream(
+        "POST", "/api/generate", json={"model": "tiny", "prompt": "abc", "options": GREEDY}
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        items = await ndjson_lines(r)
+    final = items[-1]
+    for key in (
+        "model",
+        "created_at",
+        "response",
+        "done",
+        "done_reason",
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+        "context",
+    ):
+        assert key in final, key
+    assert final["created_at"].endswith("Z")
+
+
+async def test_cli_run_sequence_and_stop(app_client) -> None:
+    """What `ollama run tiny` sends (interactive), then `ollama stop tiny`."""
+    raw, client = app_client
+    assert (await raw.head("/")).status_code == 200
+    assert (await raw.post("/api/show", json={"name": "tiny", "model": ""})).status_code == 200
+    loaded = (await raw.post("/api/generate", json={"model": "tiny"})).json()
+    assert loaded["done_reason"] == "load" and loaded["done"] is True
+    ps = (await client.ps()).models
+    assert [m.model for m in ps] == ["tiny:latest"] and ps[0].size > 0 and ps[0].context_length > 0
+    chat = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hey"}],
+        "options": {"num_predict": 3},
+    }
+    async with raw.stream("POST", "/api/chat", json=chat) as r:
+        items = await ndjson_lines(r)
+    assert items[-1]["done"] and items[-1]["message"]["role"] == "assistant"
+    unloaded = (await raw.post("/api/generate", json={"model": "tiny", "keep_alive": 0})).json()
+    assert unloaded["done_reason"] == "unload"
+
+
+async def test_show_has_what_clients_need(app_client) -> None:
+    _, client = app_client
+    info = await client.show("tiny")
+    assert info.modelinfo["general.architecture"] == "llama"
+    assert info.modelinfo["llama.context_length"] == 2048
+    assert "completion" in info.capabilities
+    assert "stop" in info.parameters and "<end_of_turn>" in info.parameters
+    assert "start_of_turn" in info.template
+    assert info.details.family == "llama" and info.modelfile.startswith("# Modelfile generated")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/generate", {"model": "absent", "prompt": "x"}, 404),
+        ("/api/chat", {"model": "absent", "messages": [{"role": "user", "content": "x"}]}, 404),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"temperature": "hot"}}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"top_p": 7}}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_predict": 10**9}}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": [1]}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": 5}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "think": True}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "think": "loud"}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "images": ["aGk="]}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "raw": True, "system": "s"}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "keep_alive": "300"}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "context": [-1]}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "context": ["a"]}, 400),
+        ("/api/generate", {"model": "../../etc/passwd", "prompt": "x"}, 400),
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ("/api/chat", {"model": "tiny", "messages": "hello"}, 400),
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400),
+        (
+            "/api/chat",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function"}],
+            },
+            400,
+        ),
+        ("/api/show", {"model": "absent"}, 404),
+    ],
+)
+async def test_bad_requests_get_4xx(app_client, path: str, body: dict, status: int) -> None:
+    raw, _ = app_client
+    r = await raw.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+
+
+async def test_nan_and_huge_numbers(app_client) -> None:
+    raw, _ = app_client
+    body = '{"model": "tiny", "prompt": "x", "options": {"temperature": NaN}}'
+    r = await raw.post("/api/generate", content=body)
+    assert r.status_code == 400
+    body = '{"model": "tiny", "prompt": "x", "options": {"seed": 1e400}}'
+    r = await raw.post("/api/generate", content=body)
+    assert r.status_code == 400
+    assert (await raw.get("/")).status_code == 200
+
+
+async def test_options_null_name_alias_and_unknown_options(app_client) -> None:
+    raw, _ = app_client
+    body = {"name": "tiny", "model": "", "prompt": "x", "stream": False, "options": None}
+    assert (await raw.post("/api/generate", json=body)).status_code == 200
+    body = {
+        "model": "tiny",
+        "prompt": "x",
+        "stream": False,
+        "options": {"num_predict": 2, "mirostat": 1, "bogus": 3},
+    }
+    r = await raw.post("/api/generate", json=body)
+    assert r.status_code == 200 and r.json()["eval_count"] == 2
