@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__
-from .api import ollama
+from .api import ollama, openai
 from .api.auth import APIKeyMiddleware
 from .api.errors import install_error_handlers
 from .engine.protocol import Engine
@@ -118,6 +118,7 @@ def create_app(
     app.state.registry = registry
     install_error_handlers(app)
     app.include_router(ollama.router)
+    app.include_router(openai.router)
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
     return app

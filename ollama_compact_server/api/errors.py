@@ -20,27 +20,34 @@ class APIError(Exception):
         self.message = message
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+def error_response(status: int, message: str, path: str = "") -> JSONResponse:
+    """Ollama's {"error": "..."}; on /v1 routes OpenAI's {"error": {message, type, ...}}."""
+    if path.startswith("/v1/"):
+        kinds = {401: "authentication_error", 429: "rate_limit_error"}
+        kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
+        code = {404: "model_not_found", 429: "rate_limit_exceeded"}.get(status)
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return JSONResponse(body, status_code=status)
     return JSONResponse({"error": message}, status_code=status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, request.url.path)
 
     @app.exception_handler(RegistryError)
     async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
-        return error_response(exc.status, str(exc))
+        return error_response(exc.status, str(exc), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = str(first.get("msg", "invalid request"))
-        return error_response(400, f"{where}: {message}" if where else message)
+        return error_response(400, f"{where}: {message}" if where else message, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error")
+        return error_response(500, "internal server error", request.url.path)

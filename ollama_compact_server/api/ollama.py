@@ -22,6 +22,7 @@ from ..registry.errors import InvalidName
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from ..settings import parse_duration
+from .common import chat_service, json_body, registry_of
 from .errors import APIError
 
 log = logging.getLogger(__name__)
@@ -65,19 +66,6 @@ def list_entry(record: ModelRecord) -> dict[str, Any]:
     }
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw.strip():
-        raise APIError(400, "missing request body")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise APIError(400, "invalid JSON body") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
 def model_field(body: dict[str, Any], *keys: str) -> str:
     """`model`, or the deprecated `name` (the CLI sends "model": "" beside it)."""
     for key in keys or ("model", "name"):
@@ -96,11 +84,6 @@ def parse_name(text: str, label: str | None = None) -> ModelName:
         if label:
             raise APIError(400, f'{label} "{text[:100]}" is invalid') from exc
         raise APIError(400, "invalid model name") from exc
-
-
-def registry_of(request: Request) -> Registry:
-    registry: Registry = request.app.state.registry
-    return registry
 
 
 @router.head("/")
@@ -149,11 +132,6 @@ def not_found() -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------ generation
-
-
-def chat_service(request: Request) -> ChatService:
-    service: ChatService = request.app.state.chat
-    return service
 
 
 def keep_alive_of(body: dict[str, Any]) -> KeepAlive:

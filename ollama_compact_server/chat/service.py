@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,7 +174,7 @@ class ChatService:
         *,
         keep_alive: KeepAlive = DEFAULT,
         request_id: str | None = None,
-    ) -> AsyncIterator[tuple[TokenEvent, Completion]]:
+    ) -> AsyncGenerator[tuple[TokenEvent, Completion], None]:
         """Yields (event, running totals). Raises EngineError before any output."""
         request = GenerateRequest(
             request_id=request_id or uuid.uuid4().hex,

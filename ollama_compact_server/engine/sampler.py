@@ -46,6 +46,14 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, state: RowStat
         ids = torch.tensor(list(state.counts), dtype=torch.long, device=logits.device)
         counts = torch.tensor(list(state.counts.values()), dtype=logits.dtype, device=logits.device)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    if params.logit_bias:
+        vocab = logits.shape[-1]
+        pairs = [(t, b) for t, b in params.logit_bias.items() if 0 <= t < vocab]
+        if pairs:
+            ids = torch.tensor([t for t, _ in pairs], dtype=torch.long, device=logits.device)
+            logits[ids] += torch.tensor(
+                [b for _, b in pairs], dtype=logits.dtype, device=logits.device
+            )
     return logits
 
 

@@ -46,6 +46,7 @@ class SamplingParams:
     max_tokens: int | None = None  # None: until the context is full
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raises :class:`EngineError` naming the first out-of-range or non-finite value."""
@@ -85,6 +86,7 @@ class SamplingParams:
             self.repeat_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
         )
 
 

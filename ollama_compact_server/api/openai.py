@@ -1,0 +1,433 @@
+"""OpenAI dialect routes (`/v1/*`): translate OpenAI request and response shapes to and from
+the shared chat service, and frame streams as server-sent events ending in [DONE]."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from ..chat.options import OptionError, stop_list
+from ..chat.service import ChatError, ChatService, Completion, ModelView
+from ..chat.templates import TemplateError
+from ..engine.types import EngineError, FinishReason, SamplingParams
+from ..registry.errors import InvalidName
+from ..registry.names import ModelName
+from .common import chat_service, json_body, registry_of
+from .errors import APIError, error_response
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1")
+
+MAX_N = 8
+MAX_PROMPTS = 64
+
+
+def _number(
+    body: dict[str, Any], key: str, low: float, high: float, default: float | None
+) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise APIError(400, f"{key} must be a number")
+    if not low <= value <= high:
+        raise APIError(400, f"{key} must be between {low:g} and {high:g}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, f"{key} must be an integer")
+    if not low <= value <= high:
+        raise APIError(400, f"{key} must be between {low} and {high}")
+    return value
+
+
+def _model(service: ChatService, body: dict[str, Any]) -> ModelView:
+    name = body.get("model")
+    if not isinstance(name, str) or not name.strip():
+        raise APIError(400, "model is required")
+    try:
+        ModelName.parse(name)
+        return service.model(name)
+    except InvalidName:
+        raise APIError(404, f"The model `{name[:100]}` does not exist.") from None
+    except ChatError as exc:
+        if exc.status == 404:
+            raise APIError(404, f"The model `{name[:100]}` does not exist.") from None
+        raise APIError(exc.status, str(exc)) from None
+
+
+def _sampling(
+    service: ChatService, view: ModelView, body: dict[str, Any], max_key: tuple[str, ...]
+) -> SamplingParams:
+    """OpenAI fields over the model's parameters, the same defaults as the Ollama dialect."""
+    if body.get("logprobs") or body.get("top_logprobs"):
+        _integer(body, "top_logprobs", 0, 20)
+        raise APIError(400, "logprobs are not supported yet")
+    response_format = body.get("response_format")
+    if response_format not in (None, {}, {"type": "text"}):
+        raise APIError(400, "response_format is not supported yet (no structured output)")
+    max_tokens = None
+    for key in max_key:
+        if body.get(key) is not None:
+            max_tokens = _integer(body, key, 0, 1 << 20)
+    overrides: dict[str, Any] = {
+        "temperature": _number(body, "temperature", 0.0, 2.0, None),
+        "top_p": _number(body, "top_p", 0.0, 1.0, None),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0, None),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0, None),
+        "seed": _integer(body, "seed", -(2**63), 2**63 - 1),
+        "num_predict": max_tokens,
+    }
+    if body.get("stop") is not None:
+        overrides["stop"] = body["stop"]
+    try:
+        if "stop" in overrides:
+            stop_list(overrides["stop"])
+        sampling = service.sampling(view, None, **overrides)
+        sampling.logit_bias = _logit_bias(body.get("logit_bias"))
+        sampling.validate()
+    except (OptionError, EngineError) as exc:
+        raise APIError(400, str(exc)) from None
+    return sampling
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 300:
+        raise APIError(400, "logit_bias must map at most 300 token ids to numbers")
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise APIError(400, f"logit_bias key {str(key)[:20]!r} is not a token id") from None
+        if token < 0 or isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise APIError(400, "logit_bias values must be numbers for non-negative token ids")
+        if not -100 <= amount <= 100:
+            raise APIError(400, "logit_bias values must be between -100 and 100")
+        bias[token] = float(amount)
+    return bias
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    """OpenAI messages (string or content-part arrays) -> plain role/content messages."""
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "messages must be a non-empty array")
+    out = []
+    for message in value:
+        if not isinstance(message, dict):
+            raise APIError(400, "each message must be an object")
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise APIError(
+                        400, f"content parts of type {str(kind)[:20]!r} are not supported"
+                    )
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise APIError(400, "a text content part needs a text string")
+                texts.append(text)
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise APIError(400, "message content must be a string or an array of parts")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _finish(reason: FinishReason | None) -> str:
+    return "length" if reason == FinishReason.LENGTH else "stop"
+
+
+def _usage(done: list[Completion]) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in done[:1]) if done else 0
+    completion = sum(c.completion_tokens for c in done)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def _first(stream: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(stream)
+    except EngineError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    except StopAsyncIteration:
+        raise APIError(500, "the engine returned nothing") from None
+
+
+async def _run_choices(
+    service: ChatService,
+    view: ModelView,
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    n: int,
+) -> list[tuple[Any, AsyncGenerator[Any, None]]]:
+    """Starts one engine request per (prompt, n) choice; each first event is awaited so
+    errors surface with a status before any byte is sent."""
+    streams = []
+    for prompt in prompts:
+        for i in range(n):
+            params = SamplingParams(**{f: getattr(sampling, f) for f in sampling.__slots__})
+            if params.seed is not None:
+                params.seed += i
+            streams.append(service.stream(view, prompt, params))
+    firsts = []
+    try:
+        for stream in streams:
+            firsts.append(await _first(stream))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()  # abort what already started
+        raise
+    return list(zip(firsts, streams))
+
+
+async def _merged(
+    choices: list[tuple[Any, AsyncGenerator[Any, None]]],
+) -> AsyncIterator[tuple[int, Any]]:
+    """Interleaves several choice streams, tagging each item with its choice index."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done_marker = object()
+
+    async def pump(index: int, first: Any, stream: AsyncGenerator[Any, None]) -> None:
+        try:
+            await queue.put((index, first))
+            async for item in stream:
+                await queue.put((index, item))
+        finally:
+            await queue.put((index, done_marker))
+
+    tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(choices)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done_marker:
+                remaining -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for _, stream in choices:
+            await stream.aclose()
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for chunk in chunks:
+                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+        except (EngineError, ChatError, TemplateError) as exc:
+            yield {"data": json.dumps(error_body(500, str(exc)))}
+        except Exception:
+            log.exception("stream failed")
+            yield {"data": json.dumps(error_body(500, "internal error while generating"))}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), ping=15)
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(bytes(error_response(status, message, "/v1/").body))
+    return body
+
+
+async def _complete(
+    request: Request,
+    body: dict[str, Any],
+    view: ModelView,
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    *,
+    chat: bool,
+    echo: list[str] | None = None,
+) -> Response:
+    n = _integer(body, "n", 1, MAX_N) or 1
+    choices = await _run_choices(chat_service(request), view, prompts, sampling, n)
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    kind = "chat.completion" if chat else "text_completion"
+
+    if not body.get("stream"):
+        finals: list[Completion] = []
+        results = []
+        for index, (first, stream) in enumerate(choices):
+            totals = first[1]
+            async for pair in stream:
+                totals = pair[1]
+            if totals.error:
+                raise APIError(500, totals.error)
+            finals.append(totals)
+            text = totals.text
+            if chat:
+                results.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": _finish(totals.finish_reason),
+                    }
+                )
+            else:
+                prefix = echo[index // n] if echo else ""
+                results.append(
+                    {
+                        "index": index,
+                        "text": prefix + text,
+                        "logprobs": None,
+                        "finish_reason": _finish(totals.finish_reason),
+                    }
+                )
+        usage = _usage(finals)
+        if len(prompts) > 1:
+            usage["prompt_tokens"] = sum(len(p) for p in prompts)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": view.name,
+                "system_fingerprint": "ocs",
+                "choices": results,
+                "usage": usage,
+            }
+        )
+
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index: int, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+        if chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta
+        return {
+            "id": ident,
+            "object": chunk_kind,
+            "created": created,
+            "model": view.name,
+            "system_fingerprint": "ocs",
+            "choices": [choice],
+        }
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        finals: list[Completion] = []
+        for index in range(len(choices)):
+            if chat:
+                yield chunk(index, {"role": "assistant", "content": ""}, None)
+            elif echo:
+                yield chunk(index, echo[index // n], None)
+        async for index, (event, totals) in _merged(choices):
+            if event.text:
+                yield chunk(index, {"content": event.text} if chat else event.text, None)
+            if event.finished:
+                if totals.error:
+                    raise EngineError(totals.error)
+                finals.append(totals)
+                yield chunk(index, {} if chat else "", _finish(totals.finish_reason))
+        if include_usage:
+            usage = _usage(finals)
+            yield {
+                "id": ident,
+                "object": chunk_kind,
+                "created": created,
+                "model": view.name,
+                "choices": [],
+                "usage": usage,
+            }
+
+    return _sse(chunks())
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    body = await json_body(request)
+    service = chat_service(request)
+    view = _model(service, body)
+    messages = _messages(body.get("messages"))
+    if body.get("tools"):
+        raise APIError(400, "tools are not supported yet")
+    sampling = _sampling(service, view, body, ("max_tokens", "max_completion_tokens"))
+    try:
+        prompt = await service.chat_prompt(view, messages)
+    except (ChatError, TemplateError) as exc:
+        raise APIError(400, str(exc)) from None
+    return await _complete(request, body, view, [prompt], sampling, chat=True)
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Response:
+    body = await json_body(request)
+    service = chat_service(request)
+    view = _model(service, body)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "prompt must be a string or a non-empty array of strings")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request")
+    if body.get("suffix"):
+        raise APIError(400, "suffix (infill) is not supported by this model")
+    sampling = _sampling(service, view, body, ("max_tokens",))
+    if body.get("max_tokens") is None:
+        sampling.max_tokens = 16  # OpenAI's default for completions
+    tokenized = [
+        await service.generate_prompt(view, p, system=None, raw=True, context=None) for p in prompts
+    ]
+    echo = list(prompts) if body.get("echo") else None
+    if sampling.max_tokens == 0 and echo is None:
+        raise APIError(400, "max_tokens 0 needs echo")
+    return await _complete(request, body, view, tokenized, sampling, chat=False, echo=echo)
+
+
+def _model_entry(name: str, created: float) -> dict[str, Any]:
+    owner = name.split("/")[0] if "/" in name else "library"
+    return {"id": name, "object": "model", "created": int(created), "owned_by": owner}
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    records = registry_of(request).models()
+    return {
+        "object": "list",
+        "data": [_model_entry(r.name.display(), r.modified_at.timestamp()) for r in records],
+    }
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    registry = registry_of(request)
+    try:
+        record = registry.get(model_id)
+    except Exception:
+        raise APIError(404, f"The model `{model_id[:100]}` does not exist.") from None
+    return _model_entry(record.name.display(), record.modified_at.timestamp())

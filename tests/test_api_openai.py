@@ -1,0 +1,168 @@
+"""OpenAI dialect in process with the official `openai` client: chat and text completions,
+streaming with usage, n choices, models, and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from asgi_lifespan import LifespanManager
+
+from ollama_compact_server.app import create_app
+from ollama_compact_server.registry.importers import import_hf_dir
+from ollama_compact_server.registry.store import Registry
+from ollama_compact_server.settings import Settings
+
+
+@pytest.fixture
+async def clients(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> AsyncIterator[tuple[httpx.AsyncClient, openai.AsyncOpenAI]]:
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["qwen2"], "tiny")
+    settings = Settings(models=registry.root, adapters=None, import_default=False, dtype="float32")
+    app = create_app(settings, registry=registry)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1:11434", timeout=60
+        ) as raw:
+            client = openai.AsyncOpenAI(
+                base_url="http://127.0.0.1:11434/v1",
+                api_key="unused",
+                http_client=httpx.AsyncClient(
+                    transport=transport, base_url="http://127.0.0.1:11434/v1", timeout=60
+                ),
+                max_retries=0,
+            )
+            yield raw, client
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+
+
+async def test_chat_completion(clients) -> None:
+    _, client = clients
+    result = await client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, temperature=0
+    )
+    choice = result.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert result.usage.completion_tokens == 6 and result.usage.prompt_tokens > 0
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 6
+    again = await client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, temperature=0
+    )
+    assert again.choices[0].message.content == choice.message.content
+
+
+async def test_chat_streaming_with_usage(clients) -> None:
+    _, client = clients
+    stream = await client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    whole = await client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, temperature=0
+    )
+    assert text == whole.choices[0].message.content
+
+
+async def test_content_parts_and_n(clients) -> None:
+    _, client = clients
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hello"}],
+        }
+    ]
+    result = await client.chat.completions.create(
+        model="tiny", messages=parts, max_tokens=4, n=3, temperature=1.0, seed=5
+    )
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    assert result.usage.completion_tokens == 12
+    stream = await client.chat.completions.create(
+        model="tiny", messages=parts, max_tokens=4, n=2, stream=True
+    )
+    seen = {c.choices[0].index for c in [c async for c in stream] if c.choices}
+    assert seen == {0, 1}
+
+
+async def test_text_completions(clients) -> None:
+    _, client = clients
+    result = await client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=5, temperature=0
+    )
+    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 5
+    echoed = await client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=5, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == "Once upon" + result.choices[0].text
+    many = await client.completions.create(
+        model="tiny", prompt=["a", "b"], max_tokens=2, temperature=0
+    )
+    assert len(many.choices) == 2
+    stream = await client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=5, temperature=0, stream=True
+    )
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert text == result.choices[0].text
+
+
+async def test_models(clients) -> None:
+    _, client = clients
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["tiny:latest"]
+    assert (await client.models.retrieve("tiny:latest")).id == "tiny:latest"
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("absent")
+
+
+async def test_errors_have_openai_shape(clients) -> None:
+    raw, client = clients
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.chat.completions.create(model="absent", messages=MESSAGES)
+    assert info.value.body["code"] == "model_not_found"
+    cases = [
+        {"model": "tiny", "messages": []},
+        {"model": "tiny", "messages": "hi"},
+        {"model": "tiny", "messages": MESSAGES, "temperature": 3},
+        {"model": "tiny", "messages": MESSAGES, "n": 100},
+        {"model": "tiny", "messages": MESSAGES, "max_tokens": -1},
+        {"model": "tiny", "messages": MESSAGES, "stop": ["x"] * 50},
+        {"model": "tiny", "messages": MESSAGES, "logit_bias": {"abc": 1}},
+        {"model": "tiny", "messages": MESSAGES, "logit_bias": {"5": 500}},
+        {"model": "tiny", "messages": MESSAGES, "top_logprobs": 50, "logprobs": True},
+        {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "json_schema"}},
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        {"model": "tiny", "messages": MESSAGES, "max_tokens": 10**9},
+    ]
+    for body in cases:
+        r = await raw.post("/v1/chat/completions", json=body)
+        assert 400 <= r.status_code < 500, (body, r.status_code)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+
+
+async def test_logit_bias_steers_greedy_output(clients) -> None:
+    _, client = clients
+    plain = await client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
+    forced = await client.completions.create(
+        model="tiny", prompt="x", max_tokens=3, temperature=0, logit_bias={"300": 100}
+    )
+    assert forced.choices[0].text != plain.choices[0].text
