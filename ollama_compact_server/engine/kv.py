@@ -101,12 +101,18 @@ class SlotKVCache:
             pos = positions[:, 0]
             k_store[self._index, :, pos] = key_states[:, :, 0]
             v_store[self._index, :, pos] = value_states[:, :, 0]
-        else:
-            # a prefill chunk: contiguous positions of one sequence
+        elif positions.shape[0] == 1:
+            # a prefill chunk of one sequence: contiguous positions
             start = int(positions[0, 0])
             end = start + positions.shape[1]
             k_store[self._index, :, start:end] = key_states
             v_store[self._index, :, start:end] = value_states
+        else:
+            # prefill of several sequences: scatter every token to (slot, position);
+            # k_store[index[:, None], :, positions] is [B, q, kvh, d]
+            rows = self._index.view(-1, 1)
+            k_store[rows, :, positions] = key_states.transpose(1, 2)
+            v_store[rows, :, positions] = value_states.transpose(1, 2)
         if self._rows is not None:  # a view, no copy
             return k_store[self._rows, :, : self._length], v_store[self._rows, :, : self._length]
         return (

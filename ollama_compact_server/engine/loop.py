@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 
 from .detok import Detokenizer, StopMatcher
-from .mailbox import Mailbox
+from .mailbox import Mailbox, Notifier
 from .runner import ModelRunner
 from .sampler import RowState
 from .types import (
@@ -90,6 +90,7 @@ class DeviceLoop:
         self.loads: dict[str, Future[ModelWorker]] = {}
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
         self.inbox: deque[tuple[str, Any]] = deque()
+        self.notifier = Notifier()
         self.wakeup = threading.Event()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -113,7 +114,9 @@ class DeviceLoop:
     def _run(self) -> None:
         try:
             while not self.stopping:
-                if not self.step():
+                worked = self.step()
+                self.notifier.flush()
+                if not worked:
                     self.wakeup.wait(0.05)
                     self.wakeup.clear()
             for worker in self.workers.values():
@@ -122,6 +125,7 @@ class DeviceLoop:
             for queue in self.pending.values():
                 for item in queue:
                     item.mailbox.put(error_event("the server is shutting down", 503))
+            self.notifier.flush()
         except BaseException as exc:  # pragma: no cover - the loop itself must not die
             self.crashed = exc
             log.exception("engine loop died")
@@ -396,7 +400,7 @@ class LocalEngine:
         """Streams a request's events. An error before any output raises EngineError (with
         the HTTP status to use); later errors arrive as the final event."""
         request.sampling.validate()
-        mailbox = Mailbox(asyncio.get_running_loop())
+        mailbox = Mailbox(asyncio.get_running_loop(), self.device_loop.notifier)
         self.device_loop.submit(
             Pending(request.model, mailbox, request=request, keep_alive=request.keep_alive)
         )
@@ -417,7 +421,7 @@ class LocalEngine:
 
     async def load(self, model: str, keep_alive: KeepAlive = DEFAULT) -> float:
         """Makes a model resident; returns the seconds spent loading (0 if it was)."""
-        mailbox = Mailbox(asyncio.get_running_loop())
+        mailbox = Mailbox(asyncio.get_running_loop(), self.device_loop.notifier)
         self.device_loop.submit(Pending(model, mailbox, keep_alive=keep_alive))
         event = await mailbox.get()
         if event.error:

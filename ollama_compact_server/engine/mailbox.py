@@ -9,12 +9,44 @@ import threading
 from .types import TokenEvent
 
 
+class Notifier:
+    """Collects the mailboxes that got events during one engine step and wakes them with
+    one call per event loop at the end of the step, instead of one call per token."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.due: list[Mailbox] = []
+
+    def add(self, mailbox: Mailbox) -> None:
+        with self.lock:
+            self.due.append(mailbox)
+
+    def flush(self) -> None:
+        with self.lock:
+            due, self.due = self.due, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[Mailbox]] = {}
+        for mailbox in due:
+            by_loop.setdefault(mailbox.loop, []).append(mailbox)
+        for loop, boxes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_wake_all, boxes)
+            except RuntimeError:  # the event loop is gone
+                for box in boxes:
+                    box.closed = True
+
+
+def _wake_all(boxes: list[Mailbox]) -> None:
+    for box in boxes:
+        box.ready.set()
+
+
 class Mailbox:
     """Carries events from the device thread to one request's coroutine without blocking
     either side; text that piles up while the client reads slowly is merged."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, notifier: Notifier | None = None) -> None:
         self.loop = loop
+        self.notifier = notifier
         self.lock = threading.Lock()
         self.pending: list[TokenEvent] = []
         self.ready = asyncio.Event()
@@ -26,11 +58,15 @@ class Mailbox:
                 return
             self.pending.append(event)
             wake = len(self.pending) == 1
-        if wake:
-            try:
-                self.loop.call_soon_threadsafe(self.ready.set)
-            except RuntimeError:  # the event loop is gone
-                self.closed = True
+        if not wake:
+            return
+        if self.notifier is not None:
+            self.notifier.add(self)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.ready.set)
+        except RuntimeError:  # the event loop is gone
+            self.closed = True
 
     async def get(self) -> TokenEvent:
         while True:

@@ -43,17 +43,23 @@ class ModelRunner:
             return full
         masks = {"full_attention": full}
         if self.window is not None:
-            masks["sliding_attention"] = full & (query - keys < self.window)
+            sliding = full & (query - keys < self.window)
+            if positions.shape[1] > 1:
+                # pad columns of a batched prefill sit at the last position; give them key 0
+                # so no row of the mask is empty (an empty row makes attention NaN)
+                pad = query == self.cache.capacity - 1
+                sliding = sliding | (pad & (keys == 0))
+            masks["sliding_attention"] = sliding
         else:
             masks["sliding_attention"] = full
         return masks
 
     @torch.inference_mode()
     def forward(
-        self, slots: list[int], input_ids: torch.Tensor, positions: torch.Tensor
+        self, slots: list[int], input_ids: torch.Tensor, positions: torch.Tensor, length: int
     ) -> torch.Tensor:
-        """input_ids, positions: [B, q]; returns the last position's logits [B, V]."""
-        length = int(positions.max()) + 1
+        """input_ids, positions: [B, q]; attends over ``length`` cached positions; returns
+        the last column's logits [B, V]."""
         self.cache.bind(slots, positions, length)
         out = self.model(
             input_ids=input_ids,
@@ -68,9 +74,27 @@ class ModelRunner:
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
-        return self.forward(slots, ids, pos)
+        return self.forward(slots, ids, pos, max(positions) + 1)
 
     def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """A chunk of one sequence's prompt, written at positions start.. ."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
         pos = torch.arange(start, start + len(tokens), device=self.device).view(1, -1)
-        return self.forward([slot], ids, pos)
+        return self.forward([slot], ids, pos, start + len(tokens))
+
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Whole prompts of several fresh sequences in one forward, left-padded so every
+        row's last column is its last prompt token. Pad columns get the position
+        ``capacity - 1``: their cache writes land where no real query looks (that position
+        is rewritten before any sequence can attend to it) and their outputs are unused."""
+        if len(prompts) == 1:
+            return self.prefill(slots[0], prompts[0], 0)
+        width = max(len(p) for p in prompts)
+        junk = self.cache.capacity - 1
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        pos = torch.full((len(prompts), width), junk, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            pad = width - len(prompt)
+            ids[row, pad:] = torch.tensor(prompt, dtype=torch.long)
+            pos[row, pad:] = torch.arange(len(prompt))
+        return self.forward(slots, ids.to(self.device), pos.to(self.device), width)

@@ -121,15 +121,70 @@ class ModelWorker:
         return True
 
     def _prefill_step(self) -> None:
+        """Prefill under a per-step token budget: a long prompt in chunks, alone; short
+        fresh prompts several at a time in one forward."""
         if self.prefilling is None and self.waiting and self.runner.cache.can_allocate():
-            admitted = self.waiting.popleft()
-            admitted.slot = self.runner.cache.allocate()
-            self.by_slot[admitted.slot] = admitted
-            admitted.admitted = time.perf_counter()
-            self.prefilling = admitted
-        if self.prefilling is None:
+            if len(self.waiting[0].prefill_ids) > self.prefill_chunk:
+                self.prefilling = self._admit(self.waiting.popleft())
+            else:
+                self._prefill_many()
+                return
+        if self.prefilling is not None:
+            self._prefill_chunk(self.prefilling)
+
+    def _admit(self, seq: Sequence) -> Sequence:
+        seq.slot = self.runner.cache.allocate()
+        self.by_slot[seq.slot] = seq
+        if not seq.admitted:
+            seq.admitted = time.perf_counter()
+        return seq
+
+    def _prefill_many(self) -> None:
+        batch: list[Sequence] = []
+        budget = self.prefill_chunk
+        while self.waiting and self.runner.cache.can_allocate():
+            size = len(self.waiting[0].prefill_ids)
+            if size > budget:
+                break
+            budget -= size
+            batch.append(self._admit(self.waiting.popleft()))
+        started = time.perf_counter()
+        try:
+            logits = self.runner.prefill_batch(
+                [s.slot for s in batch], [s.prefill_ids for s in batch]
+            )
+        except Exception as exc:
+            if is_oom(exc) and self.running:
+                self.preempt(max(self.running, key=lambda s: s.submitted))
+                for seq in reversed(batch):  # they wait again, in order
+                    self._release(seq)
+                    self.waiting.appendleft(seq)
+                return
+            log.exception("prefill failed for %d requests", len(batch))
+            for seq in batch:
+                self.finish(seq, FinishReason.ERROR, error=error_text("prefill failed", exc))
             return
-        seq = self.prefilling
+        elapsed = time.perf_counter() - started
+        fresh = []
+        for row, seq in enumerate(batch):
+            seq.prefilled = seq.cached = len(seq.prefill_ids)
+            seq.prompt_time += elapsed
+            if seq.generated:  # resumed after a preemption
+                self.running.append(seq)
+            else:
+                fresh.append((row, seq))
+        if fresh:
+            rows = [row for row, _ in fresh]
+            tokens = sample(
+                logits[rows], [s.request.sampling for _, s in fresh], [s.state for _, s in fresh]
+            )
+            now = time.perf_counter()
+            for (_, seq), token in zip(fresh, tokens):
+                seq.first_token = now
+                if not self.accept(seq, token):
+                    self.running.append(seq)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
         started = time.perf_counter()
         target = seq.prefill_ids
         chunk = target[seq.prefilled : seq.prefilled + self.prefill_chunk]
