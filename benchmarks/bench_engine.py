@@ -38,15 +38,12 @@ Options: ``--registry PATH`` (default ``.cache/test-registry``), ``--model NAME`
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_PROC_BIND", "spread")  # as `ollama-compact serve` does
-
 import argparse
 import asyncio
 import copy
 import gc
 import json
+import os
 import platform
 import shlex
 import sys

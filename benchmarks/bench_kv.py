@@ -8,10 +8,6 @@ pays), on gemma3:270m, in one run.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_PROC_BIND", "spread")  # as `ollama-compact serve` does
-
 import argparse
 import sys
 import time

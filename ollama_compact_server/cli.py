@@ -4,7 +4,6 @@ HTTP clients of the daemon at OLLAMA_HOST; `import` writes straight into the loc
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,10 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.command == "serve":
-            # Pin OpenMP threads before torch loads: the engine computes on a secondary
-            # thread, whose unbound OpenMP team otherwise migrates between cores (measured
-            # about 25% slower decode steps on a 2-core machine; docs/PERFORMANCE.md).
-            os.environ.setdefault("OMP_PROC_BIND", "spread")
             from .server import serve
 
             return serve(settings_from(args))

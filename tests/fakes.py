@@ -1,0 +1,79 @@
+"""A fake engine implementing the engine protocol, for API tests that need exact control of
+what the engine says (errors mid-stream, busy, slow streams)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from ollama_compact_server.engine.types import (
+    DEFAULT,
+    EngineBusy,
+    EngineError,
+    FinishReason,
+    GenerateRequest,
+    KeepAlive,
+    Resident,
+    TokenEvent,
+)
+
+
+class FakeEngine:
+    """Streams the words of ``script`` one per event; ``fail_after`` ends a stream with an
+    error event after that many pieces; ``busy`` refuses with 503."""
+
+    def __init__(self, script: str = "one two three", fail_after: int | None = None) -> None:
+        self.script = script.split(" ")
+        self.fail_after = fail_after
+        self.busy = False
+        self.requests: list[GenerateRequest] = []
+        self.aborted: list[str] = []
+        self.loaded: dict[str, KeepAlive] = {}
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        request.sampling.validate()
+        if self.busy:
+            raise EngineBusy("server busy, please try again.  maximum pending requests exceeded")
+        self.requests.append(request)
+        finished = False
+        try:
+            for i, word in enumerate(self.script):
+                if self.fail_after is not None and i == self.fail_after:
+                    finished = True
+                    yield TokenEvent(finish_reason=FinishReason.ERROR, error="injected failure")
+                    return
+                await asyncio.sleep(0)
+                yield TokenEvent(text=(" " if i else "") + word, token_ids=[i + 10])
+            finished = True
+            yield TokenEvent(
+                finish_reason=FinishReason.STOP,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=len(self.script),
+                prompt_time=0.01,
+                decode_time=0.02,
+                total_time=0.03,
+            )
+        finally:
+            if not finished:
+                self.aborted.append(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def load(self, model: str, keep_alive: KeepAlive = DEFAULT) -> float:
+        if model.startswith("missing"):
+            raise EngineError(f"model '{model}' not found")
+        self.loaded[model] = keep_alive
+        return 0.0
+
+    def unload(self, model: str) -> None:
+        self.loaded.pop(model, None)
+
+    def health(self) -> bool:
+        return True
+
+    def resident(self) -> list[Resident]:
+        return [Resident(name, 1000, 4096, None, False) for name in self.loaded]
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,79 @@
+"""Stream framing and failure paths of both dialects against a fake engine: in-band errors
+after the first byte, 503 before it, and abort when the client leaves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from ollama_compact_server.app import create_app
+from ollama_compact_server.registry.importers import import_hf_dir
+from ollama_compact_server.registry.store import Registry
+from ollama_compact_server.settings import Settings
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture
+async def fake(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine]]:
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    engine = FakeEngine()
+    settings = Settings(models=registry.root, adapters=None, import_default=False)
+    app = create_app(settings, registry=registry, engine=engine)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1:11434"
+        ) as client:
+            yield client, engine
+
+
+async def test_ndjson_stream_and_in_band_error(fake) -> None:
+    client, engine = fake
+    async with client.stream("POST", "/api/generate", json={"model": "tiny", "prompt": "hi"}) as r:
+        lines = [json.loads(line) async for line in r.aiter_lines()]
+    assert "".join(item.get("response", "") for item in lines) == "one two three"
+    assert lines[-1]["done"] and lines[-1]["done_reason"] == "stop"
+    engine.fail_after = 2
+    async with client.stream(
+        "POST", "/api/chat", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    ) as r:
+        assert r.status_code == 200
+        lines = [json.loads(line) async for line in r.aiter_lines()]
+    assert lines[-1] == {"error": "injected failure"}
+
+
+async def test_sse_stream_error_frame_then_done(fake) -> None:
+    client, engine = fake
+    engine.fail_after = 1
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        data = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["error"]["message"] == "injected failure"
+
+
+async def test_busy_engine_answers_before_streaming(fake) -> None:
+    client, engine = fake
+    engine.busy = True
+    r = await client.post("/api/generate", json={"model": "tiny", "prompt": "hi"})
+    assert r.status_code == 503 and "server busy" in r.json()["error"]
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
+async def test_non_streaming_error_is_a_real_status(fake) -> None:
+    client, engine = fake
+    engine.fail_after = 1
+    r = await client.post("/api/generate", json={"model": "tiny", "prompt": "hi", "stream": False})
+    assert r.status_code == 500 and r.json() == {"error": "injected failure"}
