@@ -3,6 +3,7 @@ and from the shared chat service, and frame streams as NDJSON."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,11 +15,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .. import __version__
-from ..chat.options import OptionError
-from ..chat.service import ChatError, ChatService, Completion, ModelView
+from ..chat.options import OptionError, merge_options
+from ..chat.service import ChatError, ChatService, Completion, ModelView, check_messages
 from ..chat.templates import TemplateError
 from ..engine.types import DEFAULT, EngineError, KeepAlive
-from ..registry.errors import InvalidName
+from ..modeling.create import CreateSpec, check_file_map, create_model
+from ..registry.blobs import normalize_digest
+from ..registry.errors import InvalidName, RegistryError
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from ..settings import parse_duration
@@ -525,3 +528,172 @@ async def ps(request: Request) -> dict[str, Any]:
         )
     ranked = sorted(zip(order, range(len(entries))), reverse=True)  # longest life first
     return {"models": [entries[i] for _, i in ranked]}
+
+
+# ------------------------------------------------------------------------------ blobs / create
+
+
+@router.head("/api/blobs/{digest}")
+async def blob_exists(request: Request, digest: str) -> Response:
+    registry = registry_of(request)
+    if not registry.blobs.has(normalize_digest(digest)):
+        raise APIError(404, f'blob "{digest[:80]}" not found')
+    return Response(status_code=200)
+
+
+@router.post("/api/blobs/{digest}")
+async def blob_upload(request: Request, digest: str) -> Response:
+    """Streams the body to disk (never whole in memory); bytes that do not hash to the
+    digest are refused and leave nothing behind."""
+    registry = registry_of(request)
+    expected = normalize_digest(digest)
+    if registry.blobs.has(expected):
+        async for _ in request.stream():  # drain; the blob is already here
+            pass
+        return Response(status_code=200)
+    upload = registry.blobs.begin_upload(expected)
+    buffer = bytearray()
+    try:
+        async for chunk in request.stream():
+            buffer += chunk
+            if len(buffer) >= UPLOAD_FLUSH:
+                await asyncio.to_thread(upload.write, bytes(buffer))
+                buffer.clear()
+        if buffer:
+            await asyncio.to_thread(upload.write, bytes(buffer))
+        created = await asyncio.to_thread(upload.commit)
+    except BaseException:
+        upload.abort()  # client gone, disk full, digest mismatch: nothing stays behind
+        raise
+    return Response(status_code=201 if created else 200)
+
+
+UPLOAD_FLUSH = 4 << 20
+
+
+def _text_field(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise APIError(400, f"{key} must be a string")
+    return value
+
+
+def create_spec(body: dict[str, Any]) -> CreateSpec:
+    name = parse_name(model_field(body))
+    quantize = body.get("quantize") or body.get("quantization")
+    if quantize:
+        raise APIError(
+            400,
+            f"quantize {str(quantize)[:20]!r} is not supported yet: models are stored in their "
+            "imported precision (compression schemes arrive with the compression issue)",
+        )
+    for forbidden in ("path", "modelfile"):
+        if body.get(forbidden):
+            raise APIError(
+                400,
+                f"'{forbidden}' is not accepted: upload files as blobs and name them in 'files'",
+            )
+    source = body.get("from")
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        raise APIError(400, "from must be a model name")
+    if source:
+        parse_name(source, "from")
+    license_value = body.get("license")
+    if isinstance(license_value, str):
+        license_value = [license_value]
+    if license_value is not None and (
+        not isinstance(license_value, list) or not all(isinstance(x, str) for x in license_value)
+    ):
+        raise APIError(400, "license must be a string or a list of strings")
+    parameters = body.get("parameters")
+    if parameters is not None:
+        if not isinstance(parameters, dict):
+            raise APIError(400, "parameters must be an object")
+        try:
+            merge_options(parameters)
+        except OptionError as exc:
+            raise APIError(400, str(exc)) from None
+    messages = body.get("messages")
+    if messages is not None:
+        try:
+            check_messages(messages)
+        except ChatError as exc:
+            raise APIError(400, str(exc)) from None
+    try:
+        return CreateSpec(
+            name=name,
+            from_=source or None,
+            files=check_file_map(body.get("files"), "files"),
+            adapters=check_file_map(body.get("adapters"), "adapters"),
+            template=_text_field(body, "template"),
+            system=_text_field(body, "system"),
+            parameters=parameters,
+            messages=messages,
+            license=license_value,
+        )
+    except RegistryError as exc:
+        raise APIError(exc.status, str(exc)) from None
+
+
+@router.post("/api/create")
+async def create(request: Request) -> Response:
+    body = await json_body(request)
+    spec = create_spec(body)
+    registry = registry_of(request)
+    if not spec.files and not spec.from_:
+        raise APIError(400, "neither 'from' or 'files' was specified")
+    if spec.from_ and not registry.exists(spec.from_):
+        raise APIError(404, f"base model '{spec.from_}' not found")
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def progress(status: str, completed: int | None = None, total: int | None = None) -> None:
+        item: dict[str, Any] = {"status": status}
+        if total:
+            item.update(total=total, completed=completed or 0)
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    async def work() -> None:
+        try:
+            await asyncio.to_thread(create_model, registry, spec, progress)
+            await queue.put({"status": "success"})
+        except RegistryError as exc:
+            await queue.put({"error": str(exc), "_status": exc.status})
+        except Exception:
+            log.exception("create failed")
+            await queue.put({"error": "creating the model failed", "_status": 500})
+        finally:
+            await queue.put(None)
+
+    task = asyncio.create_task(work())
+    if body.get("stream") is False:
+        last: dict[str, Any] = {}
+        while (item := await queue.get()) is not None:
+            last = item
+        await task
+        if "error" in last:
+            raise APIError(int(last.pop("_status")), last["error"])
+        return JSONResponse(last)
+
+    async def items() -> AsyncIterator[dict[str, Any]]:
+        previous = None
+        while (item := await queue.get()) is not None:
+            item.pop("_status", None)
+            if item == previous and "total" not in item:
+                continue
+            previous = item
+            yield item
+        await task
+
+    return ndjson(items())
+
+
+@router.post("/api/push")
+async def push(request: Request) -> Response:
+    body = await json_body(request)
+    name = model_field(body)
+    raise APIError(
+        400, f"pushing models is not supported: '{name[:100]}' stays in the local registry"
+    )

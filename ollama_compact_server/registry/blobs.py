@@ -102,6 +102,10 @@ class BlobStore:
                 raise storage_error(exc) from exc
             raise
 
+    def begin_upload(self, expected: str) -> Upload:
+        """An upload written piece by piece (from a request body), checked at the end."""
+        return Upload(self, normalize_digest(expected))
+
     def put_file(self, source: Path, progress: Progress | None = None) -> tuple[str, bool]:
         """Copies a local file into the store (hashing while copying)."""
 
@@ -155,3 +159,58 @@ class BlobStore:
             if name.startswith("sha256-") and DIGEST_RE.match(name):
                 found.add(normalize_digest(name))
         return found
+
+
+class Upload:
+    """Bytes arriving in pieces for one expected digest: hashed and written to a temporary
+    file in the blobs directory, renamed into place only if the digest matches."""
+
+    def __init__(self, store: BlobStore, expected: str) -> None:
+        self.store = store
+        self.expected = expected
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        try:
+            store.dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=store.dir)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        self.tmp = Path(name)
+        self.handle = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.hasher.update(data)
+            self.handle.write(data)
+            self.size += len(data)
+        except OSError as exc:
+            self.abort()
+            raise storage_error(exc) from exc
+
+    def commit(self) -> bool:
+        """Returns True when a new blob was stored, False when it already existed."""
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            digest = "sha256:" + self.hasher.hexdigest()
+            if digest != self.expected:
+                raise DigestMismatch(f'digest mismatch, expected "{self.expected}", got "{digest}"')
+            if self.store.has(digest):
+                self.tmp.unlink()
+                return False
+            os.replace(self.tmp, self.store.path(digest))
+            fsync_dir(self.store.dir)
+            return True
+        except OSError as exc:
+            self.abort()
+            raise storage_error(exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
