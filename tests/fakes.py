@@ -77,3 +77,15 @@ class FakeEngine:
 
     def close(self) -> None:
         pass
+
+
+async def _fake_embed(self: FakeEngine, request) -> TokenEvent:  # type: ignore[no-untyped-def]
+    vectors = [[1.0, 0.0, 0.0] for _ in request.inputs]
+    return TokenEvent(
+        finish_reason=FinishReason.STOP,
+        embeddings=vectors,
+        prompt_tokens=sum(len(x) for x in request.inputs),
+    )
+
+
+FakeEngine.embed = _fake_embed  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -16,9 +17,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from .. import __version__
 from ..chat.options import OptionError, merge_options
-from ..chat.service import ChatError, ChatService, Completion, ModelView, check_messages
+from ..chat.service import (
+    ChatError,
+    ChatService,
+    Completion,
+    ModelView,
+    check_messages,
+    embed_inputs,
+)
 from ..chat.templates import TemplateError
-from ..engine.types import DEFAULT, EngineError, KeepAlive
+from ..engine.types import DEFAULT, EmbedRequest, EngineError, KeepAlive, TokenEvent
 from ..modeling.create import CreateSpec, check_file_map, create_model
 from ..registry.blobs import normalize_digest
 from ..registry.errors import InvalidName, RegistryError
@@ -697,3 +705,93 @@ async def push(request: Request) -> Response:
     raise APIError(
         400, f"pushing models is not supported: '{name[:100]}' stays in the local registry"
     )
+
+
+# ------------------------------------------------------------------------------ embeddings
+
+
+def _texts(value: Any, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise APIError(400, f"{key} must be a string or a list of strings")
+
+
+async def _embed(
+    request: Request, body: dict[str, Any], texts: list[str]
+) -> tuple[ModelView, TokenEvent]:
+    service = chat_service(request)
+    try:
+        view = service.model(model_field(body))
+        inputs = await embed_inputs(
+            service, view, texts, truncate=body.get("truncate", True) is not False
+        )
+        event = await service.engine.embed(
+            EmbedRequest(uuid.uuid4().hex, view.name, inputs, keep_alive=keep_alive_of(body))
+        )
+    except ChatError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    except EngineError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    return view, event
+
+
+@router.post("/api/embed")
+async def embed(request: Request) -> Response:
+    body = await json_body(request)
+    texts = (
+        _texts(body.get("input", []), "input") if body.get("input") not in (None, "", []) else []
+    )
+    if not texts:
+        service = chat_service(request)
+        try:
+            view = service.model(model_field(body))
+        except ChatError as exc:
+            raise APIError(exc.status, str(exc)) from None
+        await load_or_unload(service, view, keep_alive_of(body), {})
+        return JSONResponse({"model": view.name, "embeddings": []})
+    started = time.perf_counter()
+    view, event = await _embed(request, body, texts)
+    vectors = _dimensions(event.embeddings or [], body.get("dimensions"))
+    return JSONResponse(
+        {
+            "model": view.name,
+            "embeddings": vectors,
+            "total_duration": nanos(time.perf_counter() - started),
+            "load_duration": nanos(event.load_time),
+            "prompt_eval_count": event.prompt_tokens,
+        }
+    )
+
+
+@router.post("/api/embeddings")
+async def embeddings_legacy(request: Request) -> Response:
+    body = await json_body(request)
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt must be a string")
+    if not prompt:
+        service = chat_service(request)
+        try:
+            view = service.model(model_field(body))
+        except ChatError as exc:
+            raise APIError(exc.status, str(exc)) from None
+        await load_or_unload(service, view, keep_alive_of(body), {})
+        return JSONResponse({"embedding": []})
+    _, event = await _embed(request, body, [prompt])
+    return JSONResponse({"embedding": (event.embeddings or [[]])[0]})
+
+
+def _dimensions(vectors: list[list[float]], dimensions: Any) -> list[list[float]]:
+    """Matryoshka-style truncation to ``dimensions``, renormalised."""
+    if dimensions is None:
+        return vectors
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+        raise APIError(400, "dimensions must be a positive integer")
+    out = []
+    for vector in vectors:
+        cut = vector[:dimensions]
+        norm = sum(x * x for x in cut) ** 0.5 or 1.0
+        out.append([x / norm for x in cut])
+    return out

@@ -4,9 +4,11 @@ the shared chat service, and frame streams as server-sent events ending in [DONE
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
+import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -17,9 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from ..chat.options import OptionError, stop_list
-from ..chat.service import ChatError, ChatService, Completion, ModelView
+from ..chat.service import ChatError, ChatService, Completion, ModelView, embed_inputs
 from ..chat.templates import TemplateError
-from ..engine.types import EngineError, FinishReason, SamplingParams
+from ..engine.types import EmbedRequest, EngineError, FinishReason, SamplingParams
 from ..registry.errors import InvalidName
 from ..registry.names import ModelName
 from .common import chat_service, json_body, registry_of
@@ -431,3 +433,67 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     except Exception:
         raise APIError(404, f"The model `{model_id[:100]}` does not exist.") from None
     return _model_entry(record.name.display(), record.modified_at.timestamp())
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request) -> Response:
+    body = await json_body(request)
+    service = chat_service(request)
+    view = _model(service, body)
+    value = body.get("input")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "input must be a non-empty string or array")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise APIError(400, "encoding_format must be float or base64")
+    try:
+        if all(isinstance(v, str) for v in value):
+            inputs = await embed_inputs(service, view, value)
+        elif all(
+            isinstance(v, list)
+            and v
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+            for v in value
+        ):
+            vocab = await _vocab_size(service, view)
+            if any(t < 0 or t >= vocab for v in value for t in v):
+                raise APIError(400, "input holds token ids outside the vocabulary")
+            inputs = [list(v) for v in value]
+        else:
+            raise APIError(400, "input must be strings or arrays of token ids")
+        event = await service.engine.embed(EmbedRequest(uuid.uuid4().hex, view.name, inputs))
+    except ChatError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    except EngineError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    vectors = event.embeddings or []
+    dimensions = _integer(body, "dimensions", 1, 1 << 16)
+    if dimensions is not None:
+        vectors = [_renormalised(v[:dimensions]) for v in vectors]
+    data = []
+    for index, vector in enumerate(vectors):
+        embedding: Any = vector
+        if fmt == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "embedding": embedding, "index": index})
+    tokens = event.prompt_tokens
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": view.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+async def _vocab_size(service: ChatService, view: ModelView) -> int:
+    tokenizer = await service.tokenizer(view)
+    return len(tokenizer)
+
+
+def _renormalised(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]

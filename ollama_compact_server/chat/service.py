@@ -212,3 +212,28 @@ def check_messages(messages: Any) -> None:
             raise ChatError(f"invalid message role {str(role)[:20]!r}")
         if not isinstance(message.get("content", ""), str):
             raise ChatError("message content must be a string")
+
+
+MAX_EMBED_INPUTS = 256
+
+
+async def embed_inputs(
+    service: ChatService, view: ModelView, texts: list[str], *, truncate: bool = True
+) -> list[list[int]]:
+    """Tokenizes texts for embedding (off the event loop), cut to the model's context when
+    ``truncate`` is set, refused otherwise."""
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise ChatError(f"at most {MAX_EMBED_INPUTS} inputs per request")
+    tokenizer = await service.tokenizer(view)
+    encoded: list[list[int]] = await asyncio.to_thread(
+        lambda: [list(tokenizer(t)["input_ids"]) for t in texts]
+    )
+    limit = view.record.config.context_length or 0
+    if limit:
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+        if too_long and not truncate:
+            raise ChatError(f"input {too_long[0]} exceeds the context length ({limit} tokens)")
+        encoded = [ids[:limit] for ids in encoded]
+    if any(not ids for ids in encoded):
+        raise ChatError("an input is empty")
+    return encoded

@@ -22,6 +22,7 @@ from .runner import ModelRunner
 from .sampler import RowState
 from .types import (
     DEFAULT,
+    EmbedRequest,
     EngineBusy,
     EngineError,
     FinishReason,
@@ -44,7 +45,7 @@ class Pending:
 
     model: str
     mailbox: Mailbox
-    request: GenerateRequest | None = None
+    request: GenerateRequest | EmbedRequest | None = None
     keep_alive: KeepAlive = DEFAULT
 
 
@@ -284,6 +285,9 @@ class DeviceLoop:
         if item.request is None:  # a bare load
             item.mailbox.put(TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time))
             return
+        if isinstance(item.request, EmbedRequest):
+            self._embed(worker, item.request, item.mailbox, load_time)
+            return
         request = item.request
         params = request.sampling
         prompt = len(request.prompt_ids)
@@ -320,6 +324,35 @@ class DeviceLoop:
             worker.finish(seq, FinishReason.LENGTH)
             return
         worker.waiting.append(seq)
+
+    def _embed(
+        self, worker: ModelWorker, request: EmbedRequest, mailbox: Mailbox, load_time: float
+    ) -> None:
+        capacity = worker.runner.cache.capacity
+        longest = max((len(x) for x in request.inputs), default=0)
+        if longest > capacity:
+            mailbox.put(
+                error_event(f"an input has {longest} tokens but the context holds {capacity}", 400)
+            )
+            return
+        started = time.perf_counter()
+        try:
+            vectors = embed(worker.loaded.model, request.inputs, self.device)
+        except Exception as exc:
+            log.exception("embedding failed for %s", request.request_id)
+            mailbox.put(error_event(f"embedding failed: {exc.__class__.__name__}", 500))
+            return
+        elapsed = time.perf_counter() - started
+        mailbox.put(
+            TokenEvent(
+                finish_reason=FinishReason.STOP,
+                embeddings=vectors,
+                prompt_tokens=sum(len(x) for x in request.inputs),
+                load_time=load_time,
+                prompt_time=elapsed,
+                total_time=elapsed + load_time,
+            )
+        )
 
     def _abort(self, request_id: str) -> None:
         for worker in self.workers.values():
@@ -375,6 +408,32 @@ class DeviceLoop:
         return snapshot
 
 
+EMBED_BATCH = 16
+
+
+@torch.inference_mode()
+def embed(model: Any, inputs: list[list[int]], device: torch.device) -> list[list[float]]:
+    """Mean of the last hidden states over each input's tokens, L2-normalised; inputs are
+    right-padded in batches and masked."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    vectors: list[list[float]] = []
+    for start in range(0, len(inputs), EMBED_BATCH):
+        batch = inputs[start : start + EMBED_BATCH]
+        width = max(len(x) for x in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # hidden: [B, T, H]
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        vectors.extend(pooled.cpu().tolist())
+    return vectors
+
+
 def error_event(message: str, status: int) -> TokenEvent:
     return TokenEvent(finish_reason=FinishReason.ERROR, error=message, status=status)
 
@@ -418,6 +477,17 @@ class LocalEngine:
             mailbox.closed = True
             if not done:
                 self.device_loop.abort(request.request_id)
+
+    async def embed(self, request: EmbedRequest) -> TokenEvent:
+        """Embeds the request's token lists on the device; raises EngineError on failure."""
+        mailbox = Mailbox(asyncio.get_running_loop(), self.device_loop.notifier)
+        self.device_loop.submit(
+            Pending(request.model, mailbox, request=request, keep_alive=request.keep_alive)
+        )
+        event = await mailbox.get()
+        if event.error:
+            raise engine_error(event)
+        return event
 
     async def load(self, model: str, keep_alive: KeepAlive = DEFAULT) -> float:
         """Makes a model resident; returns the seconds spent loading (0 if it was)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from .types import DEFAULT, GenerateRequest, KeepAlive, Resident, TokenEvent
+from .types import DEFAULT, EmbedRequest, GenerateRequest, KeepAlive, Resident, TokenEvent
 
 
 class Engine(Protocol):
@@ -14,6 +14,10 @@ class Engine(Protocol):
         ...
 
     def abort(self, request_id: str) -> None: ...
+
+    async def embed(self, request: EmbedRequest) -> TokenEvent:
+        """One event with ``embeddings`` (mean-pooled, normalised hidden states)."""
+        ...
 
     async def load(self, model: str, keep_alive: KeepAlive = DEFAULT) -> float: ...
 

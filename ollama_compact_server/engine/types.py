@@ -32,6 +32,18 @@ class ModelLoadError(EngineError):
     status = 500
 
 
+class Default:
+    """Marks "use the daemon's default" (for keep-alive)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = Default()
+KeepAlive = float | None | Default
+"""Seconds an idle model stays loaded after this request; None = forever; DEFAULT."""
+
+
 @dataclass(slots=True)
 class SamplingParams:
     temperature: float = 0.8
@@ -90,24 +102,22 @@ class SamplingParams:
         )
 
 
-class Default:
-    """Marks "use the daemon's default" (for keep-alive)."""
-
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-DEFAULT = Default()
-KeepAlive = float | None | Default
-"""Seconds an idle model stays loaded after this request; None = forever; DEFAULT."""
-
-
 @dataclass(slots=True)
 class GenerateRequest:
     request_id: str
     model: str
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    keep_alive: KeepAlive = DEFAULT
+
+
+@dataclass(slots=True)
+class EmbedRequest:
+    """Token lists to embed with a model's hidden states (mean-pooled, L2-normalised)."""
+
+    request_id: str
+    model: str
+    inputs: list[list[int]]
     keep_alive: KeepAlive = DEFAULT
 
 
@@ -119,6 +129,7 @@ class TokenEvent:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    embeddings: list[list[float]] | None = None
     status: int = 500  # HTTP status for an error that ends a request before any output
     prompt_tokens: int = 0
     completion_tokens: int = 0
