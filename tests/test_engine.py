@@ -265,3 +265,23 @@ def test_stop_ids_from_generation_config(tiny_models: dict[str, Path]) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["gemma3"])
     assert stop_ids_of(model, tokenizer) == {1, 5}
+
+
+async def test_error_after_output_is_an_event_even_when_merged() -> None:
+    """A slow reader gets a token and a later error merged into one event: that is output
+    followed by an error (an event), not an error before output (an exception)."""
+    from ollama_compact_server.engine.types import TokenEvent
+
+    class Instant:
+        notifier = None
+
+        def submit(self, item) -> None:
+            item.mailbox.put(TokenEvent(text="hi", token_ids=[7]))
+            item.mailbox.put(TokenEvent(finish_reason=FinishReason.ERROR, error="later failure"))
+
+        def abort(self, request_id: str) -> None:
+            raise AssertionError("a finished request is not aborted")
+
+    engine = LocalEngine(Instant())  # type: ignore[arg-type]
+    events = [e async for e in engine.generate(request("m", [1, 2], greedy(4)))]
+    assert len(events) == 1 and events[0].token_ids == [7] and events[0].error == "later failure"

@@ -28,6 +28,7 @@ from ..chat.service import (
 from ..chat.templates import TemplateError
 from ..engine.types import DEFAULT, EmbedRequest, EngineError, KeepAlive, TokenEvent
 from ..modeling.create import CreateSpec, check_file_map, create_model
+from ..modeling.pull import hub_repo, pull_model
 from ..registry.blobs import normalize_digest
 from ..registry.errors import InvalidName, RegistryError
 from ..registry.names import ModelName
@@ -795,3 +796,59 @@ def _dimensions(vectors: list[list[float]], dimensions: Any) -> list[list[float]
         norm = sum(x * x for x in cut) ** 0.5 or 1.0
         out.append([x / norm for x in cut])
     return out
+
+
+# ------------------------------------------------------------------------------ pull
+
+
+@router.post("/api/pull")
+async def pull(request: Request) -> Response:
+    body = await json_body(request)
+    name = parse_name(model_field(body))
+    try:
+        hub_repo(name)
+    except RegistryError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    registry = registry_of(request)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    last_sent: dict[str, int] = {}
+
+    def progress(item: dict[str, Any]) -> None:
+        digest = item.get("digest")
+        if digest is not None:  # at most one line per file per MiB of progress
+            step = int(item.get("completed", 0)) >> 20
+            if last_sent.get(digest) == step and item.get("completed") != item.get("total"):
+                return
+            last_sent[digest] = step
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    async def work() -> None:
+        try:
+            await asyncio.to_thread(pull_model, registry, name, progress)
+            await queue.put({"status": "success"})
+        except RegistryError as exc:
+            await queue.put({"error": str(exc), "_status": exc.status})
+        except Exception:
+            log.exception("pull failed")
+            await queue.put({"error": "pulling the model failed", "_status": 500})
+        finally:
+            await queue.put(None)
+
+    task = asyncio.create_task(work())
+    if body.get("stream") is False:
+        last: dict[str, Any] = {}
+        while (item := await queue.get()) is not None:
+            last = item
+        await task
+        if "error" in last:
+            raise APIError(int(last.pop("_status")), last["error"])
+        return JSONResponse(last)
+
+    async def items() -> AsyncIterator[dict[str, Any]]:
+        while (item := await queue.get()) is not None:
+            item.pop("_status", None)
+            yield item
+        await task
+
+    return ndjson(items())

@@ -469,7 +469,7 @@ class LocalEngine:
             while not done:
                 event = await mailbox.get()
                 done = event.finished
-                if event.error and not started:
+                if event.error and not started and not event.token_ids and not event.text:
                     raise engine_error(event)
                 started = True
                 yield event
