@@ -198,3 +198,32 @@ async def test_options_null_name_alias_and_unknown_options(app_client) -> None:
     }
     r = await raw.post("/api/generate", json=body)
     assert r.status_code == 200 and r.json()["eval_count"] == 2
+
+
+async def test_logprobs(app_client) -> None:
+    raw, _ = app_client
+    body = {
+        "model": "tiny",
+        "prompt": "abc",
+        "options": GREEDY,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stream": False,
+    }
+    result = (await raw.post("/api/generate", json=body)).json()
+    assert len(result["logprobs"]) == 8
+    assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in result["logprobs"])
+    async with raw.stream(
+        "POST",
+        "/api/chat",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "options": GREEDY,
+            "logprobs": True,
+        },
+    ) as r:
+        items = await ndjson_lines(r)
+    assert sum(len(i.get("logprobs", [])) for i in items) == 8
+    r = await raw.post("/api/generate", json={**body, "top_logprobs": 50})
+    assert r.status_code == 400

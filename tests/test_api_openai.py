@@ -166,3 +166,49 @@ async def test_logit_bias_steers_greedy_output(clients) -> None:
         model="tiny", prompt="x", max_tokens=3, temperature=0, logit_bias={"300": 100}
     )
     assert forced.choices[0].text != plain.choices[0].text
+
+
+async def test_chat_logprobs(clients) -> None:
+    _, client = clients
+    result = await client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = result.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(c.logprob <= 0 and len(c.top_logprobs) == 2 for c in content)
+    assert "".join(c.token for c in content) == result.choices[0].message.content
+    stream = await client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, stream=True
+    )
+    streamed = [c async for c in stream if c.choices and c.choices[0].logprobs]
+    values = [e.logprob for c in streamed for e in c.choices[0].logprobs.content]
+    assert values == pytest.approx([c.logprob for c in content], abs=1e-5)
+
+
+async def test_echo_logprobs_score_the_prompt(clients, tiny_models: dict[str, Path]) -> None:
+    """What lm-evaluation-harness sends to measure perplexity: echo, logprobs, max_tokens 0."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, client = clients
+    text = "The quick brown fox jumps over the lazy dog"
+    result = await client.completions.create(
+        model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=1
+    )
+    choice = result.choices[0]
+    assert choice.text == text
+    scores = choice.logprobs
+    assert scores.token_logprobs[0] is None and all(v <= 0 for v in scores.token_logprobs[1:])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
+    ids = tokenizer(text)["input_ids"]
+    assert len(scores.tokens) == len(ids)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"]).eval()
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert scores.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
+    assert scores.text_offset == sorted(scores.text_offset)
+    generated = await client.completions.create(
+        model="tiny", prompt=text, max_tokens=3, logprobs=2, temperature=0
+    )
+    assert len(generated.choices[0].logprobs.tokens) == 3

@@ -285,3 +285,45 @@ async def test_error_after_output_is_an_event_even_when_merged() -> None:
     engine = LocalEngine(Instant())  # type: ignore[arg-type]
     events = [e async for e in engine.generate(request("m", [1, 2], greedy(4)))]
     assert len(events) == 1 and events[0].token_ids == [7] and events[0].error == "later failure"
+
+
+async def test_logprobs_match_transformers(
+    engine: LocalEngine, tiny_models: dict[str, Path]
+) -> None:
+    """Chosen-token and prompt logprobs equal log_softmax of transformers' own logits."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = PROMPTS[2]  # 60 tokens: prompt scoring crosses chunk boundaries (chunk 16)
+    params = greedy(5, logprobs=3, prompt_logprobs=True)
+    events = [e async for e in engine.generate(request("qwen2", prompt, params))]
+    generated = [t for e in events for t in e.token_ids]
+    scores = [s for e in events for s in e.logprobs]
+    prompt_scores = next(e.prompt_logprobs for e in events if e.prompt_logprobs is not None)
+    hf = AutoModelForCausalLM.from_pretrained(
+        tiny_models["qwen2"], attn_implementation="sdpa"
+    ).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + generated])).logits[0]
+    reference = torch.log_softmax(logits.float(), dim=-1)
+    assert prompt_scores[0] is None and len(prompt_scores) == len(prompt)
+    for position in range(1, len(prompt)):
+        token, value, top = prompt_scores[position]
+        assert token == prompt[position]
+        assert abs(value - float(reference[position - 1, token])) < 1e-3
+        assert len(top) == 3
+    for i, (token, value, top) in enumerate(scores):
+        assert token == generated[i]
+        assert abs(value - float(reference[len(prompt) - 1 + i, token])) < 1e-3
+        assert top[0][0] == token  # greedy: the chosen token is the most likely one
+
+
+async def test_scoring_only_with_no_new_tokens(engine: LocalEngine) -> None:
+    events = [
+        e
+        async for e in engine.generate(
+            request("llama", PROMPTS[0], greedy(0, prompt_logprobs=True))
+        )
+    ]
+    scores = next(e.prompt_logprobs for e in events if e.prompt_logprobs is not None)
+    assert len(scores) == len(PROMPTS[0]) and events[-1].finish_reason == FinishReason.LENGTH
+    assert not [t for e in events for t in e.token_ids]

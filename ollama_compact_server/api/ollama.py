@@ -26,7 +26,14 @@ from ..chat.service import (
     embed_inputs,
 )
 from ..chat.templates import TemplateError
-from ..engine.types import DEFAULT, EmbedRequest, EngineError, KeepAlive, TokenEvent
+from ..engine.types import (
+    DEFAULT,
+    EmbedRequest,
+    EngineError,
+    KeepAlive,
+    TokenEvent,
+    TokenLogprob,
+)
 from ..modeling.create import CreateSpec, check_file_map, create_model
 from ..modeling.pull import hub_repo, pull_model
 from ..registry.blobs import normalize_digest
@@ -253,10 +260,29 @@ async def run_stream(
     started = time.perf_counter()
     try:
         sampling = service.sampling(view, body.get("options"))
+        top = body.get("top_logprobs")
+        if top is not None and (
+            isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20
+        ):
+            raise APIError(400, "top_logprobs must be between 0 and 20")
+        if body.get("logprobs") or top:
+            sampling.logprobs = top or 0
         sampling.validate()
     except (OptionError, EngineError) as exc:
         raise APIError(400, str(exc)) from None
     events = service.stream(view, prompt_ids, sampling, keep_alive=keep_alive)
+
+    async def logprobs(scores: list[TokenLogprob]) -> list[dict[str, Any]]:
+        ids = [s[0] for s in scores] + [a for s in scores for a, _ in s[2]]
+        texts = dict(zip(ids, await service.token_texts(view, ids)))
+
+        def entry(token: int, value: float) -> dict[str, Any]:
+            return {"token": texts[token], "logprob": value, "bytes": list(texts[token].encode())}
+
+        return [
+            {**entry(t, v), "top_logprobs": [entry(a, x) for a, x in alts]} for t, v, alts in scores
+        ]
+
     try:
         first = await anext(events)
     except EngineError as exc:
@@ -284,14 +310,19 @@ async def run_stream(
         if "error" in result:
             raise APIError(500, result["error"])
         result.update(frame(totals.text))
+        if sampling.logprobs is not None:
+            result["logprobs"] = await logprobs(totals.logprobs)
         return JSONResponse(result)
 
     async def items() -> AsyncIterator[dict[str, Any]]:
         pending = [first]
         async for pair in _chain(pending, events):
             event, totals = pair
-            if event.text:
-                yield {**frame(event.text), "done": False}
+            if event.text or (sampling.logprobs is not None and event.logprobs):
+                item = {**frame(event.text), "done": False}
+                if sampling.logprobs is not None and event.logprobs:
+                    item["logprobs"] = await logprobs(event.logprobs)
+                yield item
             if event.finished:
                 yield final(totals)
 

@@ -21,7 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..chat.options import OptionError, stop_list
 from ..chat.service import ChatError, ChatService, Completion, ModelView, embed_inputs
 from ..chat.templates import TemplateError
-from ..engine.types import EmbedRequest, EngineError, FinishReason, SamplingParams
+from ..engine.types import EmbedRequest, EngineError, FinishReason, SamplingParams, TokenLogprob
 from ..registry.errors import InvalidName
 from ..registry.names import ModelName
 from .common import chat_service, json_body, registry_of
@@ -77,9 +77,13 @@ def _sampling(
     service: ChatService, view: ModelView, body: dict[str, Any], max_key: tuple[str, ...]
 ) -> SamplingParams:
     """OpenAI fields over the model's parameters, the same defaults as the Ollama dialect."""
-    if body.get("logprobs") or body.get("top_logprobs"):
-        _integer(body, "top_logprobs", 0, 20)
-        raise APIError(400, "logprobs are not supported yet")
+    logprobs: int | None = None
+    if max_key == ("max_tokens",):  # completions: logprobs is the number of alternatives
+        logprobs = _integer(body, "logprobs", 0, 20)
+    elif body.get("logprobs") or body.get("top_logprobs") is not None:
+        if body.get("top_logprobs") is not None and not body.get("logprobs"):
+            raise APIError(400, "top_logprobs needs logprobs: true")
+        logprobs = _integer(body, "top_logprobs", 0, 20) or 0
     response_format = body.get("response_format")
     if response_format not in (None, {}, {"type": "text"}):
         raise APIError(400, "response_format is not supported yet (no structured output)")
@@ -102,6 +106,8 @@ def _sampling(
             stop_list(overrides["stop"])
         sampling = service.sampling(view, None, **overrides)
         sampling.logit_bias = _logit_bias(body.get("logit_bias"))
+        sampling.logprobs = logprobs
+        sampling.prompt_logprobs = logprobs is not None and bool(body.get("echo"))
         sampling.validate()
     except (OptionError, EngineError) as exc:
         raise APIError(400, str(exc)) from None
@@ -158,6 +164,62 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise APIError(400, "message content must be a string or an array of parts")
         out.append({"role": role, "content": content})
     return out
+
+
+async def _chat_logprobs(
+    service: ChatService, view: ModelView, scores: list[TokenLogprob]
+) -> dict[str, Any]:
+    """OpenAI chat shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
+    ids = [s[0] for s in scores] + [a for s in scores for a, _ in s[2]]
+    texts = dict(zip(ids, await service.token_texts(view, ids)))
+
+    def entry(token: int, value: float) -> dict[str, Any]:
+        text = texts[token]
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    content = [
+        {**entry(token, value), "top_logprobs": [entry(a, v) for a, v in top]}
+        for token, value, top in scores
+    ]
+    return {"content": content, "refusal": None}
+
+
+async def _text_logprobs(
+    service: ChatService,
+    view: ModelView,
+    prompt: list[TokenLogprob | None],
+    scores: list[TokenLogprob],
+    offset: int,
+    first_id: int | None = None,
+) -> dict[str, Any]:
+    """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset; with
+    echo the prompt's tokens come first (the very first, ``first_id``, has no score)."""
+    entries: list[TokenLogprob | None] = [*prompt, *scores]
+    ids = [e[0] for e in entries if e is not None] + [a for e in entries if e for a, _ in e[2]]
+    if first_id is not None:
+        ids.append(first_id)
+    texts = dict(zip(ids, await service.token_texts(view, ids)))
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for score in entries:
+        if score is None:  # the first prompt token: nothing predicts it
+            tokens.append(texts.get(first_id, "") if first_id is not None else "")
+            values.append(None)
+            tops.append(None)
+        else:
+            tokens.append(texts[score[0]])
+            values.append(score[1])
+            tops.append({texts[a]: v for a, v in score[2]})
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def _finish(reason: FinishReason | None) -> str:
@@ -272,7 +334,8 @@ async def _complete(
     echo: list[str] | None = None,
 ) -> Response:
     n = _integer(body, "n", 1, MAX_N) or 1
-    choices = await _run_choices(chat_service(request), view, prompts, sampling, n)
+    service = chat_service(request)
+    choices = await _run_choices(service, view, prompts, sampling, n)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
@@ -288,12 +351,15 @@ async def _complete(
                 raise APIError(500, totals.error)
             finals.append(totals)
             text = totals.text
+            scored = sampling.logprobs is not None
             if chat:
                 results.append(
                     {
                         "index": index,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
+                        "logprobs": await _chat_logprobs(service, view, totals.logprobs)
+                        if scored
+                        else None,
                         "finish_reason": _finish(totals.finish_reason),
                     }
                 )
@@ -303,7 +369,16 @@ async def _complete(
                     {
                         "index": index,
                         "text": prefix + text,
-                        "logprobs": None,
+                        "logprobs": await _text_logprobs(
+                            service,
+                            view,
+                            (totals.prompt_logprobs or []) if echo else [],
+                            totals.logprobs,
+                            0,
+                            totals.prompt_ids[0] if echo and totals.prompt_ids else None,
+                        )
+                        if scored
+                        else None,
                         "finish_reason": _finish(totals.finish_reason),
                     }
                 )
@@ -326,8 +401,10 @@ async def _complete(
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+    def chunk(
+        index: int, delta: dict[str, Any] | str, finish: str | None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
         if chat:
             choice["delta"] = delta
         else:
@@ -348,9 +425,21 @@ async def _complete(
                 yield chunk(index, {"role": "assistant", "content": ""}, None)
             elif echo:
                 yield chunk(index, echo[index // n], None)
+        offsets = [0] * len(choices)
         async for index, (event, totals) in _merged(choices):
-            if event.text:
-                yield chunk(index, {"content": event.text} if chat else event.text, None)
+            scores: Any = None
+            if sampling.logprobs is not None and (event.logprobs or event.prompt_logprobs):
+                if chat:
+                    scores = await _chat_logprobs(service, view, event.logprobs)
+                else:
+                    prompt_part = (event.prompt_logprobs or []) if echo else []
+                    first = prompts[index // n][0] if prompt_part else None
+                    scores = await _text_logprobs(
+                        service, view, prompt_part, event.logprobs, offsets[index], first
+                    )
+                    offsets[index] += sum(len(t) for t in scores["tokens"])
+            if event.text or scores is not None:
+                yield chunk(index, {"content": event.text} if chat else event.text, None, scores)
             if event.finished:
                 if totals.error:
                     raise EngineError(totals.error)

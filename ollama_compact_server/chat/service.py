@@ -19,6 +19,7 @@ from ..engine.types import (
     KeepAlive,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
 )
 from ..registry.errors import ModelNotFound
 from ..registry.names import ModelName
@@ -66,6 +67,8 @@ class Completion:
     completion_tokens: int = 0
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     load_time: float = 0.0
     prompt_time: float = 0.0
     decode_time: float = 0.0
@@ -104,6 +107,13 @@ class ChatService:
 
     async def tokenizer(self, view: ModelView) -> Any:
         return await asyncio.to_thread(self.tokenizers, view.record)
+
+    async def token_texts(self, view: ModelView, ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens as empty strings), off the event loop."""
+        tokenizer = await self.tokenizer(view)
+        return await asyncio.to_thread(
+            lambda: [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+        )
 
     # ------------------------------------------------------------------ prompts
 
@@ -187,6 +197,9 @@ class ChatService:
         async for event in self.engine.generate(request):
             totals.text += event.text
             totals.token_ids += event.token_ids
+            totals.logprobs += event.logprobs
+            if event.prompt_logprobs is not None:
+                totals.prompt_logprobs = event.prompt_logprobs
             if event.finished:
                 totals.finish_reason = event.finish_reason
                 totals.error = event.error

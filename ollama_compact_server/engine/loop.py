@@ -320,7 +320,7 @@ class DeviceLoop:
             max_tokens=max_tokens,
             load_time=load_time,
         )
-        if max_tokens == 0:
+        if max_tokens == 0 and not params.prompt_logprobs:
             worker.finish(seq, FinishReason.LENGTH)
             return
         worker.waiting.append(seq)

@@ -56,7 +56,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, slots: list[int], input_ids: torch.Tensor, positions: torch.Tensor, length: int
+        self,
+        slots: list[int],
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        length: int,
+        keep: int = 1,
     ) -> torch.Tensor:
         """input_ids, positions: [B, q]; attends over ``length`` cached positions; returns
         the last column's logits [B, V]."""
@@ -67,19 +72,24 @@ class ModelRunner:
             attention_mask=self._masks(positions, length),
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :] if keep == 1 else out.logits
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
         return self.forward(slots, ids, pos, max(positions) + 1)
 
-    def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
-        """A chunk of one sequence's prompt, written at positions start.. ."""
+    def prefill(
+        self, slot: int, tokens: list[int], start: int, all_logits: bool = False
+    ) -> torch.Tensor:
+        """A chunk of one sequence's prompt, written at positions start.. ; returns the last
+        position's logits [1, V], or every position's [q, V] with ``all_logits``."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
         pos = torch.arange(start, start + len(tokens), device=self.device).view(1, -1)
+        if all_logits:
+            return self.forward([slot], ids, pos, start + len(tokens), keep=0)[0]
         return self.forward([slot], ids, pos, start + len(tokens))
 
     def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:

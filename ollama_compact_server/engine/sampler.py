@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .types import SamplingParams
+from .types import SamplingParams, TokenLogprob
 
 
 class RowState:
@@ -97,3 +97,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[RowS
         if i not in fast:
             chosen[i] = sample_row(logits[i], p, states[i])
     return chosen
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """logits: [N, V] (raw model scores); the log-probability of each chosen token and the
+    ``top`` most likely alternatives, from the unmodified distribution."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    index = torch.tensor(tokens, dtype=torch.long, device=logprobs.device).view(-1, 1)
+    chosen = logprobs.gather(1, index).view(-1).tolist()
+    alternatives: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    if top > 0:
+        values, ids = torch.topk(logprobs, top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]

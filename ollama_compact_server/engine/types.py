@@ -59,6 +59,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
+    prompt_logprobs: bool = False  # also score every prompt token (echo, perplexity)
 
     def validate(self) -> None:
         """Raises :class:`EngineError` naming the first out-of-range or non-finite value."""
@@ -85,6 +87,8 @@ class SamplingParams:
             raise EngineError("repeat_last_n must be in [-1, 1000000]")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise EngineError("max tokens must not be negative")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise EngineError("top_logprobs must be between 0 and 20")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise EngineError("seed is out of range")
 
@@ -111,6 +115,10 @@ class GenerateRequest:
     keep_alive: KeepAlive = DEFAULT
 
 
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+"""(token id, its log-probability, [(alternative id, log-probability), ...])."""
+
+
 @dataclass(slots=True)
 class EmbedRequest:
     """Token lists to embed with a model's hidden states (mean-pooled, L2-normalised)."""
@@ -130,6 +138,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     error: str | None = None
     embeddings: list[list[float]] | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in token_ids
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first event, when asked
     status: int = 500  # HTTP status for an error that ends a request before any output
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -15,8 +15,8 @@ import torch
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox
 from .runner import ModelRunner
-from .sampler import RowState, sample
-from .types import FinishReason, GenerateRequest, TokenEvent
+from .sampler import RowState, sample, token_logprobs
+from .types import FinishReason, GenerateRequest, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class Sequence:
     load_time: float = 0.0
     preemptions: int = 0
     finished: bool = False
+    prompt_scores: list[TokenLogprob | None] | None = None  # prompt logprobs, when asked
+    carry: torch.Tensor | None = None  # last prompt chunk's final logits (for the next chunk)
 
     @property
     def prompt(self) -> list[int]:
@@ -124,7 +126,8 @@ class ModelWorker:
         """Prefill under a per-step token budget: a long prompt in chunks, alone; short
         fresh prompts several at a time in one forward."""
         if self.prefilling is None and self.waiting and self.runner.cache.can_allocate():
-            if len(self.waiting[0].prefill_ids) > self.prefill_chunk:
+            head = self.waiting[0]
+            if len(head.prefill_ids) > self.prefill_chunk or wants_prompt_scores(head):
                 self.prefilling = self._admit(self.waiting.popleft())
             else:
                 self._prefill_many()
@@ -144,7 +147,7 @@ class ModelWorker:
         budget = self.prefill_chunk
         while self.waiting and self.runner.cache.can_allocate():
             size = len(self.waiting[0].prefill_ids)
-            if size > budget:
+            if size > budget or wants_prompt_scores(self.waiting[0]):
                 break
             budget -= size
             batch.append(self._admit(self.waiting.popleft()))
@@ -178,18 +181,26 @@ class ModelWorker:
             tokens = sample(
                 logits[rows], [s.request.sampling for _, s in fresh], [s.state for _, s in fresh]
             )
+            scores = self._scores(logits[rows], [s for _, s in fresh], tokens)
             now = time.perf_counter()
-            for (_, seq), token in zip(fresh, tokens):
+            for (_, seq), token, score in zip(fresh, tokens, scores):
                 seq.first_token = now
-                if not self.accept(seq, token):
+                if not self.accept(seq, token, score):
                     self.running.append(seq)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         started = time.perf_counter()
         target = seq.prefill_ids
-        chunk = target[seq.prefilled : seq.prefilled + self.prefill_chunk]
+        scoring = wants_prompt_scores(seq)
+        size = min(self.prefill_chunk, PROMPT_SCORE_CHUNK) if scoring else self.prefill_chunk
+        chunk = target[seq.prefilled : seq.prefilled + size]
         try:
-            logits = self.runner.prefill(seq.slot, chunk, seq.prefilled)
+            if scoring:
+                every = self.runner.prefill(seq.slot, chunk, seq.prefilled, all_logits=True)
+                self._score_prompt(seq, chunk, every)
+                logits = every[-1:]
+            else:
+                logits = self.runner.prefill(seq.slot, chunk, seq.prefilled)
         except Exception as exc:  # a failing request fails alone
             if is_oom(exc) and self.running:
                 self.preempt(max(self.running, key=lambda s: s.submitted))
@@ -206,9 +217,15 @@ class ModelWorker:
         if seq.generated:  # resumed after a preemption: the next decode step continues it
             self.running.append(seq)
             return
+        if seq.max_tokens == 0:  # scoring only (echo with max_tokens 0)
+            seq.mailbox.put(TokenEvent(prompt_logprobs=seq.prompt_scores))
+            seq.prompt_scores = None
+            self.finish(seq, FinishReason.LENGTH)
+            return
         token = sample(logits, [seq.request.sampling], [seq.state])[0]
         seq.first_token = time.perf_counter()
-        if not self.accept(seq, token):
+        score = self._scores(logits, [seq], [token])[0]
+        if not self.accept(seq, token, score):
             self.running.append(seq)
 
     def _decode_step(self, batch: list[Sequence]) -> None:
@@ -232,8 +249,9 @@ class ModelWorker:
             return
         for seq in batch:
             seq.cached = seq.position + 1
-        for seq, token in zip(batch, tokens):
-            self.accept(seq, token)
+        scores = self._scores(logits, batch, tokens)
+        for seq, token, score in zip(batch, tokens, scores):
+            self.accept(seq, token, score)
 
     def _decode_rows_alone(self, batch: list[Sequence]) -> None:
         for seq in batch:
@@ -248,7 +266,7 @@ class ModelWorker:
             seq.cached = seq.position + 1
             self.accept(seq, token)
 
-    def accept(self, seq: Sequence, token: int) -> bool:
+    def accept(self, seq: Sequence, token: int, score: TokenLogprob | None = None) -> bool:
         """Postprocess one new token; returns True when the sequence finished."""
         seq.generated.append(token)
         seq.state.append(token)
@@ -257,19 +275,52 @@ class ModelWorker:
             return True
         text, stopped = seq.stops.feed(seq.detok.add(token))
         if stopped:
-            self._emit(seq, text, [token])
+            self._emit(seq, text, [token], score)
             self.finish(seq, FinishReason.STOP)
             return True
         if len(seq.generated) >= seq.max_tokens or seq.position + 1 >= self.runner.cache.capacity:
-            self._emit(seq, text, [token])
+            self._emit(seq, text, [token], score)
             self.finish(seq, FinishReason.LENGTH, flush=True)
             return True
-        self._emit(seq, text, [token])
+        self._emit(seq, text, [token], score)
         return False
 
-    def _emit(self, seq: Sequence, text: str, tokens: list[int]) -> None:
-        if text or tokens:
-            seq.mailbox.put(TokenEvent(text=text, token_ids=tokens))
+    def _emit(
+        self, seq: Sequence, text: str, tokens: list[int], score: TokenLogprob | None
+    ) -> None:
+        event = TokenEvent(text=text, token_ids=tokens, logprobs=[score] if score else [])
+        if seq.prompt_scores is not None:  # the prompt's scores ride on the first event
+            event.prompt_logprobs, seq.prompt_scores = seq.prompt_scores, None
+        seq.mailbox.put(event)
+
+    def _scores(
+        self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
+    ) -> list[TokenLogprob | None]:
+        """Logprobs for the rows that asked for them (logits: [B, V])."""
+        wanted = [i for i, s in enumerate(seqs) if s.request.sampling.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        if not wanted:
+            return out
+        top = max(seqs[i].request.sampling.logprobs or 0 for i in wanted)
+        rows = token_logprobs(logits[wanted], [tokens[i] for i in wanted], top)
+        for i, row in zip(wanted, rows):
+            k = seqs[i].request.sampling.logprobs or 0
+            out[i] = (row[0], row[1], row[2][:k])
+        return out
+
+    def _score_prompt(self, seq: Sequence, chunk: list[int], every: torch.Tensor) -> None:
+        """Scores the chunk's tokens: token j by the logits of position j-1 (the previous
+        chunk's last row for j = 0). The very first prompt token has no score."""
+        if seq.prompt_scores is None:
+            seq.prompt_scores = []
+        predictors = every[:-1] if seq.carry is None else torch.cat([seq.carry, every[:-1]])
+        targets = chunk[1:] if seq.carry is None else chunk
+        if seq.carry is None:
+            seq.prompt_scores.append(None)
+        if targets:
+            k = seq.request.sampling.logprobs or 0
+            seq.prompt_scores.extend(token_logprobs(predictors, targets, k))
+        seq.carry = every[-1:].clone()
 
     def finish(
         self, seq: Sequence, reason: FinishReason, *, flush: bool = False, error: str | None = None
@@ -349,3 +400,10 @@ def error_text(what: str, exc: BaseException) -> str:
     if is_oom(exc):
         return f"{what}: out of memory"
     return f"{what}: {exc.__class__.__name__}"
+
+
+PROMPT_SCORE_CHUNK = 64  # prompt scoring keeps every position's logits: keep chunks small
+
+
+def wants_prompt_scores(seq: Sequence) -> bool:
+    return seq.request.sampling.prompt_logprobs and not seq.generated
