@@ -227,3 +227,39 @@ async def test_logprobs(app_client) -> None:
     assert sum(len(i.get("logprobs", [])) for i in items) == 8
     r = await raw.post("/api/generate", json={**body, "top_logprobs": 50})
     assert r.status_code == 400
+
+
+async def test_structured_output(app_client) -> None:
+    raw, _ = app_client
+    schema = {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": "tiny",
+        "prompt": "answer",
+        "format": schema,
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": 60},
+    }
+    result = (await raw.post("/api/generate", json=body)).json()
+    assert result["done_reason"] == "stop", result
+    value = json.loads(result["response"])
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 9
+    body["format"] = "json"
+    body["options"] = {"temperature": 1.0, "seed": 3, "num_predict": 80}
+    result = (await raw.post("/api/generate", json=body)).json()
+    text = result["response"]
+    assert text.lstrip().startswith("{")
+    if result["done_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
+    bad = {**body, "format": {"type": "nonsense"}}
+    r = await raw.post("/api/generate", json=bad)
+    assert r.status_code == 400 and "schema" in r.json()["error"]
+    r = await raw.post("/api/generate", json={**body, "format": 7})
+    assert r.status_code == 400

@@ -3,6 +3,7 @@ streaming with usage, n choices, models, and OpenAI-shaped errors."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -149,6 +150,7 @@ async def test_errors_have_openai_shape(clients) -> None:
         {"model": "tiny", "messages": MESSAGES, "logit_bias": {"5": 500}},
         {"model": "tiny", "messages": MESSAGES, "top_logprobs": 50, "logprobs": True},
         {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "json_schema"}},
+        {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "yaml"}},
         {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         {"model": "tiny", "messages": MESSAGES, "max_tokens": 10**9},
     ]
@@ -212,3 +214,38 @@ async def test_echo_logprobs_score_the_prompt(clients, tiny_models: dict[str, Pa
         model="tiny", prompt=text, max_tokens=3, logprobs=2, temperature=0
     )
     assert len(generated.choices[0].logprobs.tokens) == 3
+
+
+async def test_json_modes(clients) -> None:
+    raw, client = clients
+    schema = {
+        "type": "object",
+        "properties": {"yes": {"type": "boolean"}},
+        "required": ["yes"],
+        "additionalProperties": False,
+    }
+    result = await client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema},
+        },
+    )
+    assert result.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(result.choices[0].message.content)["yes"], bool)
+    result = await client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=30,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert result.choices[0].message.content.lstrip().startswith("{")
+    r = await raw.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": MESSAGES, "response_format": {"type": "xml"}},
+    )
+    assert r.status_code == 400

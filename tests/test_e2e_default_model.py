@@ -160,3 +160,68 @@ async def test_engine_greedy_equality_on_gemma3(gemma_registry: Registry) -> Non
         ref = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
         expected = [t for t in ref[0, len(prompt) :].tolist()]
         assert tokens == expected[: len(tokens)] and len(tokens) >= 1
+
+
+async def test_clients_in_process_on_gemma3(gemma_registry: Registry) -> None:
+    """The official clients against the app on the real model: chat, streaming, JSON mode,
+    embeddings, echo scoring."""
+    import json as jsonlib
+
+    import ollama
+    import openai
+    from asgi_lifespan import LifespanManager
+
+    from ollama_compact_server.app import create_app
+    from ollama_compact_server.settings import Settings
+
+    settings = Settings(models=gemma_registry.root, adapters=None, import_default=False)
+    app = create_app(settings, registry=gemma_registry)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        client = ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport, timeout=300)
+        reply = await client.chat(
+            model="gemma3:270m",
+            messages=[{"role": "user", "content": "Name a color."}],
+            options={"temperature": 0, "num_predict": 24},
+        )
+        assert reply.message.content.strip() and reply.eval_count <= 24
+        shaped = await client.generate(
+            model="gemma3:270m",
+            prompt="Give a JSON object with a field name holding a fruit.",
+            format={
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 20}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+            options={"temperature": 0, "num_predict": 48},
+        )
+        assert isinstance(jsonlib.loads(shaped.response)["name"], str)
+        vectors = await client.embed(model="gemma3:270m", input=["a cat", "a dog"])
+        assert len(vectors.embeddings[0]) == 640
+        oai = openai.AsyncOpenAI(
+            base_url="http://127.0.0.1:11434/v1",
+            api_key="x",
+            max_retries=0,
+            http_client=httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1:11434/v1", timeout=300
+            ),
+        )
+        stream = await oai.chat.completions.create(
+            model="gemma3:270m",
+            messages=[{"role": "user", "content": "Say hi"}],
+            max_tokens=8,
+            stream=True,
+            temperature=0,
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text.strip()
+        scored = await oai.completions.create(
+            model="gemma3:270m",
+            prompt="The capital of France is Paris.",
+            max_tokens=0,
+            echo=True,
+            logprobs=0,
+        )
+        values = scored.choices[0].logprobs.token_logprobs[1:]
+        assert values and all(v <= 0 for v in values)

@@ -27,6 +27,7 @@ from ..chat.service import (
 )
 from ..chat.templates import TemplateError
 from ..engine.types import (
+    ANY_JSON_OBJECT,
     DEFAULT,
     EmbedRequest,
     EngineError,
@@ -185,12 +186,15 @@ def metrics(done: Completion, started: float) -> dict[str, Any]:
     }
 
 
-def check_format(body: dict[str, Any]) -> None:
+def schema_of(body: dict[str, Any]) -> str | None:
+    """Ollama's format: "json" (any JSON object) or a JSON schema object; "" / null: none."""
     fmt = body.get("format")
     if fmt in (None, ""):
-        return
-    if fmt == "json" or isinstance(fmt, dict):
-        raise APIError(400, "structured output (format) is not supported yet")
+        return None
+    if fmt == "json":
+        return ANY_JSON_OBJECT
+    if isinstance(fmt, dict):
+        return json.dumps(fmt)
     raise APIError(
         400, f'invalid format: {str(fmt)[:40]}; expected "json" or a valid JSON Schema object'
     )
@@ -205,7 +209,7 @@ def check_common(body: dict[str, Any], view: ModelView) -> None:
     options = body.get("options")
     if options is not None and not isinstance(options, dict):
         raise APIError(400, "options must be an object")
-    check_format(body)
+    schema_of(body)
 
 
 def ndjson(items: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
@@ -267,6 +271,7 @@ async def run_stream(
             raise APIError(400, "top_logprobs must be between 0 and 20")
         if body.get("logprobs") or top:
             sampling.logprobs = top or 0
+        sampling.json_schema = schema_of(body)
         sampling.validate()
     except (OptionError, EngineError) as exc:
         raise APIError(400, str(exc)) from None

@@ -21,7 +21,14 @@ from sse_starlette.sse import EventSourceResponse
 from ..chat.options import OptionError, stop_list
 from ..chat.service import ChatError, ChatService, Completion, ModelView, embed_inputs
 from ..chat.templates import TemplateError
-from ..engine.types import EmbedRequest, EngineError, FinishReason, SamplingParams, TokenLogprob
+from ..engine.types import (
+    ANY_JSON_OBJECT,
+    EmbedRequest,
+    EngineError,
+    FinishReason,
+    SamplingParams,
+    TokenLogprob,
+)
 from ..registry.errors import InvalidName
 from ..registry.names import ModelName
 from .common import chat_service, json_body, registry_of
@@ -84,9 +91,7 @@ def _sampling(
         if body.get("top_logprobs") is not None and not body.get("logprobs"):
             raise APIError(400, "top_logprobs needs logprobs: true")
         logprobs = _integer(body, "top_logprobs", 0, 20) or 0
-    response_format = body.get("response_format")
-    if response_format not in (None, {}, {"type": "text"}):
-        raise APIError(400, "response_format is not supported yet (no structured output)")
+    schema = _response_schema(body.get("response_format"))
     max_tokens = None
     for key in max_key:
         if body.get(key) is not None:
@@ -107,11 +112,29 @@ def _sampling(
         sampling = service.sampling(view, None, **overrides)
         sampling.logit_bias = _logit_bias(body.get("logit_bias"))
         sampling.logprobs = logprobs
+        sampling.json_schema = schema
         sampling.prompt_logprobs = logprobs is not None and bool(body.get("echo"))
         sampling.validate()
     except (OptionError, EngineError) as exc:
         raise APIError(400, str(exc)) from None
     return sampling
+
+
+def _response_schema(value: Any) -> str | None:
+    """response_format: text, json_object (any JSON object) or json_schema."""
+    if value in (None, {}) or (isinstance(value, dict) and value.get("type") == "text"):
+        return None
+    if not isinstance(value, dict):
+        raise APIError(400, "response_format must be an object")
+    if value.get("type") == "json_object":
+        return ANY_JSON_OBJECT
+    if value.get("type") == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema object")
+        return json.dumps(schema)
+    raise APIError(400, "response_format.type must be text, json_object or json_schema")
 
 
 def _logit_bias(value: Any) -> dict[int, float]:

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 
+from .constraint import JsonConstraint, grammar_for
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox, Notifier
 from .runner import ModelRunner
@@ -320,6 +321,14 @@ class DeviceLoop:
             max_tokens=max_tokens,
             load_time=load_time,
         )
+        if params.json_schema is not None:
+            try:
+                seq.constraint = JsonConstraint(
+                    worker.loaded.guided_tokenizer(), grammar_for(params.json_schema)
+                )
+            except EngineError as exc:
+                item.mailbox.put(error_event(str(exc), 400))
+                return
         if max_tokens == 0 and not params.prompt_logprobs:
             worker.finish(seq, FinishReason.LENGTH)
             return

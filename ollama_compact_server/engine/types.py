@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+ANY_JSON_OBJECT = '{"type": "object"}'
+"""The schema behind Ollama's format "json" and OpenAI's json_object mode."""
+
 
 class FinishReason(str, Enum):
     STOP = "stop"
@@ -61,6 +64,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
     prompt_logprobs: bool = False  # also score every prompt token (echo, perplexity)
+    json_schema: str | None = None  # structured output: JSON text of a schema
 
     def validate(self) -> None:
         """Raises :class:`EngineError` naming the first out-of-range or non-finite value."""

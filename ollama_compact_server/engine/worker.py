@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .constraint import GuidedTokenizer, JsonConstraint
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox
 from .runner import ModelRunner
@@ -41,6 +42,7 @@ class Sequence:
     load_time: float = 0.0
     preemptions: int = 0
     finished: bool = False
+    constraint: JsonConstraint | None = None  # structured output
     prompt_scores: list[TokenLogprob | None] | None = None  # prompt logprobs, when asked
     carry: torch.Tensor | None = None  # last prompt chunk's final logits (for the next chunk)
 
@@ -65,6 +67,13 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     stop_ids: set[int]
+    guided: GuidedTokenizer | None = None  # built on the first structured-output request
+
+    def guided_tokenizer(self) -> GuidedTokenizer:
+        if self.guided is None:
+            vocab = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
+            self.guided = GuidedTokenizer(self.tokenizer, vocab)
+        return self.guided
 
 
 ModelProvider = Callable[[str], LoadedModel]
@@ -178,8 +187,9 @@ class ModelWorker:
                 fresh.append((row, seq))
         if fresh:
             rows = [row for row, _ in fresh]
+            chosen = constrain(logits[rows], [s for _, s in fresh])
             tokens = sample(
-                logits[rows], [s.request.sampling for _, s in fresh], [s.state for _, s in fresh]
+                chosen, [s.request.sampling for _, s in fresh], [s.state for _, s in fresh]
             )
             scores = self._scores(logits[rows], [s for _, s in fresh], tokens)
             now = time.perf_counter()
@@ -222,7 +232,7 @@ class ModelWorker:
             seq.prompt_scores = None
             self.finish(seq, FinishReason.LENGTH)
             return
-        token = sample(logits, [seq.request.sampling], [seq.state])[0]
+        token = sample(constrain(logits, [seq]), [seq.request.sampling], [seq.state])[0]
         seq.first_token = time.perf_counter()
         score = self._scores(logits, [seq], [token])[0]
         if not self.accept(seq, token, score):
@@ -238,7 +248,11 @@ class ModelWorker:
                 [s.generated[-1] for s in batch],
                 [s.position for s in batch],
             )
-            tokens = sample(logits, [s.request.sampling for s in batch], [s.state for s in batch])
+            tokens = sample(
+                constrain(logits, batch),
+                [s.request.sampling for s in batch],
+                [s.state for s in batch],
+            )
         except Exception as exc:
             if is_oom(exc) and len(batch) > 1:
                 # out of memory: the youngest request steps back and resumes later
@@ -257,7 +271,7 @@ class ModelWorker:
         for seq in batch:
             try:
                 logits = self.runner.decode([seq.slot], [seq.generated[-1]], [seq.position])
-                token = sample(logits, [seq.request.sampling], [seq.state])[0]
+                token = sample(constrain(logits, [seq]), [seq.request.sampling], [seq.state])[0]
             except Exception as exc:
                 self.finish(
                     seq, FinishReason.ERROR, error=f"generation failed: {exc.__class__.__name__}"
@@ -270,6 +284,8 @@ class ModelWorker:
         """Postprocess one new token; returns True when the sequence finished."""
         seq.generated.append(token)
         seq.state.append(token)
+        if seq.constraint is not None:
+            seq.constraint.consume(token)
         if token in seq.stop_ids:
             self.finish(seq, FinishReason.STOP, flush=True)
             return True
@@ -277,6 +293,10 @@ class ModelWorker:
         if stopped:
             self._emit(seq, text, [token], score)
             self.finish(seq, FinishReason.STOP)
+            return True
+        if seq.constraint is not None and seq.constraint.done:  # the JSON value is complete
+            self._emit(seq, text, [token], score)
+            self.finish(seq, FinishReason.STOP, flush=True)
             return True
         if len(seq.generated) >= seq.max_tokens or seq.position + 1 >= self.runner.cache.capacity:
             self._emit(seq, text, [token], score)
@@ -407,3 +427,15 @@ PROMPT_SCORE_CHUNK = 64  # prompt scoring keeps every position's logits: keep ch
 
 def wants_prompt_scores(seq: Sequence) -> bool:
     return seq.request.sampling.prompt_logprobs and not seq.generated
+
+
+def constrain(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits: [B, V]; rows of structured-output sequences masked to valid continuations
+    (as float32, the dtype the sampler works in)."""
+    if all(s.constraint is None for s in seqs):
+        return logits
+    logits = logits.float()
+    for row, seq in enumerate(seqs):
+        if seq.constraint is not None:
+            seq.constraint.mask(logits[row])
+    return logits

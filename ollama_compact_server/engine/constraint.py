@@ -1,0 +1,67 @@
+"""Structured output: JSON (any object, or a JSON schema) enforced token by token with
+llguidance, by masking the logits of tokens that cannot continue valid output."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+from .types import EngineError
+
+
+def grammar_for(schema: str) -> str:
+    """An llguidance grammar for a JSON schema given as text; raises EngineError (400)."""
+    import llguidance
+
+    try:
+        json.loads(schema)
+    except json.JSONDecodeError:
+        raise EngineError("the JSON schema is not valid JSON") from None
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise EngineError(f"unsupported JSON schema: {problem[:300]}")
+    return str(grammar)
+
+
+class GuidedTokenizer:
+    """The llguidance view of a model's tokenizer, built once per model on first use."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._built: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._built is None:
+                import llguidance.hf
+
+                self._built = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size)
+            return self._built
+
+
+class JsonConstraint:
+    def __init__(self, tokenizer: GuidedTokenizer, grammar: str) -> None:
+        import llguidance
+        import llguidance.torch as guided
+
+        self._guided = guided
+        self.matcher = llguidance.LLMatcher(tokenizer.get(), grammar)
+        self.bitmask = guided.allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """logits: [V] float32, masked in place."""
+        self._guided.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        self._guided.apply_token_bitmask_inplace(logits.view(1, -1), self.bitmask.to(logits.device))
+
+    def consume(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.matcher.is_stopped() or self.matcher.is_error())
