@@ -79,7 +79,7 @@ def parse_duration(value: str | int | float | None) -> float | None:
     string (``5m``, ``1h30m``, ``-1s``). Negative means "forever" and is returned as ``None``."""
     if value is None:
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("expected a duration such as 5m or a number of seconds")
     if isinstance(value, (int, float)):
         seconds = float(value)

@@ -151,6 +151,8 @@ async def test_show_has_what_clients_need(app_client) -> None:
         ("/api/generate", {"model": "tiny", "prompt": "x", "raw": True, "system": "s"}, 400),
         ("/api/generate", {"model": "tiny", "prompt": "x", "keep_alive": "300"}, 400),
         ("/api/generate", {"model": "tiny", "prompt": "x", "context": [-1]}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "context": [10**9]}, 400),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "context": [2**70]}, 400),
         ("/api/generate", {"model": "tiny", "prompt": "x", "context": ["a"]}, 400),
         ("/api/generate", {"model": "../../etc/passwd", "prompt": "x"}, 400),
         ("/api/chat", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400),

@@ -379,11 +379,10 @@ async def generate(request: Request) -> Response:
         )
     except TemplateError as exc:
         raise APIError(400, str(exc)) from None
-    vocab = (
-        view.record.config.model_extra.get("vocab_size") if view.record.config.model_extra else None
-    )
-    if context and any(t < 0 or (isinstance(vocab, int) and t >= vocab) for t in context):
-        raise APIError(400, "context holds token ids outside the vocabulary")
+    if context:
+        vocab = len(await service.tokenizer(view))
+        if any(t < 0 or t >= vocab for t in context):
+            raise APIError(400, "context holds token ids outside the vocabulary")
 
     def frame(text: str) -> dict[str, Any]:
         return {"model": view.name, "created_at": now_rfc3339(), "response": text}
