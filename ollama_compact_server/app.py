@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
-from .api import ollama, openai
+from .api import health, ollama, openai
 from .api.auth import APIKeyMiddleware
 from .api.errors import install_error_handlers
+from .api.guard import LOCAL_ORIGIN, NetworkGuard, is_loopback_host
 from .engine.protocol import Engine
 from .registry.dropin import register_dropins
 from .registry.store import ProgressFn, Registry
@@ -117,8 +119,22 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
+    app.include_router(health.router)
     app.include_router(ollama.router)
     app.include_router(openai.router)
-    if settings.api_key is not None and settings.api_key.get_secret_value():
+    # Starlette runs the last added middleware first: CORS answers preflights, the guard
+    # checks Host and Origin, then the key is checked.
+    if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
+    extra = settings.extra_origins
+    app.add_middleware(
+        NetworkGuard, check_host=is_loopback_host(settings.address.host), extra_origins=extra
+    )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=LOCAL_ORIGIN.pattern,
+        allow_origins=extra,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
     return app

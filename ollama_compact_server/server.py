@@ -36,6 +36,20 @@ def serve(settings: Settings) -> int:
 
     setup_logging(settings.log_level, settings.log_json)
     address = settings.address
+    from .api.guard import is_loopback_host
+
+    if (
+        not is_loopback_host(address.host)
+        and settings.api_key is None
+        and not settings.insecure_no_auth
+    ):
+        print(
+            f"Error: refusing to listen on {address.host} without OCS_API_KEY: anyone who can "
+            "reach it could use and change your models. Set OCS_API_KEY, or "
+            "OCS_INSECURE_NO_AUTH=true if the network is trusted.",
+            file=sys.stderr,
+        )
+        return 2
     registry = Registry(settings.models)
     try:
         registry.root.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,11 @@ class Settings(BaseSettings):
         description="When set, every route but HEAD /, GET / and /health needs "
         "'Authorization: Bearer <key>'.",
     )
+    insecure_no_auth: bool = Field(
+        False,
+        description="Allow listening on a non-loopback address without OCS_API_KEY "
+        "(refused otherwise).",
+    )
     origins: str = Field(
         "",
         validation_alias=AliasChoices("origins", "OCS_ORIGINS", "OLLAMA_ORIGINS"),
@@ -339,6 +344,13 @@ class Settings(BaseSettings):
     @classmethod
     def _check_keep_alive(cls, value: str) -> str:
         parse_duration(value)
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("the API key must not be empty")
         return value
 
     @field_validator("log_level")

@@ -69,7 +69,7 @@ async def test_busy_engine_answers_before_streaming(fake) -> None:
         "/v1/chat/completions",
         json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
     )
-    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
 
 
 async def test_non_streaming_error_is_a_real_status(fake) -> None:

@@ -27,8 +27,12 @@ def error_response(status: int, message: str, path: str = "") -> JSONResponse:
         kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
         code = {404: "model_not_found", 429: "rate_limit_exceeded"}.get(status)
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        return JSONResponse(body, status_code=status)
-    return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse(body, status_code=status, headers=_retry(status))
+    return JSONResponse({"error": message}, status_code=status, headers=_retry(status))
+
+
+def _retry(status: int) -> dict[str, str] | None:
+    return {"Retry-After": "1"} if status in (429, 503) else None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,6 +24,7 @@ from ..chat.templates import TemplateError
 from ..engine.types import (
     ANY_JSON_OBJECT,
     EmbedRequest,
+    EngineBusy,
     EngineError,
     FinishReason,
     SamplingParams,
@@ -262,6 +263,8 @@ def _usage(done: list[Completion]) -> dict[str, int]:
 async def _first(stream: AsyncIterator[Any]) -> Any:
     try:
         return await anext(stream)
+    except EngineBusy as exc:  # OpenAI clients back off on 429
+        raise APIError(429, str(exc)) from None
     except EngineError as exc:
         raise APIError(exc.status, str(exc)) from None
     except StopAsyncIteration:
