@@ -1,7 +1,10 @@
 # Minimal image for now; the deployment issue (issue 7) adds the CUDA target, non-root user
 # hardening and healthchecks.
 FROM python:3.11-slim AS cpu
-ENV PYTHONUNBUFFERED=1 OLLAMA_HOST=0.0.0.0:11434 OCS_MODELS=/data/models OCS_ADAPTERS=/data/adapters
+# Inside the container the daemon listens on all interfaces; docker-compose.yml publishes the
+# port on the host's 127.0.0.1 only. Set OCS_API_KEY before publishing it more widely.
+ENV PYTHONUNBUFFERED=1 OLLAMA_HOST=0.0.0.0:11434 OCS_INSECURE_NO_AUTH=true \
+    OCS_MODELS=/data/models OCS_ADAPTERS=/data/adapters
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ollama_compact_server ./ollama_compact_server
