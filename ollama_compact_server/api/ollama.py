@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -577,6 +577,56 @@ async def ps(request: Request) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ blobs / create
 
 
+Report = Callable[[dict[str, Any]], None]
+
+
+async def progress_response(
+    body: dict[str, Any], run: Callable[[Report], None], failure: str
+) -> Response:
+    """Runs a long registry job (create, pull) on a thread, streaming its progress lines as
+    NDJSON, or answering its last line alone when ``stream`` is false. A registry error
+    becomes an in-band error line (or the error status without streaming)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def report(item: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    async def work() -> None:
+        try:
+            await asyncio.to_thread(run, report)
+            await queue.put({"status": "success"})
+        except RegistryError as exc:
+            await queue.put({"error": str(exc), "_status": exc.status})
+        except Exception:
+            log.exception("%s", failure)
+            await queue.put({"error": failure, "_status": 500})
+        finally:
+            await queue.put(None)
+
+    task = asyncio.create_task(work())
+    if body.get("stream") is False:
+        last: dict[str, Any] = {}
+        while (item := await queue.get()) is not None:
+            last = item
+        await task
+        if "error" in last:
+            raise APIError(int(last.pop("_status")), last["error"])
+        return JSONResponse(last)
+
+    async def items() -> AsyncIterator[dict[str, Any]]:
+        previous = None
+        while (item := await queue.get()) is not None:
+            item.pop("_status", None)
+            if item == previous:
+                continue  # the same status twice in a row says nothing new
+            previous = item
+            yield item
+        await task
+
+    return ndjson(items())
+
+
 @router.head("/api/blobs/{digest}")
 async def blob_exists(request: Request, digest: str) -> Response:
     registry = registry_of(request)
@@ -690,48 +740,17 @@ async def create(request: Request) -> Response:
         raise APIError(400, "neither 'from' or 'files' was specified")
     if spec.from_ and not registry.exists(spec.from_):
         raise APIError(404, f"base model '{spec.from_}' not found")
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-    def progress(status: str, completed: int | None = None, total: int | None = None) -> None:
-        item: dict[str, Any] = {"status": status}
-        if total:
-            item.update(total=total, completed=completed or 0)
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+    def run(report: Report) -> None:
+        def progress(status: str, completed: int | None = None, total: int | None = None) -> None:
+            item: dict[str, Any] = {"status": status}
+            if total:
+                item.update(total=total, completed=completed or 0)
+            report(item)
 
-    async def work() -> None:
-        try:
-            await asyncio.to_thread(create_model, registry, spec, progress)
-            await queue.put({"status": "success"})
-        except RegistryError as exc:
-            await queue.put({"error": str(exc), "_status": exc.status})
-        except Exception:
-            log.exception("create failed")
-            await queue.put({"error": "creating the model failed", "_status": 500})
-        finally:
-            await queue.put(None)
+        create_model(registry, spec, progress)
 
-    task = asyncio.create_task(work())
-    if body.get("stream") is False:
-        last: dict[str, Any] = {}
-        while (item := await queue.get()) is not None:
-            last = item
-        await task
-        if "error" in last:
-            raise APIError(int(last.pop("_status")), last["error"])
-        return JSONResponse(last)
-
-    async def items() -> AsyncIterator[dict[str, Any]]:
-        previous = None
-        while (item := await queue.get()) is not None:
-            item.pop("_status", None)
-            if item == previous and "total" not in item:
-                continue
-            previous = item
-            yield item
-        await task
-
-    return ndjson(items())
+    return await progress_response(body, run, "creating the model failed")
 
 
 @router.post("/api/push")
@@ -845,45 +864,18 @@ async def pull(request: Request) -> Response:
     except RegistryError as exc:
         raise APIError(exc.status, str(exc)) from None
     registry = registry_of(request)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     last_sent: dict[str, int] = {}
 
-    def progress(item: dict[str, Any]) -> None:
-        digest = item.get("digest")
-        if digest is not None:  # at most one line per file per MiB of progress
-            step = int(item.get("completed", 0)) >> 20
-            if last_sent.get(digest) == step and item.get("completed") != item.get("total"):
-                return
-            last_sent[digest] = step
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+    def run(report: Report) -> None:
+        def progress(item: dict[str, Any]) -> None:
+            digest = item.get("digest")
+            if digest is not None:  # at most one line per file per MiB of progress
+                step = int(item.get("completed", 0)) >> 20
+                if last_sent.get(digest) == step and item.get("completed") != item.get("total"):
+                    return
+                last_sent[digest] = step
+            report(item)
 
-    async def work() -> None:
-        try:
-            await asyncio.to_thread(pull_model, registry, name, progress)
-            await queue.put({"status": "success"})
-        except RegistryError as exc:
-            await queue.put({"error": str(exc), "_status": exc.status})
-        except Exception:
-            log.exception("pull failed")
-            await queue.put({"error": "pulling the model failed", "_status": 500})
-        finally:
-            await queue.put(None)
+        pull_model(registry, name, progress)
 
-    task = asyncio.create_task(work())
-    if body.get("stream") is False:
-        last: dict[str, Any] = {}
-        while (item := await queue.get()) is not None:
-            last = item
-        await task
-        if "error" in last:
-            raise APIError(int(last.pop("_status")), last["error"])
-        return JSONResponse(last)
-
-    async def items() -> AsyncIterator[dict[str, Any]]:
-        while (item := await queue.get()) is not None:
-            item.pop("_status", None)
-            yield item
-        await task
-
-    return ndjson(items())
+    return await progress_response(body, run, "pulling the model failed")
