@@ -52,8 +52,6 @@ def prepare_default_model(
 
 def build_engine(settings: Settings, registry: Registry) -> Engine:
     """The device loop for the configured device, sized by the memory planner."""
-    import torch
-
     from .engine.device import dtype_name, resolve_device, resolve_dtype
     from .engine.loop import DeviceLoop, LocalEngine
     from .engine.planner import default_budget
@@ -79,8 +77,6 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         planner=sizing.plan,
         keep_alive=settings.keep_alive_seconds,
     )
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     log.info(
         "engine on %s in %s, memory budget %.1f GiB", device, dtype_name(dtype), budget / (1 << 30)
     )
