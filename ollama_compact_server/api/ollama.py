@@ -26,6 +26,7 @@ from ..chat.service import (
     embed_inputs,
 )
 from ..chat.templates import TemplateError
+from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
 from ..engine.types import (
     ANY_JSON_OBJECT,
     DEFAULT,
@@ -258,9 +259,11 @@ async def run_stream(
     keep_alive: KeepAlive,
     frame: Any,
     final_extra: Any,
+    tools: bool = False,
 ) -> Response:
     """Shared by generate and chat: first event before the status is sent, then NDJSON
-    chunks (or one object when stream is false)."""
+    chunks (or one object when stream is false). With ``tools``, tool calls in the output
+    are parsed out and sent whole in a chunk of their own, as Ollama does."""
     started = time.perf_counter()
     try:
         sampling = service.sampling(view, body.get("options"))
@@ -314,21 +317,33 @@ async def run_stream(
         result = final(totals)
         if "error" in result:
             raise APIError(500, result["error"])
-        result.update(frame(totals.text))
+        text, calls = parse_tool_calls(totals.text) if tools else (totals.text, [])
+        result.update(frame(text))
+        if calls:
+            result["message"]["tool_calls"] = ollama_tool_calls(calls)
         if sampling.logprobs is not None:
             result["logprobs"] = await logprobs(totals.logprobs)
         return JSONResponse(result)
 
     async def items() -> AsyncIterator[dict[str, Any]]:
         pending = [first]
+        held = ToolStream() if tools else None
         async for pair in _chain(pending, events):
             event, totals = pair
-            if event.text or (sampling.logprobs is not None and event.logprobs):
-                item = {**frame(event.text), "done": False}
+            text = held.feed(event.text) if held is not None else event.text
+            if text or (sampling.logprobs is not None and event.logprobs):
+                item = {**frame(text), "done": False}
                 if sampling.logprobs is not None and event.logprobs:
                     item["logprobs"] = await logprobs(event.logprobs)
                 yield item
             if event.finished:
+                if held is not None and not totals.error:
+                    rest, calls = held.finish()
+                    if rest or calls:
+                        item = {**frame(rest), "done": False}
+                        if calls:
+                            item["message"]["tool_calls"] = ollama_tool_calls(calls)
+                        yield item
                 yield final(totals)
 
     return ndjson(items())
@@ -418,10 +433,7 @@ async def chat(request: Request) -> Response:
         raise APIError(400, f'"{view.name}" does not support tools')
     try:
         normalized = (
-            [
-                {**m, "role": str(m.get("role", "")).lower()} if isinstance(m, dict) else m
-                for m in messages
-            ]
+            [normalize_message(m) if isinstance(m, dict) else m for m in messages]
             if isinstance(messages, list)
             else messages
         )
@@ -436,7 +448,23 @@ async def chat(request: Request) -> Response:
             "message": {"role": "assistant", "content": text},
         }
 
-    return await run_stream(service, view, prompt_ids, body, keep_alive, frame, lambda done: {})
+    return await run_stream(
+        service, view, prompt_ids, body, keep_alive, frame, lambda done: {}, tools=bool(tools)
+    )
+
+
+def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
+    out = {**message, "role": str(message.get("role", "")).lower()}
+    if "tool_calls" in message:
+        out["tool_calls"] = template_tool_calls(message["tool_calls"])
+    return out
+
+
+def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}}
+        for i, c in enumerate(calls)
+    ]
 
 
 # ------------------------------------------------------------------------------ show / ps

@@ -21,6 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..chat.options import OptionError, stop_list
 from ..chat.service import ChatError, ChatService, Completion, ModelView, embed_inputs
 from ..chat.templates import TemplateError
+from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
 from ..engine.types import (
     ANY_JSON_OBJECT,
     EmbedRequest,
@@ -186,7 +187,13 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             content = "".join(texts)
         if not isinstance(content, str):
             raise APIError(400, "message content must be a string or an array of parts")
-        out.append({"role": role, "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if message.get("tool_calls"):
+            entry["tool_calls"] = template_tool_calls(message["tool_calls"])
+        for key in ("tool_call_id", "name"):
+            if isinstance(message.get(key), str):
+                entry[key] = message[key]
+        out.append(entry)
     return out
 
 
@@ -358,6 +365,7 @@ async def _complete(
     *,
     chat: bool,
     echo: list[str] | None = None,
+    tools: bool = False,
 ) -> Response:
     n = _integer(body, "n", 1, MAX_N) or 1
     service = chat_service(request)
@@ -379,14 +387,20 @@ async def _complete(
             text = totals.text
             scored = sampling.logprobs is not None
             if chat:
+                text, calls = parse_tool_calls(text) if tools else (text, [])
+                message: dict[str, Any] = {"role": "assistant", "content": text or None}
+                if calls:
+                    message["tool_calls"] = _openai_tool_calls(calls)
+                else:
+                    message["content"] = text
                 results.append(
                     {
                         "index": index,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": await _chat_logprobs(service, view, totals.logprobs)
                         if scored
                         else None,
-                        "finish_reason": _finish(totals.finish_reason),
+                        "finish_reason": "tool_calls" if calls else _finish(totals.finish_reason),
                     }
                 )
             else:
@@ -452,7 +466,9 @@ async def _complete(
             elif echo:
                 yield chunk(index, echo[index // n], None)
         offsets = [0] * len(choices)
+        held = [ToolStream() for _ in choices] if tools else None
         async for index, (event, totals) in _merged(choices):
+            visible = held[index].feed(event.text) if held is not None else event.text
             scores: Any = None
             if sampling.logprobs is not None and (event.logprobs or event.prompt_logprobs):
                 if chat:
@@ -464,13 +480,23 @@ async def _complete(
                         service, view, prompt_part, event.logprobs, offsets[index], first
                     )
                     offsets[index] += sum(len(t) for t in scores["tokens"])
-            if event.text or scores is not None:
-                yield chunk(index, {"content": event.text} if chat else event.text, None, scores)
+            if visible or scores is not None:
+                yield chunk(index, {"content": visible} if chat else visible, None, scores)
             if event.finished:
                 if totals.error:
                     raise EngineError(totals.error)
                 finals.append(totals)
-                yield chunk(index, {} if chat else "", _finish(totals.finish_reason))
+                calls: list[ToolCall] = []
+                if held is not None:
+                    rest, calls = held[index].finish()
+                    if rest:
+                        yield chunk(index, {"content": rest}, None)
+                    if calls:
+                        yield chunk(
+                            index, {"tool_calls": _openai_tool_calls(calls, streaming=True)}, None
+                        )
+                finish = "tool_calls" if calls else _finish(totals.finish_reason)
+                yield chunk(index, {} if chat else "", finish)
         if include_usage:
             usage = _usage(finals)
             yield {
@@ -491,14 +517,48 @@ async def chat_completions(request: Request) -> Response:
     service = chat_service(request)
     view = _model(service, body)
     messages = _messages(body.get("messages"))
-    if body.get("tools"):
-        raise APIError(400, "tools are not supported yet")
+    tools = _tools(body, view)
     sampling = _sampling(service, view, body, ("max_tokens", "max_completion_tokens"))
     try:
-        prompt = await service.chat_prompt(view, messages)
+        prompt = await service.chat_prompt(view, messages, tools)
     except (ChatError, TemplateError) as exc:
         raise APIError(400, str(exc)) from None
-    return await _complete(request, body, view, [prompt], sampling, chat=True)
+    return await _complete(request, body, view, [prompt], sampling, chat=True, tools=bool(tools))
+
+
+def _tools(body: dict[str, Any], view: ModelView) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools in (None, []) or body.get("tool_choice") == "none":
+        return None
+    if (
+        not isinstance(tools, list)
+        or len(tools) > 128
+        or not all(
+            isinstance(t, dict)
+            and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)
+            for t in tools
+        )
+    ):
+        raise APIError(400, "tools must be a list of at most 128 function definitions")
+    if "tools" not in view.record.config.capabilities:
+        raise APIError(400, f"model `{view.name}` does not support tools")
+    return list(tools)
+
+
+def _openai_tool_calls(calls: list[ToolCall], streaming: bool = False) -> list[dict[str, Any]]:
+    out = []
+    for index, call in enumerate(calls):
+        entry: dict[str, Any] = {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+        }
+        if streaming:
+            entry["index"] = index
+        out.append(entry)
+    return out
 
 
 @router.post("/completions")

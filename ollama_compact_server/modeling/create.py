@@ -12,7 +12,7 @@ from typing import Any
 
 from ..registry.blobs import normalize_digest
 from ..registry.errors import BlobNotFound, InvalidModel, ModelNotFound
-from ..registry.importers import import_adapter_dir, import_hf_dir
+from ..registry.importers import capabilities_for, import_adapter_dir, import_hf_dir
 from ..registry.manifest import (
     MT_LICENSE,
     MT_MESSAGES,
@@ -150,6 +150,8 @@ def _derive(
         MT_MESSAGES: json.dumps(spec.messages).encode() if spec.messages is not None else None,
     }
     config = source.config.model_copy(deep=True)
+    if spec.template is not None:
+        config.capabilities = capabilities_for(spec.template)
     if inherit is not None:
         config.parent_model = inherit.name.display()
     with registry.transaction() as txn:
