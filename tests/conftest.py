@@ -10,7 +10,10 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -172,3 +175,46 @@ def daemon_factory() -> Iterator[type[Daemon]]:
     yield Tracked
     for d in started:
         d.stop()
+
+
+@dataclass
+class Served:
+    """The app in process and clients wired to it."""
+
+    raw: httpx.AsyncClient
+    ollama: Any
+    openai: Any
+    registry: Registry
+    engine: Any
+
+
+@asynccontextmanager
+async def serve_app(
+    registry: Registry, engine: Any = None, **settings: Any
+) -> AsyncIterator[Served]:
+    """Runs the real app (lifespan included) on ``registry``, with the real engine unless a
+    fake one is given, and yields raw httpx, ollama and openai clients bound to it."""
+    import ollama
+    import openai
+
+    options = {"adapters": None, "import_default": False, **settings}
+    app = create_app(Settings(models=registry.root, **options), registry=registry, engine=engine)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        base = "http://127.0.0.1:11434"
+        async with httpx.AsyncClient(transport=transport, base_url=base, timeout=60) as raw:
+            oai = openai.AsyncOpenAI(
+                base_url=base + "/v1",
+                api_key="unused",
+                max_retries=0,
+                http_client=httpx.AsyncClient(
+                    transport=transport, base_url=base + "/v1", timeout=60
+                ),
+            )
+            yield Served(
+                raw,
+                ollama.AsyncClient(host=base, transport=transport),
+                oai,
+                registry,
+                app.state.engine,
+            )

@@ -9,37 +9,21 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import ollama
 import pytest
-from asgi_lifespan import LifespanManager
 
-from ollama_compact_server.app import create_app
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
-from ollama_compact_server.settings import Settings
-from tests.conftest import tree_hash
+from tests.conftest import serve_app, tree_hash
 from tests.fakes import FakeEngine
 
 
 @pytest.fixture
-async def env(
-    tmp_path: Path, tiny_models: dict[str, Path]
-) -> AsyncIterator[tuple[httpx.AsyncClient, ollama.AsyncClient, Registry]]:
+async def env(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[tuple]:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "tiny", system="base system")
-    settings = Settings(models=registry.root, adapters=None, import_default=False)
-    app = create_app(settings, registry=registry, engine=FakeEngine())
-    async with LifespanManager(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1:11434", timeout=60
-        ) as raw:
-            yield (
-                raw,
-                ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport),
-                registry,
-            )
+    async with serve_app(registry, FakeEngine()) as served:
+        yield served.raw, served.ollama, registry
 
 
 def digest_of(data: bytes) -> str:

@@ -9,40 +9,19 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
-import ollama
-import openai
 import pytest
-from asgi_lifespan import LifespanManager
 
-from ollama_compact_server.app import create_app
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
-from ollama_compact_server.settings import Settings
+from tests.conftest import serve_app
 
 
 @pytest.fixture
-async def clients(
-    tmp_path: Path, tiny_models: dict[str, Path]
-) -> AsyncIterator[tuple[httpx.AsyncClient, ollama.AsyncClient, openai.AsyncOpenAI]]:
+async def clients(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[tuple]:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["gemma3"], "tiny")
-    settings = Settings(models=registry.root, adapters=None, import_default=False, dtype="float32")
-    app = create_app(settings, registry=registry)
-    async with LifespanManager(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1:11434", timeout=60
-        ) as raw:
-            oai = openai.AsyncOpenAI(
-                base_url="http://127.0.0.1:11434/v1",
-                api_key="x",
-                max_retries=0,
-                http_client=httpx.AsyncClient(
-                    transport=transport, base_url="http://127.0.0.1:11434/v1"
-                ),
-            )
-            yield raw, ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport), oai
+    async with serve_app(registry, dtype="float32") as served:
+        yield served.raw, served.ollama, served.openai
 
 
 def norm(v: list[float]) -> float:

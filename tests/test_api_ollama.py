@@ -8,33 +8,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import ollama
 import pytest
-from asgi_lifespan import LifespanManager
 
-from ollama_compact_server.app import create_app
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
-from ollama_compact_server.settings import Settings
+from tests.conftest import serve_app
 
 GREEDY = {"temperature": 0, "num_predict": 8}
 
 
 @pytest.fixture
-async def app_client(
-    tmp_path: Path, tiny_models: dict[str, Path]
-) -> AsyncIterator[tuple[httpx.AsyncClient, ollama.AsyncClient]]:
+async def app_client(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[tuple]:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "tiny", params={"stop": ["<end_of_turn>"]})
-    settings = Settings(models=registry.root, adapters=None, import_default=False, dtype="float32")
-    app = create_app(settings, registry=registry)
-    async with LifespanManager(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1:11434", timeout=60
-        ) as raw:
-            client = ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport)
-            yield raw, client
+    async with serve_app(registry, dtype="float32") as served:
+        yield served.raw, served.ollama
 
 
 async def ndjson_lines(response: httpx.Response) -> list[dict]:

@@ -7,17 +7,14 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import ollama
 import openai
 import pytest
-from asgi_lifespan import LifespanManager
 
-from ollama_compact_server.app import create_app
 from ollama_compact_server.chat.tools import ToolStream, parse_tool_calls
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
-from ollama_compact_server.settings import Settings
+from tests.conftest import serve_app
 from tests.fakes import FakeEngine
 
 TEMPLATE = (
@@ -45,29 +42,13 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
 @pytest.fixture
-async def env(
-    tmp_path: Path, tiny_models: dict[str, Path]
-) -> AsyncIterator[tuple[ollama.AsyncClient, openai.AsyncOpenAI, FakeEngine]]:
+async def env(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[tuple]:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "agent", template=TEMPLATE)
     import_hf_dir(registry, tiny_models["llama"], "plain")
     engine = FakeEngine(SCRIPT)
-    app = create_app(
-        Settings(models=registry.root, adapters=None, import_default=False),
-        registry=registry,
-        engine=engine,
-    )
-    async with LifespanManager(app):
-        transport = httpx.ASGITransport(app=app)
-        oai = openai.AsyncOpenAI(
-            base_url="http://127.0.0.1:11434/v1",
-            api_key="x",
-            max_retries=0,
-            http_client=httpx.AsyncClient(
-                transport=transport, base_url="http://127.0.0.1:11434/v1"
-            ),
-        )
-        yield ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport), oai, engine
+    async with serve_app(registry, engine) as served:
+        yield served.ollama, served.openai, engine
 
 
 def test_parser_and_stream() -> None:

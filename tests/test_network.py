@@ -9,39 +9,24 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from ollama_compact_server.api.guard import is_loopback_host
-from ollama_compact_server.app import create_app
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
-from ollama_compact_server.settings import Settings
+from tests.conftest import serve_app
 from tests.fakes import FakeEngine
 
 
 @pytest.fixture
-async def app_env(
-    tmp_path: Path, tiny_models: dict[str, Path]
-) -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine]]:
+async def app_env(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[tuple]:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "tiny")
     engine = FakeEngine()
-    settings = Settings(
-        models=registry.root,
-        adapters=None,
-        import_default=False,
-        default_model="tiny",
-        origins="https://trusted.example",
-    )
-    app = create_app(settings, registry=registry, engine=engine)
-    async with LifespanManager(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1:11434"
-        ) as client:
-            yield client, engine
+    async with serve_app(
+        registry, engine, default_model="tiny", origins="https://trusted.example"
+    ) as served:
+        yield served.raw, engine
 
 
 @pytest.mark.parametrize(

@@ -10,20 +10,15 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
-import ollama
 import pytest
 import uvicorn
-from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ollama_compact_server.app import create_app
 from ollama_compact_server.registry.store import Registry
-from ollama_compact_server.settings import Settings
-from tests.conftest import free_port, tree_hash
+from tests.conftest import free_port, serve_app, tree_hash
 from tests.fakes import FakeEngine
 
 
@@ -114,25 +109,10 @@ def hub(
 
 
 @pytest.fixture
-async def api(
-    tmp_path: Path,
-) -> AsyncIterator[tuple[httpx.AsyncClient, ollama.AsyncClient, Registry]]:
+async def api(tmp_path: Path) -> AsyncIterator[tuple]:
     registry = Registry(tmp_path / "registry")
-    app = create_app(
-        Settings(models=registry.root, adapters=None, import_default=False),
-        registry=registry,
-        engine=FakeEngine(),
-    )
-    async with LifespanManager(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1:11434", timeout=60
-        ) as raw:
-            yield (
-                raw,
-                ollama.AsyncClient(host="http://127.0.0.1:11434", transport=transport),
-                registry,
-            )
+    async with serve_app(registry, FakeEngine()) as served:
+        yield served.raw, served.ollama, registry
 
 
 async def test_pull_from_the_hub(hub: FakeHub, api) -> None:
