@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
-from .api import health, ollama, openai
+from .api import health, metrics, ollama, openai
 from .api.auth import APIKeyMiddleware
 from .api.errors import install_error_handlers
 from .api.guard import LOCAL_ORIGIN, NetworkGuard, is_loopback_host
@@ -115,7 +115,9 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
+    app.state.metrics = metrics.Metrics()
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(ollama.router)
     app.include_router(openai.router)
     # Starlette runs the last added middleware first: CORS answers preflights, the guard
@@ -126,6 +128,7 @@ def create_app(
     app.add_middleware(
         NetworkGuard, check_host=is_loopback_host(settings.address.host), extra_origins=extra
     )
+    app.add_middleware(metrics.RequestLog, metrics=app.state.metrics)
     app.add_middleware(
         CORSMiddleware,
         allow_origin_regex=LOCAL_ORIGIN.pattern,

@@ -75,6 +75,15 @@ class FakeEngine:
     def resident(self) -> list[Resident]:
         return [Resident(name, 1000, 4096, None, False) for name in self.loaded]
 
+    def stats(self) -> dict:
+        return {
+            "queued": 0,
+            "running": 0,
+            "tokens_generated": len(self.requests),
+            "ttft": [0.01],
+            "itl": [],
+        }
+
     def close(self) -> None:
         pass
 

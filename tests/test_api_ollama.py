@@ -253,3 +253,20 @@ async def test_structured_output(app_client) -> None:
     assert r.status_code == 400 and "schema" in r.json()["error"]
     r = await raw.post("/api/generate", json={**body, "format": 7})
     assert r.status_code == 400
+
+
+async def test_metrics_and_request_ids(app_client) -> None:
+    raw, _ = app_client
+    r = await raw.post(
+        "/api/generate", json={"model": "tiny", "prompt": "x", "options": GREEDY, "stream": False}
+    )
+    assert len(r.headers["x-request-id"]) == 12
+    await raw.post("/api/generate", json={"model": "absent", "prompt": "x"})
+    text = (await raw.get("/metrics")).text
+    assert 'ocs_http_requests_total{route="/api/generate",status="200"} 1.0' in text
+    assert 'ocs_http_requests_total{route="/api/generate",status="404"} 1.0' in text
+    assert "ocs_generated_tokens 8.0" in text
+    assert "ocs_time_to_first_token_seconds_count 1.0" in text
+    assert "ocs_inter_token_latency_seconds_count 7.0" in text
+    assert 'ocs_finished_requests{reason="length"} 1.0' in text
+    assert "ocs_resident_models 1.0" in text and "ocs_kv_cache_free_tokens" in text

@@ -21,6 +21,7 @@ from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox, Notifier
 from .runner import ModelRunner
 from .sampler import RowState
+from .stats import EngineStats
 from .types import (
     DEFAULT,
     EmbedRequest,
@@ -92,6 +93,7 @@ class DeviceLoop:
         self.loads: dict[str, Future[ModelWorker]] = {}
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
         self.inbox: deque[tuple[str, Any]] = deque()
+        self.stats = EngineStats()
         self.notifier = Notifier()
         self.wakeup = threading.Event()
         self.stopping = False
@@ -187,7 +189,7 @@ class DeviceLoop:
         runner = ModelRunner(
             loaded.model, slots=slots, capacity=capacity, dtype=self.dtype, device=self.device
         )
-        worker = ModelWorker(name, loaded, runner, self.prefill_chunk)
+        worker = ModelWorker(name, loaded, runner, self.prefill_chunk, self.stats)
         worker.memory = runner.cache.nbytes + weight_bytes(loaded.model)
         worker.load_time = time.perf_counter() - started
         worker.keep_alive = self.keep_alive
@@ -261,6 +263,7 @@ class DeviceLoop:
 
     def _evict(self, worker: ModelWorker, why: str) -> None:
         del self.workers[worker.name]
+        self.stats.evictions += 1
         release_memory(self.device)
         log.info("unloaded %s (%s)", worker.name, why)
 
@@ -399,6 +402,24 @@ class DeviceLoop:
     def active_sequences(self) -> int:
         return sum(len(w.sequences()) for w in list(self.workers.values()))
 
+    def snapshot(self) -> dict[str, Any]:
+        """Gauges and counters for /metrics (read from the event loop; values may be a step
+        old, never torn)."""
+        workers = list(self.workers.values())
+        kv_used = sum(w.runner.cache.used * w.runner.cache.capacity for w in workers)
+        kv_total = sum(w.runner.cache.slots * w.runner.cache.capacity for w in workers)
+        return {
+            "queued": self.queued(),
+            "running": sum(len(w.running) + (w.prefilling is not None) for w in workers),
+            "kv_tokens_used": kv_used,
+            "kv_tokens_free": kv_total - kv_used,
+            "resident_models": len(workers),
+            "tokens_generated": self.stats.tokens_generated,
+            "preemptions": self.stats.preemptions,
+            "evictions": self.stats.evictions,
+            "finished": dict(self.stats.finished),
+        }
+
     def resident(self) -> list[Resident]:
         now = time.monotonic()
         snapshot = []
@@ -519,6 +540,11 @@ class LocalEngine:
 
     def resident(self) -> list[Resident]:
         return self.device_loop.resident()
+
+    def stats(self) -> dict[str, Any]:
+        snapshot = self.device_loop.snapshot()
+        snapshot["ttft"], snapshot["itl"] = self.device_loop.stats.drain()
+        return snapshot
 
     def close(self) -> None:
         self.device_loop.stop()

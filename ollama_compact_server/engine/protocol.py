@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from .types import DEFAULT, EmbedRequest, GenerateRequest, KeepAlive, Resident, TokenEvent
 
@@ -26,5 +26,9 @@ class Engine(Protocol):
     def health(self) -> bool: ...
 
     def resident(self) -> list[Resident]: ...
+
+    def stats(self) -> dict[str, Any]:
+        """Gauges, counters and latency samples since the last call (for /metrics)."""
+        ...
 
     def close(self) -> None: ...

@@ -17,6 +17,7 @@ from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox
 from .runner import ModelRunner
 from .sampler import RowState, sample, token_logprobs
+from .stats import EngineStats
 from .types import FinishReason, GenerateRequest, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Sequence:
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
     first_token: float = 0.0
+    last_token: float = 0.0
     prompt_time: float = 0.0
     load_time: float = 0.0
     preemptions: int = 0
@@ -87,8 +89,14 @@ class ModelWorker:
     chunks), running."""
 
     def __init__(
-        self, name: str, loaded: LoadedModel, runner: ModelRunner, prefill_chunk: int
+        self,
+        name: str,
+        loaded: LoadedModel,
+        runner: ModelRunner,
+        prefill_chunk: int,
+        stats: EngineStats | None = None,
     ) -> None:
+        self.stats = stats or EngineStats()
         self.name = name
         self.loaded = loaded
         self.runner = runner
@@ -284,6 +292,14 @@ class ModelWorker:
         """Postprocess one new token; returns True when the sequence finished."""
         seq.generated.append(token)
         seq.state.append(token)
+        now = time.perf_counter()
+        with self.stats.lock:
+            self.stats.tokens_generated += 1
+            if len(seq.generated) == 1:
+                self.stats.ttft.append(now - seq.submitted)
+            elif seq.last_token:
+                self.stats.itl.append(now - seq.last_token)
+        seq.last_token = now
         if seq.constraint is not None:
             seq.constraint.consume(token)
         if token in seq.stop_ids:
@@ -348,6 +364,7 @@ class ModelWorker:
         if seq.finished:
             return
         seq.finished = True
+        self.stats.finished[reason.value] += 1
         tail = ""
         if flush:
             held, stopped = seq.stops.feed(seq.detok.flush())
@@ -380,6 +397,7 @@ class ModelWorker:
         )
         release_memory(self.runner.device)
         self._release(seq)
+        self.stats.preemptions += 1
         seq.prefilled = 0
         seq.cached = 0
         seq.preemptions += 1

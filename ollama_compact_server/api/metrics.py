@@ -1,0 +1,142 @@
+"""/metrics in Prometheus format: HTTP requests by route and status, and the engine's
+queue, running sequences, KV use, residency, tokens, preemptions, evictions and latency
+histograms. Each app has its own collector registry. Also one log line per request."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+router = APIRouter()
+log = logging.getLogger("ollama_compact_server.requests")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ocs_http_requests", "HTTP requests", ["route", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "ocs_http_request_seconds",
+            "HTTP request time",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge("ocs_queue_length", "Requests waiting for a slot or a model", registry=r)
+        self.running = Gauge(
+            "ocs_running_sequences", "Sequences being decoded or prefilled", registry=r
+        )
+        self.kv_used = Gauge(
+            "ocs_kv_cache_used_tokens", "KV cache tokens held by sequences", registry=r
+        )
+        self.kv_free = Gauge("ocs_kv_cache_free_tokens", "KV cache tokens free", registry=r)
+        self.resident = Gauge("ocs_resident_models", "Models loaded on the device", registry=r)
+        self.tokens = Gauge("ocs_generated_tokens", "Tokens generated since start", registry=r)
+        self.preemptions = Gauge("ocs_preemptions", "Requests preempted since start", registry=r)
+        self.evictions = Gauge("ocs_evictions", "Models evicted since start", registry=r)
+        self.finished = Gauge(
+            "ocs_finished_requests", "Requests finished, by reason", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "ocs_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "ocs_inter_token_latency_seconds",
+            "Time between tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def refresh(self, stats: dict[str, Any]) -> None:
+        self.queue.set(stats.get("queued", 0))
+        self.running.set(stats.get("running", 0))
+        self.kv_used.set(stats.get("kv_tokens_used", 0))
+        self.kv_free.set(stats.get("kv_tokens_free", 0))
+        self.resident.set(stats.get("resident_models", 0))
+        self.tokens.set(stats.get("tokens_generated", 0))
+        self.preemptions.set(stats.get("preemptions", 0))
+        self.evictions.set(stats.get("evictions", 0))
+        for reason, count in stats.get("finished", {}).items():
+            self.finished.labels(reason).set(count)
+        for value in stats.get("ttft", []):
+            self.ttft.observe(value)
+        for value in stats.get("itl", []):
+            self.itl.observe(value)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    collected: Metrics = request.app.state.metrics
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        collected.refresh(engine.stats())
+    return Response(generate_latest(collected.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class RequestLog:
+    """Counts every request by route template and status, times it, and writes one log line
+    (id, method, route, status, seconds) when the response ends."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex[:12]
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            seconds = time.perf_counter() - started
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.duration.labels(path).observe(seconds)
+            log.info(
+                "%s %s %s %d %.3fs",
+                request_id,
+                scope["method"],
+                path,
+                status,
+                seconds,
+                extra={
+                    "ocs_request_id": request_id,
+                    "ocs_route": path,
+                    "ocs_status": status,
+                    "ocs_seconds": round(seconds, 4),
+                },
+            )

@@ -1,0 +1,27 @@
+"""Counters and latency samples the engine keeps for /metrics; plain Python, no metrics
+library (the API layer turns a snapshot into Prometheus families)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    tokens_generated: int = 0
+    preemptions: int = 0
+    evictions: int = 0
+    finished: Counter[str] = field(default_factory=Counter)  # by finish reason
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    itl: deque[float] = field(default_factory=lambda: deque(maxlen=1_000_000))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def drain(self) -> tuple[list[float], list[float]]:
+        """Latency samples since the last scrape (time to first token, inter-token)."""
+        with self.lock:
+            ttft, itl = list(self.ttft), list(self.itl)
+            self.ttft.clear()
+            self.itl.clear()
+        return ttft, itl
