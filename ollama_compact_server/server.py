@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from types import FrameType
+
+import uvicorn
 
 from .app import create_app, prepare_default_model
 from .logs import setup_logging
@@ -32,8 +35,6 @@ class _ProgressPrinter:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     setup_logging(settings.log_level, settings.log_json)
     address = settings.address
     from .api.guard import is_loopback_host
@@ -59,5 +60,26 @@ def serve(settings: Settings) -> int:
         return 1
     app = create_app(settings, registry=registry)
     log.info("listening on %s", address.url)
-    uvicorn.run(app, host=address.host, port=address.port, log_config=None, access_log=False)
+    # SIGTERM/SIGINT: uvicorn stops accepting connections at once, lets running requests
+    # finish for up to OCS_SHUTDOWN_TIMEOUT seconds, then the lifespan closes the engine,
+    # which ends what is left with an in-band error event.
+    config = uvicorn.Config(
+        app,
+        host=address.host,
+        port=address.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+    )
+    GracefulServer(config).run()
+    log.info("stopped")
     return 0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, except that a requested stop (SIGTERM, Ctrl-C) ends with exit
+    status 0 instead of re-raising the signal after the graceful shutdown."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()

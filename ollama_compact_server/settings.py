@@ -264,6 +264,12 @@ class Settings(BaseSettings):
         description="Extra CORS origins, comma-separated (local origins are always allowed; "
         "OLLAMA_ORIGINS is read too).",
     )
+    shutdown_timeout: int = Field(
+        30,
+        ge=0,
+        le=3600,
+        description="Seconds running requests get to finish after SIGTERM before they are ended.",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 

@@ -61,3 +61,35 @@ def test_cli_workflow(daemon: Daemon, tmp_path: Path, tiny_adapter: Path) -> Non
     )
     bad = daemon.cli("create", "x", "-f", str(work / "missing"))
     assert bad.returncode == 1 and "cannot read" in bad.stderr
+
+
+def test_sigterm_lets_running_streams_finish_then_exits_zero(daemon: Daemon) -> None:
+    """SIGTERM while a stream runs: no new connections, the stream completes, exit 0."""
+    import json
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    lines: list[dict] = []
+
+    def stream() -> None:
+        body = {"model": "tiny", "prompt": "go", "options": {"num_predict": 150, "temperature": 0}}
+        with httpx.stream("POST", daemon.url + "/api/generate", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(json.loads(line))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(daemon.url + "/", timeout=2)  # no longer accepting
+    reader.join(60)
+    assert lines[-1].get("done") is True and lines[-1]["eval_count"] == 150
+    assert daemon.process.wait(timeout=30) == 0
