@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..chat.service import (
     embed_inputs,
 )
 from ..chat.templates import TemplateError
+from ..chat.thinking import ThinkSplitter, split_thinking
 from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
 from ..engine.types import (
     ANY_JSON_OBJECT,
@@ -201,12 +203,28 @@ def schema_of(body: dict[str, Any]) -> str | None:
     )
 
 
-def check_common(body: dict[str, Any], view: ModelView) -> None:
+@dataclass
+class Thinking:
+    """How a thinking model's output is split: where its reasoning goes in a chunk, and
+    whether the prompt already opened the <think> block."""
+
+    put: Callable[[dict[str, Any], str], None]
+    inside: bool = False
+
+
+def think_flag(body: dict[str, Any], view: ModelView) -> bool | None:
+    """Ollama's think: for a thinking model on unless false; refused for other models."""
     think = body.get("think")
     if think not in (None, False) and think not in (True, "low", "medium", "high", "max"):
         raise APIError(400, f"invalid think value: {str(think)[:20]}")
-    if think not in (None, False):
+    capable = "thinking" in view.record.config.capabilities
+    if think not in (None, False) and not capable:
         raise APIError(400, f'"{view.name}" does not support thinking')
+    return (think is not False) if capable else None
+
+
+def check_common(body: dict[str, Any], view: ModelView) -> None:
+    think_flag(body, view)
     options = body.get("options")
     if options is not None and not isinstance(options, dict):
         raise APIError(400, "options must be an object")
@@ -260,6 +278,7 @@ async def run_stream(
     frame: Any,
     final_extra: Any,
     tools: bool = False,
+    thinking: Any = None,
 ) -> Response:
     """Shared by generate and chat: first event before the status is sent, then NDJSON
     chunks (or one object when stream is false). With ``tools``, tool calls in the output
@@ -317,8 +336,14 @@ async def run_stream(
         result = final(totals)
         if "error" in result:
             raise APIError(500, result["error"])
-        text, calls = parse_tool_calls(totals.text) if tools else (totals.text, [])
+        text = totals.text
+        thought = ""
+        if thinking is not None:
+            thought, text = split_thinking(text, thinking.inside)
+        text, calls = parse_tool_calls(text) if tools else (text, [])
         result.update(frame(text))
+        if thought:
+            thinking.put(result, thought)
         if calls:
             result["message"]["tool_calls"] = ollama_tool_calls(calls)
         if sampling.logprobs is not None:
@@ -328,11 +353,18 @@ async def run_stream(
     async def items() -> AsyncIterator[dict[str, Any]]:
         pending = [first]
         held = ToolStream() if tools else None
+        splitter = ThinkSplitter(thinking.inside) if thinking is not None else None
         async for pair in _chain(pending, events):
             event, totals = pair
-            text = held.feed(event.text) if held is not None else event.text
-            if text or (sampling.logprobs is not None and event.logprobs):
+            thought, text = splitter.feed(event.text) if splitter else ("", event.text)
+            if event.finished and splitter is not None:
+                more_thought, more_text = splitter.finish()
+                thought, text = thought + more_thought, text + more_text
+            text = held.feed(text) if held is not None else text
+            if text or thought or (sampling.logprobs is not None and event.logprobs):
                 item = {**frame(text), "done": False}
+                if thought:
+                    thinking.put(item, thought)
                 if sampling.logprobs is not None and event.logprobs:
                     item["logprobs"] = await logprobs(event.logprobs)
                 yield item
@@ -389,8 +421,9 @@ async def generate(request: Request) -> Response:
     ):
         raise APIError(400, "context must be a list of token ids")
     try:
+        think = None if raw else think_flag(body, view)
         prompt_ids = await service.generate_prompt(
-            view, prompt, system=system, raw=raw, context=context
+            view, prompt, system=system, raw=raw, context=context, think=think
         )
     except TemplateError as exc:
         raise APIError(400, str(exc)) from None
@@ -405,7 +438,13 @@ async def generate(request: Request) -> Response:
     def extra(done: Completion) -> dict[str, Any]:
         return {} if raw else {"context": [*done.prompt_ids, *done.token_ids]}
 
-    return await run_stream(service, view, prompt_ids, body, keep_alive, frame, extra)
+    thinking = None
+    if think:
+        inside = await service.opens_thinking(view, prompt_ids)
+        thinking = Thinking(lambda item, text: item.__setitem__("thinking", text), inside)
+    return await run_stream(
+        service, view, prompt_ids, body, keep_alive, frame, extra, thinking=thinking
+    )
 
 
 @router.post("/api/chat")
@@ -437,7 +476,8 @@ async def chat(request: Request) -> Response:
             if isinstance(messages, list)
             else messages
         )
-        prompt_ids = await service.chat_prompt(view, normalized, tools)
+        think = think_flag(body, view)
+        prompt_ids = await service.chat_prompt(view, normalized, tools, think)
     except (ChatError, TemplateError) as exc:
         raise APIError(400, str(exc)) from None
 
@@ -448,8 +488,22 @@ async def chat(request: Request) -> Response:
             "message": {"role": "assistant", "content": text},
         }
 
+    thinking = None
+    if think:
+        inside = await service.opens_thinking(view, prompt_ids)
+        thinking = Thinking(
+            lambda item, text: item["message"].__setitem__("thinking", text), inside
+        )
     return await run_stream(
-        service, view, prompt_ids, body, keep_alive, frame, lambda done: {}, tools=bool(tools)
+        service,
+        view,
+        prompt_ids,
+        body,
+        keep_alive,
+        frame,
+        lambda done: {},
+        tools=bool(tools),
+        thinking=thinking,
     )
 
 

@@ -126,14 +126,26 @@ class ChatService:
         return to_sampling(merged)
 
     async def chat_prompt(
-        self, view: ModelView, messages: list[dict[str, Any]], tools: list[Any] | None = None
+        self,
+        view: ModelView,
+        messages: list[dict[str, Any]],
+        tools: list[Any] | None = None,
+        think: bool | None = None,
     ) -> list[int]:
         check_messages(messages)
         history = [*view.messages, *messages]
         if view.system and not any(m["role"] == "system" for m in history[:1]):
             history = [{"role": "system", "content": view.system}, *history]
         tokenizer = await self.tokenizer(view)
-        return await asyncio.to_thread(self._render_and_encode, view, tokenizer, history, tools)
+        return await asyncio.to_thread(
+            self._render_and_encode, view, tokenizer, history, tools, think
+        )
+
+    async def opens_thinking(self, view: ModelView, prompt_ids: list[int]) -> bool:
+        """True when the rendered prompt itself ends inside a <think> block."""
+        tokenizer = await self.tokenizer(view)
+        tail = await asyncio.to_thread(tokenizer.decode, prompt_ids[-8:])
+        return str(tail).rstrip().endswith("<think>")
 
     def _render_and_encode(
         self,
@@ -141,8 +153,10 @@ class ChatService:
         tokenizer: Any,
         history: list[dict[str, Any]],
         tools: list[Any] | None,
+        think: bool | None = None,
     ) -> list[int]:
         if view.template:
+            extra = {} if think is None else {"enable_thinking": think}
             text = render(
                 view.template,
                 messages=history,
@@ -150,6 +164,7 @@ class ChatService:
                 add_generation_prompt=True,
                 bos_token=tokenizer.bos_token or "",
                 eos_token=tokenizer.eos_token or "",
+                **extra,
             )
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(tokenizer(plain_chat(history))["input_ids"])
@@ -162,6 +177,7 @@ class ChatService:
         system: str | None,
         raw: bool,
         context: list[int] | None,
+        think: bool | None = None,
     ) -> list[int]:
         tokenizer = await self.tokenizer(view)
         if raw:
@@ -171,7 +187,9 @@ class ChatService:
         if chosen_system:
             messages.append({"role": "system", "content": chosen_system})
         messages.append({"role": "user", "content": prompt})
-        ids = await asyncio.to_thread(self._render_and_encode, view, tokenizer, messages, None)
+        ids = await asyncio.to_thread(
+            self._render_and_encode, view, tokenizer, messages, None, think
+        )
         return [*(context or []), *ids]
 
     # ------------------------------------------------------------------ generation

@@ -149,6 +149,8 @@ def capabilities_for(template: str) -> list[str]:
     caps = ["completion"]
     if "tools" in template:
         caps.append("tools")
+    if "<think>" in template or "enable_thinking" in template:
+        caps.append("thinking")
     return caps
 
 
