@@ -120,8 +120,9 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(ollama.router)
     app.include_router(openai.router)
-    # Starlette runs the last added middleware first: CORS answers preflights, the guard
-    # checks Host and Origin, then the key is checked.
+    # Starlette runs the last added middleware first: CORS answers preflights, the request
+    # log counts and times everything after it, the guard checks Host and Origin, then the
+    # key is checked.
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
     extra = settings.extra_origins

@@ -58,6 +58,14 @@ def serve(settings: Settings) -> int:
     except (RegistryError, OSError) as exc:
         print(f"Error: cannot prepare the registry at {settings.models}: {exc}", file=sys.stderr)
         return 1
+    from .engine.device import resolve_device
+    from .engine.types import EngineError
+
+    try:
+        resolve_device(settings.device)  # e.g. OCS_DEVICE=cuda on a machine without CUDA
+    except EngineError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, registry=registry)
     log.info("listening on %s", address.url)
     # SIGTERM/SIGINT: uvicorn stops accepting connections at once, lets running requests

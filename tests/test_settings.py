@@ -149,3 +149,30 @@ def test_serve_help_lists_every_setting() -> None:
         assert (
             env_name(field) in text.replace("\n", " ").replace("  ", " ") or env_name(field) in text
         )
+
+
+def test_serve_refuses_cuda_without_a_gpu(tmp_path) -> None:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the machine has a GPU: cuda is a valid choice here
+    env = {
+        **os.environ,
+        "OCS_MODELS": str(tmp_path / "m"),
+        "OCS_IMPORT_DEFAULT": "false",
+        "OCS_DEVICE": "cuda",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ollama_compact_server", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        result.returncode == 2
+        and "no CUDA device" in result.stderr
+        and "Traceback" not in result.stderr
+    )
