@@ -62,3 +62,26 @@ async def test_thinking_in_chat_and_generate(env) -> None:
     assert r.status_code == 400 and "does not support thinking" in r.json()["error"]
     reply = await client.chat(model="plain", messages=ASK)  # no thinking: text as is
     assert reply.message.content == SCRIPT
+
+
+async def test_openai_reasoning_content(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    registry = Registry(tmp_path / "registry2")
+    import_hf_dir(registry, tiny_models["llama"], "thinker", template=TEMPLATE)
+    async with serve_app(registry, FakeEngine(SCRIPT)) as served:
+        result = await served.openai.chat.completions.create(model="thinker", messages=ASK)
+        message = result.choices[0].message
+        assert message.content == "The answer is 4."
+        assert message.model_extra["reasoning_content"] == "Two plus two is four."
+        stream = await served.openai.chat.completions.create(
+            model="thinker", messages=ASK, stream=True
+        )
+        chunks = [c async for c in stream if c.choices]
+        reasoning = "".join(
+            (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks
+        )
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert reasoning == "Two plus two is four." and content.strip() == "The answer is 4."
+        off = await served.openai.chat.completions.create(
+            model="thinker", messages=ASK, reasoning_effort="none"
+        )
+        assert "<think>" in off.choices[0].message.content

@@ -21,6 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..chat.options import OptionError, stop_list
 from ..chat.service import ChatError, ChatService, Completion, ModelView, embed_inputs
 from ..chat.templates import TemplateError
+from ..chat.thinking import ThinkSplitter, split_thinking
 from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
 from ..engine.types import (
     ANY_JSON_OBJECT,
@@ -366,7 +367,10 @@ async def _complete(
     chat: bool,
     echo: list[str] | None = None,
     tools: bool = False,
+    thinking: bool | None = None,
 ) -> Response:
+    """``thinking``: None for models that do not think; otherwise whether the prompt
+    already opened the <think> block. Reasoning then goes to reasoning_content."""
     n = _integer(body, "n", 1, MAX_N) or 1
     service = chat_service(request)
     choices = await _run_choices(service, view, prompts, sampling, n)
@@ -387,8 +391,13 @@ async def _complete(
             text = totals.text
             scored = sampling.logprobs is not None
             if chat:
+                thought = ""
+                if thinking is not None:
+                    thought, text = split_thinking(text, thinking)
                 text, calls = parse_tool_calls(text) if tools else (text, [])
                 message: dict[str, Any] = {"role": "assistant", "content": text or None}
+                if thought:
+                    message["reasoning_content"] = thought
                 if calls:
                     message["tool_calls"] = _openai_tool_calls(calls)
                 else:
@@ -467,8 +476,19 @@ async def _complete(
                 yield chunk(index, echo[index // n], None)
         offsets = [0] * len(choices)
         held = [ToolStream() for _ in choices] if tools else None
+        splitters = (
+            [ThinkSplitter(thinking) for _ in choices] if chat and thinking is not None else None
+        )
         async for index, (event, totals) in _merged(choices):
-            visible = held[index].feed(event.text) if held is not None else event.text
+            visible, thought = event.text, ""
+            if splitters is not None:
+                thought, visible = splitters[index].feed(visible)
+                if event.finished:
+                    more_thought, more_text = splitters[index].finish()
+                    thought, visible = thought + more_thought, visible + more_text
+            if thought:
+                yield chunk(index, {"reasoning_content": thought}, None)
+            visible = held[index].feed(visible) if held is not None else visible
             scores: Any = None
             if sampling.logprobs is not None and (event.logprobs or event.prompt_logprobs):
                 if chat:
@@ -519,11 +539,17 @@ async def chat_completions(request: Request) -> Response:
     messages = _messages(body.get("messages"))
     tools = _tools(body, view)
     sampling = _sampling(service, view, body, ("max_tokens", "max_completion_tokens"))
+    think = None
+    if "thinking" in view.record.config.capabilities:
+        think = body.get("reasoning_effort") not in ("none", "minimal")
     try:
-        prompt = await service.chat_prompt(view, messages, tools)
+        prompt = await service.chat_prompt(view, messages, tools, think)
     except (ChatError, TemplateError) as exc:
         raise APIError(400, str(exc)) from None
-    return await _complete(request, body, view, [prompt], sampling, chat=True, tools=bool(tools))
+    inside = await service.opens_thinking(view, prompt) if think else None
+    return await _complete(
+        request, body, view, [prompt], sampling, chat=True, tools=bool(tools), thinking=inside
+    )
 
 
 def _tools(body: dict[str, Any], view: ModelView) -> list[dict[str, Any]] | None:
