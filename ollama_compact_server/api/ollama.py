@@ -212,6 +212,34 @@ class Thinking:
     inside: bool = False
 
 
+async def thinking_for(
+    service: ChatService,
+    view: ModelView,
+    prompt_ids: list[int],
+    think: bool | None,
+    put: Callable[[dict[str, Any], str], None],
+) -> Thinking | None:
+    if not think:
+        return None
+    return Thinking(put, await service.opens_thinking(view, prompt_ids))
+
+
+def put_generate_thinking(item: dict[str, Any], text: str) -> None:
+    item["thinking"] = text
+
+
+def put_chat_thinking(item: dict[str, Any], text: str) -> None:
+    item["message"]["thinking"] = text
+
+
+def model_view(service: ChatService, body: dict[str, Any]) -> ModelView:
+    """The request's model (`model` or `name`), or the dialect's 400/404."""
+    try:
+        return service.model(model_field(body))
+    except ChatError as exc:
+        raise APIError(exc.status, str(exc)) from None
+
+
 def think_flag(body: dict[str, Any], view: ModelView) -> bool | None:
     """Ollama's think: for a thinking model on unless false; refused for other models."""
     think = body.get("think")
@@ -392,11 +420,7 @@ async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[An
 async def generate(request: Request) -> Response:
     body = await json_body(request)
     service = chat_service(request)
-    name = model_field(body)
-    try:
-        view = service.model(name)
-    except ChatError as exc:
-        raise APIError(exc.status, str(exc)) from None
+    view = model_view(service, body)
     keep_alive = keep_alive_of(body)
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
@@ -438,10 +462,7 @@ async def generate(request: Request) -> Response:
     def extra(done: Completion) -> dict[str, Any]:
         return {} if raw else {"context": [*done.prompt_ids, *done.token_ids]}
 
-    thinking = None
-    if think:
-        inside = await service.opens_thinking(view, prompt_ids)
-        thinking = Thinking(lambda item, text: item.__setitem__("thinking", text), inside)
+    thinking = await thinking_for(service, view, prompt_ids, think, put_generate_thinking)
     return await run_stream(
         service, view, prompt_ids, body, keep_alive, frame, extra, thinking=thinking
     )
@@ -451,11 +472,7 @@ async def generate(request: Request) -> Response:
 async def chat(request: Request) -> Response:
     body = await json_body(request)
     service = chat_service(request)
-    name = model_field(body)
-    try:
-        view = service.model(name)
-    except ChatError as exc:
-        raise APIError(exc.status, str(exc)) from None
+    view = model_view(service, body)
     keep_alive = keep_alive_of(body)
     messages = body.get("messages")
     if not messages:
@@ -488,12 +505,7 @@ async def chat(request: Request) -> Response:
             "message": {"role": "assistant", "content": text},
         }
 
-    thinking = None
-    if think:
-        inside = await service.opens_thinking(view, prompt_ids)
-        thinking = Thinking(
-            lambda item, text: item["message"].__setitem__("thinking", text), inside
-        )
+    thinking = await thinking_for(service, view, prompt_ids, think, put_chat_thinking)
     return await run_stream(
         service,
         view,
@@ -859,8 +871,8 @@ async def _embed(
     request: Request, body: dict[str, Any], texts: list[str]
 ) -> tuple[ModelView, TokenEvent]:
     service = chat_service(request)
+    view = model_view(service, body)
     try:
-        view = service.model(model_field(body))
         inputs = await embed_inputs(
             service, view, texts, truncate=body.get("truncate", True) is not False
         )
@@ -882,10 +894,7 @@ async def embed(request: Request) -> Response:
     )
     if not texts:
         service = chat_service(request)
-        try:
-            view = service.model(model_field(body))
-        except ChatError as exc:
-            raise APIError(exc.status, str(exc)) from None
+        view = model_view(service, body)
         await load_or_unload(service, view, keep_alive_of(body), {})
         return JSONResponse({"model": view.name, "embeddings": []})
     started = time.perf_counter()
@@ -910,10 +919,7 @@ async def embeddings_legacy(request: Request) -> Response:
         raise APIError(400, "prompt must be a string")
     if not prompt:
         service = chat_service(request)
-        try:
-            view = service.model(model_field(body))
-        except ChatError as exc:
-            raise APIError(exc.status, str(exc)) from None
+        view = model_view(service, body)
         await load_or_unload(service, view, keep_alive_of(body), {})
         return JSONResponse({"embedding": []})
     _, event = await _embed(request, body, [prompt])
