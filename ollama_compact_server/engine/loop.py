@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 
+from .adapters import AdapterLoader, AdapterRef, AdapterSlots, Target
 from .constraint import JsonConstraint, grammar_for
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox, Notifier
@@ -49,11 +50,14 @@ class Pending:
     mailbox: Mailbox
     request: GenerateRequest | EmbedRequest | None = None
     keep_alive: KeepAlive = DEFAULT
+    adapter: AdapterRef | None = None  # set when routed: the LoRA adapter to run with
 
 
 Sizer = Callable[[str], int]
 Planner = Callable[[str, LoadedModel, int | None], tuple[int, int]]
 """(model, loaded, bytes available or None) -> (slots, tokens per slot) to allocate."""
+Resolver = Callable[[str], Target]
+"""A requested model name -> the resident model that serves it (and the adapter on top)."""
 
 
 class DeviceLoop:
@@ -75,8 +79,16 @@ class DeviceLoop:
         estimate: Sizer | None = None,
         planner: Planner | None = None,
         keep_alive: float | None = 300.0,
+        resolver: Resolver | None = None,
+        adapter_loader: AdapterLoader | None = None,
+        max_loras: int = 8,
+        max_cpu_loras: int = 32,
     ) -> None:
         self.provider = provider
+        self.resolver = resolver
+        self.adapter_loader = adapter_loader
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
         self.device = device
         self.dtype = dtype
         self.slots = slots
@@ -159,7 +171,18 @@ class DeviceLoop:
     # ------------------------------------------------------------ residency
 
     def _route(self, item: Pending) -> None:
+        """Sends a request to the worker of the model that serves it: adapter models run
+        on their (one, shared) base model."""
         name = item.model
+        if self.resolver is not None:
+            try:
+                target = self.resolver(name)
+            except Exception:  # unknown names fail in the load, with the usual message
+                target = Target(name)
+            if target.adapter is not None and self.adapter_loader is None:
+                item.mailbox.put(error_event("this engine cannot serve LoRA adapters", 400))
+                return
+            name, item.adapter = target.model, target.adapter
         worker = self.workers.get(name)
         if worker is not None:
             self._enqueue(worker, item, 0.0)
@@ -189,7 +212,16 @@ class DeviceLoop:
         runner = ModelRunner(
             loaded.model, slots=slots, capacity=capacity, dtype=self.dtype, device=self.device
         )
-        worker = ModelWorker(name, loaded, runner, self.prefill_chunk, self.stats)
+        adapters = None
+        if self.adapter_loader is not None:
+            adapters = AdapterSlots(
+                runner.attach_lora,
+                self.adapter_loader,
+                self.loader,
+                device_slots=self.max_loras,
+                host_slots=self.max_cpu_loras,
+            )
+        worker = ModelWorker(name, loaded, runner, self.prefill_chunk, self.stats, adapters)
         worker.memory = runner.cache.nbytes + weight_bytes(loaded.model)
         worker.load_time = time.perf_counter() - started
         worker.keep_alive = self.keep_alive
@@ -275,6 +307,17 @@ class DeviceLoop:
                 self._evict(worker, "keep-alive expired")
 
     def _request_unload(self, name: str) -> None:
+        if self.resolver is not None:
+            try:
+                target = self.resolver(name)
+            except Exception:
+                target = Target(name)
+            if target.adapter is not None:
+                worker = self.workers.get(target.model)
+                if worker is not None and worker.adapters is not None:
+                    worker.adapters.drop(target.adapter.key)
+                return
+            name = target.model
         worker = self.workers.get(name)
         if worker is not None:
             worker.keep_alive = 0.0  # unloads as soon as it is idle
@@ -289,7 +332,18 @@ class DeviceLoop:
         if item.request is None:  # a bare load
             item.mailbox.put(TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time))
             return
+        if item.adapter is not None and worker.adapters is not None:
+            worker.adapters.prefetch(item.adapter)  # loads beside the running batch
         if isinstance(item.request, EmbedRequest):
+            if item.adapter is not None:
+                item.mailbox.put(
+                    error_event(
+                        f"'{item.adapter.name}' is a LoRA adapter model; embeddings come from "
+                        f"its base model '{worker.name}'",
+                        400,
+                    )
+                )
+                return
             self._embed(worker, item.request, item.mailbox, load_time)
             return
         request = item.request
@@ -323,6 +377,7 @@ class DeviceLoop:
             stop_ids=set(params.stop_token_ids) | worker.loaded.stop_ids,
             max_tokens=max_tokens,
             load_time=load_time,
+            adapter=item.adapter,
         )
         if params.json_schema is not None:
             try:
@@ -435,6 +490,20 @@ class DeviceLoop:
                     device=str(self.device),
                 )
             )
+            if worker.adapters is None:
+                continue
+            for name, nbytes, busy in worker.adapters.resident():
+                snapshot.append(
+                    Resident(
+                        name=name,
+                        memory=nbytes,
+                        context=worker.runner.cache.capacity,
+                        expires_in=None if expires is None else max(0.0, expires - now),
+                        busy=busy,
+                        device=str(self.device),
+                        base=worker.name,
+                    )
+                )
         return snapshot
 
 

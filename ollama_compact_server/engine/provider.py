@@ -9,7 +9,10 @@ from typing import Any
 import torch
 
 from ..modeling.loader import load_causal_lm, load_tokenizer
+from ..modeling.lora import LoraWeights, read_peft_adapter
+from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import Registry
+from .adapters import AdapterRef, Target
 from .planner import format_plan, plan_memory
 from .types import EngineError
 from .worker import LoadedModel
@@ -36,8 +39,29 @@ class RegistryProvider:
         self.device = device
         self.dtype = dtype
 
+    def resolve(self, name: str) -> Target:
+        """An adapter model runs on its base; the adapter is named by its weights' digests."""
+        record = self.registry.get(name)
+        if not record.is_adapter or not record.config.base_model:
+            return Target(record.name.display())
+        files = tuple(
+            sorted((f, layer.digest) for f, layer in record.manifest.files(MT_ADAPTER_FILE).items())
+        )
+        base = self.registry.get(record.config.base_model)
+        return Target(
+            base.name.display(), AdapterRef(record.name.display(), record.digest, files)
+        )
+
+    def load_adapter(self, ref: AdapterRef) -> LoraWeights:
+        """Reads an adapter's files (each checked against its digest) into host memory."""
+        files = {name: self.registry.blobs.verify(digest) for name, digest in ref.files}
+        config = json.loads(files["adapter_config.json"].read_text(encoding="utf-8"))
+        return read_peft_adapter(config, files["adapter_model.safetensors"], ref.key)
+
     def __call__(self, name: str) -> LoadedModel:
         record = self.registry.get(name)
+        if record.is_adapter and record.config.base_model:
+            record = self.registry.get(record.config.base_model)
         model = load_causal_lm(self.registry, record, dtype=self.dtype)
         model.to(self.device)
         tokenizer = load_tokenizer(self.registry, record)
