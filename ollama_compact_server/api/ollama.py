@@ -803,6 +803,11 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             merge_options(parameters)
         except OptionError as exc:
             raise APIError(400, str(exc)) from None
+    merge = body.get("merge", False)
+    if not isinstance(merge, bool):
+        raise APIError(400, "merge must be true or false")
+    if merge and not source:
+        raise APIError(400, "merge needs 'from': the adapter model to fold into its base")
     messages = body.get("messages")
     if messages is not None:
         try:
@@ -820,6 +825,7 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             parameters=parameters,
             messages=messages,
             license=license_value,
+            merge=merge,
         )
     except RegistryError as exc:
         raise APIError(exc.status, str(exc)) from None

@@ -204,6 +204,7 @@ def import_hf_dir(
     license_text: str | None = None,
     source: dict[str, Any] | None = None,
     aliases: list[str] | None = None,
+    parent_model: str = "",
     progress: ProgressFn = _noop,
 ) -> ModelRecord:
     """Imports a Hugging Face model directory (config.json + *.safetensors + tokenizer)."""
@@ -250,6 +251,7 @@ def import_hf_dir(
         source=source or {"kind": "huggingface", "ref": directory.resolve().name},
         aliases=sorted(set(record_aliases)),
         capabilities=capabilities_for(chat_template),
+        parent_model=parent_model,
     )
     total = sum(p.stat().st_size for p in files)
     done = 0
