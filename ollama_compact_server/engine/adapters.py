@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -48,7 +48,9 @@ class _Slot:
 @dataclass(slots=True)
 class AdapterStats:
     loads: int = 0
-    load_seconds: list[float] = field(default_factory=list)
+    # the latest timings: disk -> host memory (on the loader thread), host -> device slot
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    place_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     device_evictions: int = 0
     host_evictions: int = 0
 
@@ -120,7 +122,9 @@ class AdapterSlots:
                 log.info("adapter %s leaves the device (LRU)", slot.name)
                 self.stats.device_evictions += 1
             slot.key, slot.name, slot.refs = None, "", 0
+            started = time.perf_counter()
             bank.load(index, weights)  # raises LoraError
+            self.stats.place_seconds.append(time.perf_counter() - started)
             slot.key, slot.name, slot.nbytes = ref.key, ref.name, weights.nbytes
         slot = self.slots[index]
         slot.refs += 1

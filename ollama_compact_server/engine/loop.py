@@ -222,7 +222,7 @@ class DeviceLoop:
                 host_slots=self.max_cpu_loras,
             )
         worker = ModelWorker(name, loaded, runner, self.prefill_chunk, self.stats, adapters)
-        worker.memory = runner.cache.nbytes + weight_bytes(loaded.model)
+        worker.own_memory = runner.cache.nbytes + weight_bytes(loaded.model)
         worker.load_time = time.perf_counter() - started
         worker.keep_alive = self.keep_alive
         log.info(
@@ -483,7 +483,7 @@ class DeviceLoop:
             snapshot.append(
                 Resident(
                     name=worker.name,
-                    memory=worker.memory,
+                    memory=worker.own_memory,
                     context=worker.runner.cache.capacity,
                     expires_in=None if expires is None else max(0.0, expires - now),
                     busy=worker.busy,

@@ -113,8 +113,13 @@ class ModelWorker:
         self.by_slot: dict[int, Sequence] = {}
         self.last_used = time.monotonic()
         self.keep_alive: float | None = None  # seconds idle before unloading; None = forever
-        self.memory = 0  # resident bytes: weights + KV cache
+        self.own_memory = 0  # resident bytes: weights + KV cache (adapter slots come on top)
         self.load_time = 0.0
+
+    @property
+    def memory(self) -> int:
+        """Resident bytes: weights, KV cache and the adapter slots."""
+        return self.own_memory + (self.adapters.nbytes if self.adapters is not None else 0)
 
     @property
     def expires_at(self) -> float | None:

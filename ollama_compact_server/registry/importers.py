@@ -366,7 +366,15 @@ def check_adapter_shapes(
                 matched = kind
                 break
         else:
-            raise InvalidModel(f"adapter tensor {key[:100]!r} is not a LoRA weight")
+            raise InvalidModel(
+                f"adapter tensor {key[:100]!r} is not a LoRA weight (adapters that carry full "
+                "weights, such as resized embeddings, are not supported)"
+            )
+        if matched in ("eA", "eB"):
+            raise InvalidModel(
+                f"the adapter puts LoRA on an embedding ({module[:100]!r}); only LoRA on "
+                "linear projections (attention, MLP, output head) can be served"
+            )
         target = base_keys.get(f"{module}.weight".lower())
         if target is None:
             raise InvalidModel(
