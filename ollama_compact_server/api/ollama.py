@@ -428,6 +428,8 @@ async def generate(request: Request) -> Response:
     if not prompt and not body.get("images"):
         return await load_or_unload(service, view, keep_alive, {"response": ""})
     check_common(body, view)
+    if "completion" not in view.record.config.capabilities:
+        raise APIError(400, f'"{view.name}" does not support generate')
     if body.get("images"):
         raise APIError(400, f'"{view.name}" does not support vision')
     if body.get("suffix"):
@@ -480,6 +482,8 @@ async def chat(request: Request) -> Response:
             service, view, keep_alive, {"message": {"role": "assistant", "content": ""}}
         )
     check_common(body, view)
+    if "completion" not in view.record.config.capabilities:
+        raise APIError(400, f'"{view.name}" does not support chat')
     if isinstance(messages, list) and any(
         isinstance(m, dict) and m.get("images") for m in messages
     ):

@@ -203,7 +203,10 @@ class DeviceLoop:
         started = time.perf_counter()
         loaded = self.provider(name)
         slots, capacity = self.slots, self.capacity
-        if self.planner is not None:
+        if loaded.pooling is not None:  # an encoder: no KV cache, embeddings only
+            context = getattr(loaded.model.config, "max_position_embeddings", None)
+            slots, capacity = 0, int(context or capacity)
+        elif self.planner is not None:
             available = None
             if self.memory_budget is not None:
                 used = sum(w.memory for w in list(self.workers.values()))
@@ -213,7 +216,7 @@ class DeviceLoop:
             loaded.model, slots=slots, capacity=capacity, dtype=self.dtype, device=self.device
         )
         adapters = None
-        if self.adapter_loader is not None:
+        if self.adapter_loader is not None and loaded.pooling is None:
             adapters = AdapterSlots(
                 runner.attach_lora,
                 self.adapter_loader,
@@ -347,6 +350,11 @@ class DeviceLoop:
             self._embed(worker, item.request, item.mailbox, load_time)
             return
         request = item.request
+        if worker.loaded.pooling is not None:
+            item.mailbox.put(
+                error_event(f'"{request.model}" is an embedding model and does not generate', 400)
+            )
+            return
         params = request.sampling
         prompt = len(request.prompt_ids)
         capacity = worker.runner.cache.capacity
@@ -404,7 +412,12 @@ class DeviceLoop:
             return
         started = time.perf_counter()
         try:
-            vectors = embed(worker.loaded.model, request.inputs, self.device)
+            if worker.loaded.pooling is not None:
+                vectors = embed_encoder(
+                    worker.loaded.model, request.inputs, self.device, worker.loaded.pooling
+                )
+            else:
+                vectors = embed(worker.loaded.model, request.inputs, self.device)
         except Exception as exc:
             log.exception("embedding failed for %s", request.request_id)
             mailbox.put(error_event(f"embedding failed: {exc.__class__.__name__}", 500))
@@ -529,6 +542,39 @@ def embed(model: Any, inputs: list[list[int]], device: torch.device) -> list[lis
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # hidden: [B, T, H]
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        vectors.extend(pooled.cpu().tolist())
+    return vectors
+
+
+@torch.inference_mode()
+def embed_encoder(
+    model: Any, inputs: list[list[int]], device: torch.device, pooling: str
+) -> list[list[float]]:
+    """Embeddings from an encoder: its token states pooled as its sentence-transformers
+    config says (mean, cls, max, lasttoken), L2-normalised; right-padded and masked."""
+    vectors: list[list[float]] = []
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    for start in range(0, len(inputs), EMBED_BATCH):
+        batch = inputs[start : start + EMBED_BATCH]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [B, T, H]
+        keep = mask.unsqueeze(-1).to(hidden.dtype)
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        elif pooling == "lasttoken":
+            last = mask.sum(dim=1) - 1
+            pooled = hidden[torch.arange(len(batch), device=device), last]
+        elif pooling == "max":
+            pooled = hidden.masked_fill(keep == 0, float("-inf")).max(dim=1).values
+        else:
+            pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
         vectors.extend(pooled.cpu().tolist())
     return vectors
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..modeling.loader import load_causal_lm, load_tokenizer
+from ..modeling.loader import load_causal_lm, load_encoder, load_tokenizer
 from ..modeling.lora import LoraWeights, read_peft_adapter
 from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import Registry
@@ -62,6 +62,15 @@ class RegistryProvider:
         record = self.registry.get(name)
         if record.is_adapter and record.config.base_model:
             record = self.registry.get(record.config.base_model)
+        if record.config.embedding is not None:  # a dedicated embedding model
+            encoder = load_encoder(self.registry, record, dtype=self.dtype)
+            encoder.to(self.device)
+            return LoadedModel(
+                model=encoder,
+                tokenizer=load_tokenizer(self.registry, record),
+                stop_ids=set(),
+                pooling=record.config.embedding.pooling,
+            )
         model = load_causal_lm(self.registry, record, dtype=self.dtype)
         model.to(self.device)
         tokenizer = load_tokenizer(self.registry, record)

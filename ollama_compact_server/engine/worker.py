@@ -74,6 +74,7 @@ class LoadedModel:
     tokenizer: Any
     stop_ids: set[int]
     guided: GuidedTokenizer | None = None  # built on the first structured-output request
+    pooling: str | None = None  # set for dedicated embedding models (encoders): no generation
 
     def guided_tokenizer(self) -> GuidedTokenizer:
         if self.guided is None:
