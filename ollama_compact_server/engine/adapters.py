@@ -68,11 +68,13 @@ class AdapterSlots:
         *,
         device_slots: int,
         host_slots: int,
+        on_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.make_bank = make_bank
         self.loader = loader
         self.executor = executor
         self.host_slots = host_slots
+        self.on_loaded = on_loaded  # wakes the device loop when a load finishes
         self.bank: LoraBank | None = None
         self.slots = [_Slot() for _ in range(device_slots)]
         self.host: OrderedDict[str, LoraWeights] = OrderedDict()
@@ -101,7 +103,11 @@ class AdapterSlots:
         if ref.key in self.host or ref.key in self.loading or self.slot_of(ref.key) >= 0:
             return
         log.info("loading adapter %s", ref.name)
-        self.loading[ref.key] = (self.executor.submit(self.loader, ref), time.perf_counter())
+        future = self.executor.submit(self.loader, ref)
+        self.loading[ref.key] = (future, time.perf_counter())
+        if self.on_loaded is not None:
+            wake = self.on_loaded
+            future.add_done_callback(lambda _: wake())
 
     @property
     def busy(self) -> bool:

@@ -223,6 +223,7 @@ class DeviceLoop:
                 self.loader,
                 device_slots=self.max_loras,
                 host_slots=self.max_cpu_loras,
+                on_loaded=self.wakeup.set,
             )
         worker = ModelWorker(name, loaded, runner, self.prefill_chunk, self.stats, adapters)
         worker.own_memory = runner.cache.nbytes + weight_bytes(loaded.model)

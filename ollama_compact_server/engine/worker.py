@@ -148,14 +148,16 @@ class ModelWorker:
         if self.adapters is not None:
             self._collect_adapters()
         decode_batch = sorted(self.running, key=lambda s: s.slot)
-        self._prefill_step()
+        prefilled = self._prefill_step()
         if decode_batch:
             self._decode_step(decode_batch)
-        return True
+        # False when every request waits (for an adapter load): the loop may sleep until
+        # a wakeup instead of spinning beside the loader thread
+        return prefilled or bool(decode_batch)
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self) -> bool:
         """Prefill under a per-step token budget: a long prompt in chunks, alone; short
-        fresh prompts several at a time in one forward."""
+        fresh prompts several at a time in one forward. True if anything ran."""
         if self.prefilling is None and self.waiting and self.runner.cache.can_allocate():
             ready = self._ready()
             if ready:
@@ -164,9 +166,11 @@ class ModelWorker:
                     self.prefilling = self._admit(head)
                 else:
                     self._prefill_many(ready)
-                    return
+                    return True
         if self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
+            return True
+        return False
 
     def _ready(self) -> list[Sequence]:
         """Waiting sequences that can start now, in order. A request whose adapter is still
