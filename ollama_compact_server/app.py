@@ -65,6 +65,7 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         dtype=dtype,
         num_parallel=settings.num_parallel,
         context_length=settings.context_length,
+        max_loras=settings.max_loras,
     )
     provider = RegistryProvider(registry, device, dtype)
     loop = DeviceLoop(

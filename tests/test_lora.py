@@ -234,3 +234,18 @@ def test_bank_refuses_adapters_that_do_not_fit(tiny_models: dict[str, Path]) -> 
     with pytest.raises(LoraError, match="not a projection"):
         bank.load(0, nowhere)
     assert not bank.layers  # nothing was wrapped
+
+
+def test_memory_plan_reserves_the_adapter_slots(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs
+) -> None:
+    from ollama_compact_server.engine.provider import RegistrySizing
+
+    dirs = {name: adapter_dirs["llama", name] for name in ADAPTERS}
+    registry = make_registry(tmp_path / "reg", tiny_models["llama"], dirs)
+    sizing = RegistrySizing(
+        registry, dtype=torch.float32, num_parallel=2, context_length=256, max_loras=3
+    )
+    assert sizing.adapters_of("tiny") == (3, 8)  # the highest rank among its adapters
+    import_hf_dir(registry, tiny_models["qwen2"], "other")
+    assert sizing.adapters_of("other") == (0, 16)

@@ -88,8 +88,10 @@ class RegistrySizing:
         dtype: torch.dtype,
         num_parallel: int,
         context_length: int,
+        max_loras: int = 0,
     ) -> None:
         self.registry = registry
+        self.max_loras = max_loras
         self.dtype_name = {
             torch.float32: "float32",
             torch.bfloat16: "bfloat16",
@@ -115,6 +117,19 @@ class RegistrySizing:
         model_context = context_length(config) or self.context_length
         return min(self.context_length, model_context)
 
+    def adapters_of(self, name: str) -> tuple[int, int]:
+        """Adapter slots to reserve beside ``name``: none without registry adapters for it,
+        else the OCS_MAX_LORAS slots the engine allocates, at their highest rank."""
+        base = self.registry.get(name).name.display()
+        ranks = [
+            record.config.adapter.r
+            for record in self.registry.models()
+            if record.is_adapter and record.config.base_model == base and record.config.adapter
+        ]
+        if not ranks or not self.max_loras:
+            return 0, 16
+        return self.max_loras, max(ranks)
+
     def estimate(self, name: str) -> int:
         """Bytes needed to load ``name`` with at least one sequence of context."""
         config = self.hf_config(name)
@@ -134,6 +149,7 @@ class RegistrySizing:
         context = self.context_for(config)
         if available is None:
             return self.num_parallel, context
+        adapters, rank = self.adapters_of(name)
         plan = plan_memory(
             config,
             budget=max(available, 0),
@@ -142,6 +158,8 @@ class RegistrySizing:
             num_parallel=self.num_parallel,
             context=context,
             min_context=min(512, context),
+            adapters=adapters,
+            adapter_rank=rank,
             activation_reserve=0,
         )
         log.info("memory plan for %s:\n%s", name, format_plan(plan, name))
