@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ollama_compact_server.cli import main
 from ollama_compact_server.registry.importers import import_adapter_dir, import_hf_dir
@@ -28,6 +29,22 @@ def registry(tmp_path: Path, tiny_models: dict[str, Path]) -> Registry:
     return registry
 
 
+def peft_embeddings(registry: Registry, name: str, texts: list[str]) -> list[list[float]]:
+    from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
+
+    record = registry.get(name)
+    model = load_causal_lm(registry, record, dtype=torch.float32)
+    tokenizer = load_tokenizer(registry, registry.get(record.config.base_model or name))
+    backbone = model.get_base_model().get_decoder()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            hidden = backbone(input_ids=ids).last_hidden_state[0]
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
+    return out
+
+
 async def generate(client, model: str) -> str:
     r = await client.post(
         "/api/generate",
@@ -44,7 +61,7 @@ async def generate(client, model: str) -> str:
 
 
 async def test_adapters_share_the_base_and_show_in_ps(registry: Registry) -> None:
-    async with serve_app(registry) as served:
+    async with serve_app(registry, dtype="float32") as served:
         raw = served.raw
         base = await generate(raw, "tiny")
         pirate = await generate(raw, "pirate")
@@ -61,8 +78,15 @@ async def test_adapters_share_the_base_and_show_in_ps(registry: Registry) -> Non
             model="pirate", prompt="Hello there", max_tokens=8, temperature=0
         )
         assert chat.choices[0].text == pirate
-        r = await raw.post("/api/embed", json={"model": "pirate", "input": "hi"})
-        assert r.status_code == 400 and "base model" in r.json()["error"]
+        # embeddings from an adapter model carry its adapter (peft computes the same)
+        texts = ["hello world", "the adapter changes this"]
+        r = await raw.post("/api/embed", json={"model": "pirate", "input": texts})
+        assert r.status_code == 200, r.text
+        with_adapter = r.json()["embeddings"]
+        r = await raw.post("/api/embed", json={"model": "tiny", "input": texts})
+        assert r.json()["embeddings"] != with_adapter
+        expected = peft_embeddings(registry, "pirate", texts)
+        assert torch.allclose(torch.tensor(with_adapter), torch.tensor(expected), atol=1e-4)
 
 
 async def test_merge_through_the_api_and_the_cli(registry: Registry) -> None:

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 
+from ..modeling.lora import LoraError
 from .adapters import AdapterLoader, AdapterRef, AdapterSlots, Target
 from .constraint import JsonConstraint, grammar_for
 from .detok import Detokenizer, StopMatcher
@@ -105,6 +106,7 @@ class DeviceLoop:
         self.loads: dict[str, Future[ModelWorker]] = {}
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
         self.inbox: deque[tuple[str, Any]] = deque()
+        self.adapter_embeds: list[tuple[str, Pending, float]] = []  # waiting for their adapter
         self.stats = EngineStats()
         self.notifier = Notifier()
         self.wakeup = threading.Event()
@@ -141,6 +143,8 @@ class DeviceLoop:
             for queue in self.pending.values():
                 for item in queue:
                     item.mailbox.put(error_event("the server is shutting down", 503))
+            for _, item, _ in self.adapter_embeds:
+                item.mailbox.put(error_event("the server is shutting down", 503))
             self.notifier.flush()
         except BaseException as exc:  # pragma: no cover - the loop itself must not die
             self.crashed = exc
@@ -150,6 +154,8 @@ class DeviceLoop:
         """schedule -> run -> postprocess for every resident model, plus housekeeping."""
         worked = self._drain_inbox()
         worked = self._service_loads() or worked
+        if self.adapter_embeds:
+            worked = self._embed_with_adapters() or worked
         for worker in list(self.workers.values()):
             worked = worker.step() or worked
         self._expire()
@@ -340,13 +346,8 @@ class DeviceLoop:
             worker.adapters.prefetch(item.adapter)  # loads beside the running batch
         if isinstance(item.request, EmbedRequest):
             if item.adapter is not None:
-                item.mailbox.put(
-                    error_event(
-                        f"'{item.adapter.name}' is a LoRA adapter model; embeddings come from "
-                        f"its base model '{worker.name}'",
-                        400,
-                    )
-                )
+                self.adapter_embeds.append((worker.name, item, load_time))
+                self._embed_with_adapters()
                 return
             self._embed(worker, item.request, item.mailbox, load_time)
             return
@@ -401,8 +402,46 @@ class DeviceLoop:
             return
         worker.waiting.append(seq)
 
+    def _embed_with_adapters(self) -> bool:
+        """Embedding requests for adapter models run once their adapter has a device slot
+        (it loads beside the batch meanwhile); returns True if one ran or failed."""
+        worked = False
+        for entry in list(self.adapter_embeds):
+            name, item, load_time = entry
+            worker = self.workers.get(name)
+            ref = item.adapter
+            if worker is None or worker.adapters is None or ref is None:
+                self.adapter_embeds.remove(entry)
+                item.mailbox.put(error_event(f"model '{name}' was unloaded", 503))
+                continue
+            failed = worker.adapters.poll({ref.key})
+            if ref.key in failed:
+                self.adapter_embeds.remove(entry)
+                item.mailbox.put(error_event(failed[ref.key], 500))
+                continue
+            if not worker.adapters.can_acquire(ref):
+                continue
+            self.adapter_embeds.remove(entry)
+            worked = True
+            try:
+                slot = worker.adapters.acquire(ref)
+            except LoraError as exc:
+                item.mailbox.put(error_event(str(exc), 400))
+                continue
+            worker.last_used = time.monotonic()
+            try:
+                self._embed(worker, cast(EmbedRequest, item.request), item.mailbox, load_time, slot)
+            finally:
+                worker.adapters.release(slot)
+        return worked
+
     def _embed(
-        self, worker: ModelWorker, request: EmbedRequest, mailbox: Mailbox, load_time: float
+        self,
+        worker: ModelWorker,
+        request: EmbedRequest,
+        mailbox: Mailbox,
+        load_time: float,
+        lora: int = -1,
     ) -> None:
         capacity = worker.runner.cache.capacity
         longest = max((len(x) for x in request.inputs), default=0)
@@ -418,7 +457,15 @@ class DeviceLoop:
                     worker.loaded.model, request.inputs, self.device, worker.loaded.pooling
                 )
             else:
-                vectors = embed(worker.loaded.model, request.inputs, self.device)
+                bank = worker.runner.lora if lora >= 0 else None
+                vectors = embed(
+                    worker.loaded.model,
+                    request.inputs,
+                    self.device,
+                    select=(lambda rows: bank.select([lora] * rows)) if bank else None,
+                )
+                if bank is not None:
+                    bank.reset()
         except Exception as exc:
             log.exception("embedding failed for %s", request.request_id)
             mailbox.put(error_event(f"embedding failed: {exc.__class__.__name__}", 500))
@@ -525,9 +572,15 @@ EMBED_BATCH = 16
 
 
 @torch.inference_mode()
-def embed(model: Any, inputs: list[list[int]], device: torch.device) -> list[list[float]]:
+def embed(
+    model: Any,
+    inputs: list[list[int]],
+    device: torch.device,
+    select: Callable[[int], None] | None = None,
+) -> list[list[float]]:
     """Mean of the last hidden states over each input's tokens, L2-normalised; inputs are
-    right-padded in batches and masked."""
+    right-padded in batches and masked. ``select(rows)`` runs before each batch's forward
+    (it points a LoRA bank's rows at an adapter)."""
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     vectors: list[list[float]] = []
     for start in range(0, len(inputs), EMBED_BATCH):
@@ -539,6 +592,8 @@ def embed(model: Any, inputs: list[list[int]], device: torch.device) -> list[lis
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, : len(tokens)] = 1
         ids, mask = ids.to(device), mask.to(device)
+        if select is not None:
+            select(len(batch))
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # hidden: [B, T, H]
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
