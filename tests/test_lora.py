@@ -249,3 +249,42 @@ def test_memory_plan_reserves_the_adapter_slots(
     assert sizing.adapters_of("tiny") == (3, 8)  # the highest rank among its adapters
     import_hf_dir(registry, tiny_models["qwen2"], "other")
     assert sizing.adapters_of("other") == (0, 16)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_batched_lora_logits_match_peft(tiny_models: dict[str, Path], adapter_dirs, family: str):
+    """The documented tolerance: in float32, every row of a mixed batch (two adapters and
+    the bare base) has logits within 1e-4 of peft's for its own adapter."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ollama_compact_server.engine.runner import ModelRunner
+    from ollama_compact_server.modeling.lora import read_peft_adapter
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(
+            tiny_models[family], attn_implementation="sdpa"
+        ).eval()
+
+    names = ["pirate", "poet"]
+    runner = ModelRunner(
+        fresh(), slots=3, capacity=64, dtype=torch.float32, device=torch.device("cpu")
+    )
+    bank = runner.attach_lora(2)
+    for slot, name in enumerate(names):
+        directory = adapter_dirs[family, name]
+        config = json.loads((directory / "adapter_config.json").read_text())
+        bank.load(slot, read_peft_adapter(config, directory / "adapter_model.safetensors", name))
+    prompt = PROMPTS[1]
+    slots = [runner.cache.allocate() for _ in range(3)]
+    ours = runner.prefill_batch(slots, [prompt] * 3, [0, 1, -1])  # [3, V]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            peft = PeftModel.from_pretrained(fresh(), adapter_dirs[family, name]).eval()
+            expected = peft(input_ids=ids).logits[0, -1]
+            assert (ours[row] - expected).abs().max() < 1e-4, name
+        expected = fresh()(input_ids=ids).logits[0, -1]
+        assert (ours[2] - expected).abs().max() < 1e-4
