@@ -1,18 +1,51 @@
-# Minimal image for now; the deployment issue (issue 7) adds the CUDA target, non-root user
-# hardening and healthchecks.
-FROM python:3.11-slim AS cpu
-# Inside the container the daemon listens on all interfaces; docker-compose.yml publishes the
-# port on the host's 127.0.0.1 only. Set OCS_API_KEY before publishing it more widely.
-ENV PYTHONUNBUFFERED=1 OLLAMA_HOST=0.0.0.0:11434 OCS_INSECURE_NO_AUTH=true \
-    OCS_MODELS=/data/models OCS_ADAPTERS=/data/adapters
-WORKDIR /app
+# syntax=docker/dockerfile:1
+# ollama-compact-server images. Two variants from one Dockerfile, chosen by build arguments:
+#   CPU  (default):  docker build -t ollama-compact-server:cpu .
+#   CUDA:            docker build -t ollama-compact-server:cuda \
+#                      --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+# The CUDA build of torch brings its CUDA libraries as wheels, so both variants run on the same
+# slim Python base; the host needs only the NVIDIA driver and container toolkit
+# (docker-compose.yml's `cuda` profile reserves the GPU).
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------- build: a venv in /opt/venv
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# torch first, from the index of the chosen variant (its own layer: it rarely changes)
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md ./
 COPY ollama_compact_server ./ollama_compact_server
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir ".[default-model]"
-RUN useradd --create-home --uid 1000 ocs && mkdir -p /data/models /data/adapters && chown -R ocs /data
+RUN pip install ".[default-model]"
+
+# ---------------------------------------------------------------- runtime
+FROM ${PYTHON_IMAGE} AS runtime
+# Inside the container the daemon listens on all interfaces of the container (OLLAMA_HOST);
+# it refuses to start that way unless OCS_API_KEY is set, or OCS_INSECURE_NO_AUTH=true says the
+# network is trusted (docker-compose.yml sets that and publishes the port on the host's
+# 127.0.0.1 only). The image itself sets neither.
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
+    OLLAMA_HOST=0.0.0.0:11434 OCS_MODELS=/data/models OCS_ADAPTERS=/data/adapters \
+    HOME=/home/ocs
+RUN useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin ocs \
+ && mkdir -p /data/models /data/adapters \
+ && chown -R ocs:ocs /data
+COPY --from=build /opt/venv /opt/venv
+COPY docker/entrypoint.sh /entrypoint.sh
+COPY docker/healthcheck.py /healthcheck.py
 USER ocs
+WORKDIR /home/ocs
 VOLUME ["/data/models", "/data/adapters"]
 EXPOSE 11434
-COPY docker/entrypoint.sh /entrypoint.sh
+# Ready = the engine runs and the default model is in the registry; stdlib only (no curl).
+# The first start imports the default model before listening (a minute or more): start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python", "/healthcheck.py"]
+# SIGTERM: stop accepting, let running streams finish (OCS_SHUTDOWN_TIMEOUT, default 30 s)
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["/entrypoint.sh"]

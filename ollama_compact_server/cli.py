@@ -130,6 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-parallel", dest="plan_parallel", type=int, default=None)
     plan.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
 
+    ev = sub.add_parser(
+        "eval",
+        help="measure a model: perplexity, size, memory, tokens/s",
+        description="Measure a registry model through the engine: perplexity on held-out "
+        "public-domain text (compared with its parent model's), size on disk, resident memory "
+        "and tokens/s at 1 and 16 streams. The report is recorded in the registry and shown by "
+        "/api/show. Works on the registry at OCS_MODELS directly (no daemon needed).",
+    )
+    ev.add_argument("model")
+    ev.add_argument(
+        "--with-parent",
+        dest="eval_with_parent",
+        action="store_true",
+        help="measure the parent model too (else its recorded report is used)",
+    )
+    ev.add_argument(
+        "--max-tokens",
+        dest="eval_max_tokens",
+        type=int,
+        default=None,
+        help="score at most N tokens of the text (faster, less precise)",
+    )
+    ev.add_argument(
+        "--text",
+        dest="eval_text",
+        type=Path,
+        default=None,
+        help="a UTF-8 text file to score instead of the shipped held-out text",
+    )
+    ev.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
+    ev.add_argument("--device", default=None, help="cpu, cuda or cuda:N [env OCS_DEVICE]")
+    ev.add_argument("--dtype", default=None, help="float32, bfloat16 ... [env OCS_DTYPE]")
+
     imp = sub.add_parser(
         "import",
         help="import a local model directory, GGUF file or PEFT adapter into the registry",
@@ -172,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .commands import merge_command
 
             return merge_command(settings_from(args), args)
+        if args.command == "eval":
+            from .commands import eval_command
+
+            return eval_command(settings_from(args), args)
         if args.command == "plan":
             from .commands import plan_command
 

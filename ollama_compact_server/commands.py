@@ -172,6 +172,20 @@ def cmd_show(client: Client, args: argparse.Namespace) -> None:
         print("\n  Capabilities")
         for cap in info["capabilities"]:
             print(f"    {cap}")
+    if "ocs.eval.perplexity" in model_info:
+        print("\n  Evaluation")
+        change = model_info.get("ocs.eval.perplexity_change")
+        ppl = f"{model_info['ocs.eval.perplexity']:.3f}"
+        if isinstance(change, (int, float)):
+            ppl += f" ({100 * change:+.1f}% vs {model_info.get('ocs.eval.parent_model', '')})"
+        for label, value in (
+            ("perplexity", ppl),
+            ("size on disk", human_size(int(model_info.get("ocs.eval.size_bytes", 0)))),
+            ("resident memory", human_size(int(model_info.get("ocs.eval.resident_bytes", 0)))),
+            ("tokens/s, 1 stream", model_info.get("ocs.eval.tokens_per_second_1", "")),
+            ("tokens/s, 16 streams", model_info.get("ocs.eval.tokens_per_second_16", "")),
+        ):
+            print(f"    {label:<20}{value}")
     if info.get("parameters"):
         print("\n  Parameters")
         for line in str(info["parameters"]).splitlines():
@@ -433,3 +447,25 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print(format_plan(plan, name))
     return 0 if plan.fits else 3
+
+
+def eval_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`ollama-compact eval`: measures a registry model and records the report."""
+    from .engine.types import EngineError
+    from .evaluation import EvalError, Options, evaluate, format_report
+    from .logs import setup_logging
+    from .registry.store import Registry
+
+    setup_logging("warning")
+    if args.eval_max_tokens is not None and args.eval_max_tokens < 2:
+        print("Error: --max-tokens must be at least 2", file=sys.stderr)
+        return 2
+    registry = Registry(settings.models)
+    options = Options(max_tokens=args.eval_max_tokens, text=args.eval_text)
+    try:
+        reports = evaluate(settings, registry, args.model, options, args.eval_with_parent)
+    except (RegistryError, EvalError, EngineError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print("\n\n".join(format_report(report) for report in reports))
+    return 0

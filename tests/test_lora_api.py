@@ -114,3 +114,11 @@ async def test_merge_through_the_api_and_the_cli(registry: Registry) -> None:
     assert main(["merge", "poet", "poet-merged", "--models", str(registry.root)]) == 0
     assert registry.get("poet-merged").config.source["adapter"] == "poet:latest"
     assert main(["merge", "tiny", "nope", "--models", str(registry.root)]) == 1
+
+
+async def test_loading_an_adapter_model_puts_its_adapter_on_the_device(registry: Registry) -> None:
+    async with serve_app(registry) as served:
+        r = await served.raw.post("/api/generate", json={"model": "poet", "stream": False})
+        assert r.status_code == 200 and r.json()["done_reason"] == "load"
+        names = {m["name"] for m in (await served.raw.get("/api/ps")).json()["models"]}
+        assert names == {"tiny:latest", "poet:latest"}

@@ -42,6 +42,7 @@ from ..modeling.create import CreateSpec, check_file_map, create_model
 from ..modeling.pull import hub_repo, pull_model
 from ..registry.blobs import normalize_digest
 from ..registry.errors import InvalidName, RegistryError
+from ..registry.evals import read_eval
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from ..settings import parse_duration
@@ -625,6 +626,10 @@ async def show(request: Request) -> dict[str, Any]:
     params = dict(view.params)
     if isinstance(body.get("options"), dict):
         params.update(body["options"])
+    info = model_info(view, registry)
+    report = read_eval(registry, view.record)  # `ollama-compact eval`, once measured
+    if report is not None:
+        info.update(report.model_info())
     return {
         "license": registry.license(view.record),
         "modelfile": modelfile_text(view),
@@ -633,7 +638,7 @@ async def show(request: Request) -> dict[str, Any]:
         "system": body.get("system") or view.system,
         "details": details(view.record),
         "messages": view.messages,
-        "model_info": model_info(view, registry),
+        "model_info": info,
         "capabilities": view.record.config.capabilities,
         "modified_at": rfc3339(view.record.modified_at),
     }

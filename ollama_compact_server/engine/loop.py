@@ -106,7 +106,8 @@ class DeviceLoop:
         self.loads: dict[str, Future[ModelWorker]] = {}
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
         self.inbox: deque[tuple[str, Any]] = deque()
-        self.adapter_embeds: list[tuple[str, Pending, float]] = []  # waiting for their adapter
+        # loads and embeddings of adapter models, waiting for their adapter's device slot
+        self.adapter_waits: list[tuple[str, Pending, float]] = []
         self.stats = EngineStats()
         self.notifier = Notifier()
         self.wakeup = threading.Event()
@@ -143,7 +144,7 @@ class DeviceLoop:
             for queue in self.pending.values():
                 for item in queue:
                     item.mailbox.put(error_event("the server is shutting down", 503))
-            for _, item, _ in self.adapter_embeds:
+            for _, item, _ in self.adapter_waits:
                 item.mailbox.put(error_event("the server is shutting down", 503))
             self.notifier.flush()
         except BaseException as exc:  # pragma: no cover - the loop itself must not die
@@ -154,8 +155,8 @@ class DeviceLoop:
         """schedule -> run -> postprocess for every resident model, plus housekeeping."""
         worked = self._drain_inbox()
         worked = self._service_loads() or worked
-        if self.adapter_embeds:
-            worked = self._embed_with_adapters() or worked
+        if self.adapter_waits:
+            worked = self._serve_adapter_waits() or worked
         for worker in list(self.workers.values()):
             worked = worker.step() or worked
         self._expire()
@@ -339,16 +340,17 @@ class DeviceLoop:
         # like Ollama, every request sets how long the model stays after it
         keep_alive = self.keep_alive if item.keep_alive is DEFAULT else item.keep_alive
         worker.keep_alive = cast(float | None, keep_alive)
+        if item.adapter is not None and worker.adapters is not None:
+            worker.adapters.prefetch(item.adapter)  # loads beside the running batch
+        waits = item.request is None or isinstance(item.request, EmbedRequest)
+        if waits and item.adapter is not None:  # until the adapter has a device slot
+            self.adapter_waits.append((worker.name, item, load_time))
+            self._serve_adapter_waits()
+            return
         if item.request is None:  # a bare load
             item.mailbox.put(TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time))
             return
-        if item.adapter is not None and worker.adapters is not None:
-            worker.adapters.prefetch(item.adapter)  # loads beside the running batch
         if isinstance(item.request, EmbedRequest):
-            if item.adapter is not None:
-                self.adapter_embeds.append((worker.name, item, load_time))
-                self._embed_with_adapters()
-                return
             self._embed(worker, item.request, item.mailbox, load_time)
             return
         request = item.request
@@ -402,26 +404,26 @@ class DeviceLoop:
             return
         worker.waiting.append(seq)
 
-    def _embed_with_adapters(self) -> bool:
-        """Embedding requests for adapter models run once their adapter has a device slot
-        (it loads beside the batch meanwhile); returns True if one ran or failed."""
+    def _serve_adapter_waits(self) -> bool:
+        """Loads and embedding requests for adapter models go on once their adapter has a
+        device slot (it loads beside the batch meanwhile); True if one went on or failed."""
         worked = False
-        for entry in list(self.adapter_embeds):
+        for entry in list(self.adapter_waits):
             name, item, load_time = entry
             worker = self.workers.get(name)
             ref = item.adapter
             if worker is None or worker.adapters is None or ref is None:
-                self.adapter_embeds.remove(entry)
+                self.adapter_waits.remove(entry)
                 item.mailbox.put(error_event(f"model '{name}' was unloaded", 503))
                 continue
             failed = worker.adapters.poll({ref.key})
             if ref.key in failed:
-                self.adapter_embeds.remove(entry)
+                self.adapter_waits.remove(entry)
                 item.mailbox.put(error_event(failed[ref.key], 500))
                 continue
             if not worker.adapters.can_acquire(ref):
                 continue
-            self.adapter_embeds.remove(entry)
+            self.adapter_waits.remove(entry)
             worked = True
             try:
                 slot = worker.adapters.acquire(ref)
@@ -430,7 +432,13 @@ class DeviceLoop:
                 continue
             worker.last_used = time.monotonic()
             try:
-                self._embed(worker, cast(EmbedRequest, item.request), item.mailbox, load_time, slot)
+                if item.request is None:  # a bare load: the adapter now sits on the device
+                    item.mailbox.put(
+                        TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time)
+                    )
+                else:
+                    request = cast(EmbedRequest, item.request)
+                    self._embed(worker, request, item.mailbox, load_time, slot)
             finally:
                 worker.adapters.release(slot)
         return worked

@@ -73,7 +73,12 @@ class RegistryProvider:
             )
         model = load_causal_lm(self.registry, record, dtype=self.dtype)
         model.to(self.device)
-        tokenizer = load_tokenizer(self.registry, record)
+        base = (
+            self.registry.get(record.config.base_model)
+            if record.is_adapter and record.config.base_model
+            else record
+        )
+        tokenizer = load_tokenizer(self.registry, base)  # an adapter uses its base's
         return LoadedModel(model=model, tokenizer=tokenizer, stop_ids=stop_ids_of(model, tokenizer))
 
 

@@ -1,0 +1,206 @@
+"""Load: 64 concurrent streaming clients against the real daemon in process (uvicorn on a
+loopback port, the engine app.py builds, a tiny model), half Ollama /api/chat NDJSON and half
+OpenAI /v1/chat/completions SSE, a quarter of them hanging up early. Every finished stream is
+well-formed and complete, every abandoned one is aborted in the engine, nothing is logged as
+an error, and the daemon answers normally afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from ollama_compact_server.app import create_app
+from ollama_compact_server.registry.importers import import_hf_dir
+from ollama_compact_server.registry.store import Registry
+from ollama_compact_server.settings import Settings
+from tests.conftest import free_port
+
+CLIENTS = 64
+NEW_TOKENS = 24  # asked by clients that read to the end
+LONG = 700  # asked by clients that hang up: far more than they wait for
+HANG_UP_AFTER = 3  # chunks read before hanging up
+
+
+@dataclass
+class Daemon:
+    url: str
+    app: Any
+    server: uvicorn.Server
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[Daemon]:
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    settings = Settings(
+        models=registry.root,
+        adapters=None,
+        import_default=False,
+        dtype="float32",
+        device="cpu",
+        context_length=1024,
+        num_parallel=16,
+    )
+    app = create_app(settings, registry=registry)
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert not task.done(), "server stopped during startup"
+        assert time.monotonic() < deadline, "server did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield Daemon(f"http://127.0.0.1:{port}", app, server)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@dataclass
+class Outcome:
+    index: int
+    dialect: str
+    hung_up: bool
+    status: int = 0
+    items: list[Any] = field(default_factory=list)
+
+
+def chat_body(index: int, tokens: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Client {index}: tell me about the sea."}]
+
+
+async def ollama_client(http: httpx.AsyncClient, index: int, hang_up: bool) -> Outcome:
+    out = Outcome(index, "ollama", hang_up)
+    tokens = LONG if hang_up else NEW_TOKENS
+    body = {
+        "model": "tiny",
+        "messages": chat_body(index, tokens),
+        "options": {"num_predict": tokens, "temperature": 0.7, "seed": index},
+    }
+    async with http.stream("POST", "/api/chat", json=body) as response:
+        out.status = response.status_code
+        async for line in response.aiter_lines():
+            if line.strip():
+                out.items.append(json.loads(line))
+            if hang_up and len(out.items) >= HANG_UP_AFTER:
+                break  # leaving the block closes the connection mid-stream
+    return out
+
+
+async def openai_client(http: httpx.AsyncClient, index: int, hang_up: bool) -> Outcome:
+    out = Outcome(index, "openai", hang_up)
+    body = {
+        "model": "tiny",
+        "messages": chat_body(index, NEW_TOKENS),
+        "max_tokens": LONG if hang_up else NEW_TOKENS,
+        "temperature": 0.7,
+        "seed": index,
+        "stream": True,
+        "stream_options": {"include_usage": index % 8 == 1},
+    }
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        out.status = response.status_code
+        async for line in response.aiter_lines():
+            if not line.strip():
+                continue
+            assert line.startswith("data: "), line
+            data = line[len("data: ") :]
+            out.items.append(data if data == "[DONE]" else json.loads(data))
+            if hang_up and len(out.items) >= HANG_UP_AFTER:
+                break
+    return out
+
+
+def check_ollama(out: Outcome) -> None:
+    assert out.status == 200
+    *chunks, last = out.items
+    assert not any("error" in item for item in out.items), out.items
+    for item in chunks:
+        assert item["done"] is False and item["model"] == "tiny:latest"
+        assert item["message"]["role"] == "assistant"
+        assert isinstance(item["message"]["content"], str)
+    assert last["done"] is True and last["done_reason"] in ("stop", "length")
+    assert 0 < last["eval_count"] <= NEW_TOKENS and last["prompt_eval_count"] > 0
+    if last["done_reason"] == "length":
+        assert last["eval_count"] == NEW_TOKENS
+    assert last["total_duration"] >= last["eval_duration"] > 0
+
+
+def check_openai(out: Outcome) -> None:
+    assert out.status == 200
+    assert out.items[-1] == "[DONE]" and "[DONE]" not in out.items[:-1]
+    chunks = out.items[:-1]
+    assert not any("error" in chunk for chunk in chunks), chunks
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    with_choices = [chunk for chunk in chunks if chunk["choices"]]
+    assert with_choices[0]["choices"][0]["delta"].get("role") == "assistant"
+    finishes = [c["choices"][0]["finish_reason"] for c in with_choices]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    usage = [chunk for chunk in chunks if chunk.get("usage")]
+    if out.index % 8 == 1:  # asked for usage: one last chunk with it and no choices
+        assert len(usage) == 1 and chunks[-1] is usage[0] and not usage[0]["choices"]
+        tokens = usage[0]["usage"]["completion_tokens"]
+        assert 0 < tokens <= NEW_TOKENS
+        assert tokens == NEW_TOKENS or finishes[-1] == "stop"
+
+
+async def test_64_streaming_clients(daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    limits = httpx.Limits(max_connections=CLIENTS + 8, max_keepalive_connections=0)
+    timeout = httpx.Timeout(60.0)
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=daemon.url, limits=limits, timeout=timeout) as http:
+        jobs = []
+        for index in range(CLIENTS):
+            hang_up = index % 4 == 0
+            client = ollama_client if index % 2 == 0 else openai_client
+            jobs.append(client(http, index, hang_up))
+        outcomes = await asyncio.gather(*jobs)
+        elapsed = time.monotonic() - started
+
+        finished = [o for o in outcomes if not o.hung_up]
+        hung_up = [o for o in outcomes if o.hung_up]
+        assert len(finished) == 48 and len(hung_up) == 16
+        for out in finished:
+            (check_ollama if out.dialect == "ollama" else check_openai)(out)
+        for out in hung_up:
+            assert out.status == 200 and len(out.items) == HANG_UP_AFTER  # left mid-stream
+
+        # every abandoned stream is aborted: nothing left running or queued in the engine
+        loop = daemon.app.state.engine.device_loop
+        deadline = time.monotonic() + 10
+        while (loop.active_sequences() or loop.queued()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert loop.active_sequences() == 0 and loop.queued() == 0
+        counts = loop.snapshot()["finished"]
+        assert counts.get("abort", 0) == len(hung_up), counts
+        assert counts.get("length", 0) + counts.get("stop", 0) == len(finished), counts
+        assert not counts.get("error"), counts
+
+        # healthy afterwards: probes answer and a new request streams to the end
+        assert (await http.get("/health")).status_code == 200
+        assert (await http.get("/ready")).status_code in (200, 503)  # no default model here
+        after = await ollama_client(http, 1000, hang_up=False)
+        check_ollama(after)
+        metrics = (await http.get("/metrics")).text
+        assert "ocs_" in metrics
+
+    problems = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not problems, [r.getMessage() for r in problems]
+    print(f"\n64 clients ({len(finished)} complete, {len(hung_up)} hung up) in {elapsed:.1f}s")
+    assert elapsed < 60
