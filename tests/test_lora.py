@@ -71,10 +71,12 @@ def greedy(n: int = 10) -> SamplingParams:
     return SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=n)
 
 
-async def run(engine: LocalEngine, model: str, prompt: list[int], delay: float = 0.0):
+async def run(
+    engine: LocalEngine, model: str, prompt: list[int], delay: float = 0.0, n: int = 10
+):
     await asyncio.sleep(delay)
     request = GenerateRequest(
-        request_id=f"l{next(_ids)}", model=model, prompt_ids=prompt, sampling=greedy()
+        request_id=f"l{next(_ids)}", model=model, prompt_ids=prompt, sampling=greedy(n)
     )
     tokens: list[int] = []
     final = None
@@ -288,3 +290,76 @@ def test_batched_lora_logits_match_peft(tiny_models: dict[str, Path], adapter_di
             assert (ours[row] - expected).abs().max() < 1e-4, name
         expected = fresh()(input_ids=ids).logits[0, -1]
         assert (ours[2] - expected).abs().max() < 1e-4
+
+
+async def test_no_memory_for_the_adapter_slots_fails_that_request_alone(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dirs = {name: adapter_dirs["llama", name] for name in ADAPTERS}
+    registry = make_registry(tmp_path / "reg", tiny_models["llama"], dirs)
+    engine = start(registry)
+    try:
+        base = await run(engine, "tiny", PROMPTS[0])
+
+        def no_memory(self, slot, weights):
+            raise RuntimeError("CUDA out of memory (injected)")
+
+        monkeypatch.setattr(LoraBank, "load", no_memory)
+        results = await asyncio.gather(
+            run(engine, "pirate", PROMPTS[0]), run(engine, "tiny", PROMPTS[0]),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert isinstance(results[0], Exception) and results[1] == base
+        assert engine.health() and engine.device_loop.active_sequences() == 0
+        monkeypatch.undo()
+        assert await run(engine, "pirate", PROMPTS[0]) != base  # and it recovers
+    finally:
+        engine.close()
+
+
+async def test_prefill_out_of_memory_preempts_without_decoding_the_preempted(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs
+) -> None:
+    dirs = {name: adapter_dirs["llama", name] for name in ADAPTERS}
+    registry = make_registry(tmp_path / "reg", tiny_models["llama"], dirs)
+    engine = start(registry)
+    try:
+        long = await run(engine, "pirate", PROMPTS[1], n=150)
+        short = await run(engine, "tiny", PROMPTS[1])
+        runner = engine.device_loop.workers["tiny:latest"].runner
+        real = runner.prefill_batch
+        fired = []
+
+        def prefill_batch(slots, prompts, loras=None):
+            if not fired and engine.device_loop.workers["tiny:latest"].running:
+                fired.append(1)
+                raise torch.OutOfMemoryError("injected")
+            return real(slots, prompts, loras)
+
+        runner.prefill_batch = prefill_batch  # type: ignore[method-assign]
+        first = asyncio.create_task(run(engine, "pirate", PROMPTS[1], n=150))
+        while not engine.device_loop.workers["tiny:latest"].running:
+            await asyncio.sleep(0.001)
+        second = await run(engine, "tiny", PROMPTS[1])
+        assert await first == long and second == short
+        assert fired and engine.device_loop.stats.preemptions >= 1
+    finally:
+        engine.close()
+
+
+async def test_adapter_embedding_with_keep_alive_zero(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs
+) -> None:
+    from ollama_compact_server.engine.types import EmbedRequest
+
+    registry = make_registry(
+        tmp_path / "reg", tiny_models["llama"], {"pirate": adapter_dirs["llama", "pirate"]}
+    )
+    engine = start(registry)
+    try:
+        event = await engine.embed(
+            EmbedRequest(request_id="e1", model="pirate", inputs=[[5, 6, 7]], keep_alive=0)
+        )
+        assert event.embeddings and len(event.embeddings) == 1
+    finally:
+        engine.close()

@@ -16,7 +16,6 @@ from typing import Any, cast
 
 import torch
 
-from ..modeling.lora import LoraError
 from .adapters import AdapterLoader, AdapterRef, AdapterSlots, Target
 from .constraint import JsonConstraint, grammar_for
 from .detok import Detokenizer, StopMatcher
@@ -35,7 +34,14 @@ from .types import (
     Resident,
     TokenEvent,
 )
-from .worker import LoadedModel, ModelProvider, ModelWorker, Sequence, release_memory
+from .worker import (
+    AdapterWait,
+    LoadedModel,
+    ModelProvider,
+    ModelWorker,
+    Sequence,
+    release_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +111,9 @@ class DeviceLoop:
         self.pending: dict[str, deque[Pending]] = {}
         self.loads: dict[str, Future[ModelWorker]] = {}
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
+        # adapters load on their own thread: never behind a minutes-long model load
+        self.adapter_loader_pool = ThreadPoolExecutor(1, thread_name_prefix="ocs-lora")
         self.inbox: deque[tuple[str, Any]] = deque()
-        # loads and embeddings of adapter models, waiting for their adapter's device slot
-        self.adapter_waits: list[tuple[str, Pending, float]] = []
         self.stats = EngineStats()
         self.notifier = Notifier()
         self.wakeup = threading.Event()
@@ -129,6 +135,7 @@ class DeviceLoop:
         if self.thread is not None:
             self.thread.join(timeout)
         self.loader.shutdown(wait=False, cancel_futures=True)
+        self.adapter_loader_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         try:
@@ -144,8 +151,8 @@ class DeviceLoop:
             for queue in self.pending.values():
                 for item in queue:
                     item.mailbox.put(error_event("the server is shutting down", 503))
-            for _, item, _ in self.adapter_waits:
-                item.mailbox.put(error_event("the server is shutting down", 503))
+            for worker in self.workers.values():
+                worker.fail_waits("the server is shutting down", 503)
             self.notifier.flush()
         except BaseException as exc:  # pragma: no cover - the loop itself must not die
             self.crashed = exc
@@ -155,8 +162,6 @@ class DeviceLoop:
         """schedule -> run -> postprocess for every resident model, plus housekeeping."""
         worked = self._drain_inbox()
         worked = self._service_loads() or worked
-        if self.adapter_waits:
-            worked = self._serve_adapter_waits() or worked
         for worker in list(self.workers.values()):
             worked = worker.step() or worked
         self._expire()
@@ -227,7 +232,7 @@ class DeviceLoop:
             adapters = AdapterSlots(
                 runner.attach_lora,
                 self.adapter_loader,
-                self.loader,
+                self.adapter_loader_pool,
                 device_slots=self.max_loras,
                 host_slots=self.max_cpu_loras,
                 on_loaded=self.wakeup.set,
@@ -343,9 +348,8 @@ class DeviceLoop:
         if item.adapter is not None and worker.adapters is not None:
             worker.adapters.prefetch(item.adapter)  # loads beside the running batch
         waits = item.request is None or isinstance(item.request, EmbedRequest)
-        if waits and item.adapter is not None:  # until the adapter has a device slot
-            self.adapter_waits.append((worker.name, item, load_time))
-            self._serve_adapter_waits()
+        if waits and item.adapter is not None and worker.adapters is not None:
+            self._wait_for_adapter(worker, item, load_time)
             return
         if item.request is None:  # a bare load
             item.mailbox.put(TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time))
@@ -404,44 +408,30 @@ class DeviceLoop:
             return
         worker.waiting.append(seq)
 
-    def _serve_adapter_waits(self) -> bool:
-        """Loads and embedding requests for adapter models go on once their adapter has a
-        device slot (it loads beside the batch meanwhile); True if one went on or failed."""
-        worked = False
-        for entry in list(self.adapter_waits):
-            name, item, load_time = entry
-            worker = self.workers.get(name)
-            ref = item.adapter
-            if worker is None or worker.adapters is None or ref is None:
-                self.adapter_waits.remove(entry)
-                item.mailbox.put(error_event(f"model '{name}' was unloaded", 503))
-                continue
-            failed = worker.adapters.poll({ref.key})
-            if ref.key in failed:
-                self.adapter_waits.remove(entry)
-                item.mailbox.put(error_event(failed[ref.key], 500))
-                continue
-            if not worker.adapters.can_acquire(ref):
-                continue
-            self.adapter_waits.remove(entry)
-            worked = True
-            try:
-                slot = worker.adapters.acquire(ref)
-            except LoraError as exc:
-                item.mailbox.put(error_event(str(exc), 400))
-                continue
+    def _wait_for_adapter(self, worker: ModelWorker, item: Pending, load_time: float) -> None:
+        """A bare load or an embedding of an adapter model goes on once its adapter has a
+        device slot (it loads beside the batch meanwhile), in the worker's step."""
+        request = item.request
+        mailbox = item.mailbox
+
+        def run(slot: int) -> None:
             worker.last_used = time.monotonic()
-            try:
-                if item.request is None:  # a bare load: the adapter now sits on the device
-                    item.mailbox.put(
-                        TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time)
-                    )
-                else:
-                    request = cast(EmbedRequest, item.request)
-                    self._embed(worker, request, item.mailbox, load_time, slot)
-            finally:
-                worker.adapters.release(slot)
-        return worked
+            if request is None:  # a bare load: the adapter now sits on the device
+                mailbox.put(TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time))
+            else:
+                self._embed(worker, cast(EmbedRequest, request), mailbox, load_time, slot)
+
+        def fail(message: str, status: int) -> None:
+            mailbox.put(error_event(message, status))
+
+        worker.adapter_waits.append(
+            AdapterWait(
+                cast(AdapterRef, item.adapter),
+                run,
+                fail,
+                request.request_id if request is not None else None,
+            )
+        )
 
     def _embed(
         self,
@@ -466,14 +456,16 @@ class DeviceLoop:
                 )
             else:
                 bank = worker.runner.lora if lora >= 0 else None
-                vectors = embed(
-                    worker.loaded.model,
-                    request.inputs,
-                    self.device,
-                    select=(lambda rows: bank.select([lora] * rows)) if bank else None,
-                )
-                if bank is not None:
-                    bank.reset()
+                try:
+                    vectors = embed(
+                        worker.loaded.model,
+                        request.inputs,
+                        self.device,
+                        select=(lambda rows: bank.select([lora] * rows)) if bank else None,
+                    )
+                finally:
+                    if bank is not None:
+                        bank.reset()
         except Exception as exc:
             log.exception("embedding failed for %s", request.request_id)
             mailbox.put(error_event(f"embedding failed: {exc.__class__.__name__}", 500))
@@ -492,6 +484,7 @@ class DeviceLoop:
 
     def _abort(self, request_id: str) -> None:
         for worker in self.workers.values():
+            worker.abort_waits(request_id)
             for seq in worker.sequences():
                 if seq.request.request_id == request_id:
                     worker.finish(seq, FinishReason.ABORT)
@@ -509,7 +502,9 @@ class DeviceLoop:
         self.wakeup.set()
 
     def queued(self) -> int:
-        waiting = sum(len(w.waiting) for w in list(self.workers.values()))
+        waiting = sum(
+            len(w.waiting) + len(w.adapter_waits) for w in list(self.workers.values())
+        )
         return waiting + sum(len(q) for q in list(self.pending.values()))
 
     def abort(self, request_id: str) -> None:

@@ -38,6 +38,7 @@ class RegistryProvider:
         self.registry = registry
         self.device = device
         self.dtype = dtype
+        self.warned: set[str] = set()  # adapters whose base changed, logged once
 
     def resolve(self, name: str) -> Target:
         """An adapter model runs on its base; the adapter is named by its weights' digests."""
@@ -48,6 +49,17 @@ class RegistryProvider:
             sorted((f, layer.digest) for f, layer in record.manifest.files(MT_ADAPTER_FILE).items())
         )
         base = self.registry.get(record.config.base_model)
+        changed = record.config.base_digest and record.config.base_digest != base.digest
+        if changed and record.digest not in self.warned:
+            self.warned.add(record.digest)
+            log.warning(
+                "adapter %s was made for another version of %s (base digest %s, now %s); "
+                "serving it on the current one",
+                record.name.display(),
+                base.name.display(),
+                str(record.config.base_digest)[:12],
+                base.digest[:12],
+            )
         return Target(
             base.name.display(), AdapterRef(record.name.display(), record.digest, files)
         )

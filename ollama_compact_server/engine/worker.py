@@ -86,6 +86,17 @@ class LoadedModel:
 ModelProvider = Callable[[str], LoadedModel]
 
 
+@dataclass(slots=True)
+class AdapterWait:
+    """Work that needs an adapter on the device but no sequence (a bare load of an adapter
+    model, its embeddings): ``run(slot)`` once the adapter has a slot, ``fail`` otherwise."""
+
+    adapter: AdapterRef
+    run: Callable[[int], None]
+    fail: Callable[[str, int], None]
+    request_id: str | None = None
+
+
 # ---------------------------------------------------------------------------- one model
 
 
@@ -112,6 +123,7 @@ class ModelWorker:
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
         self.by_slot: dict[int, Sequence] = {}
+        self.adapter_waits: deque[AdapterWait] = deque()
         self.last_used = time.monotonic()
         self.keep_alive: float | None = None  # seconds idle before unloading; None = forever
         self.own_memory = 0  # resident bytes: weights + KV cache (adapter slots come on top)
@@ -131,7 +143,7 @@ class ModelWorker:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self.adapter_waits)
 
     def sequences(self) -> list[Sequence]:
         seqs = list(self.waiting) + self.running
@@ -145,15 +157,19 @@ class ModelWorker:
         if not self.busy:
             return False
         self.last_used = time.monotonic()
+        served = False
         if self.adapters is not None:
             self._collect_adapters()
+            served = self._serve_adapter_waits()
         decode_batch = sorted(self.running, key=lambda s: s.slot)
         prefilled = self._prefill_step()
+        # a prefill that ran out of memory may have preempted some of them
+        decode_batch = [s for s in decode_batch if s.slot >= 0 and not s.finished]
         if decode_batch:
             self._decode_step(decode_batch)
         # False when every request waits (for an adapter load): the loop may sleep until
         # a wakeup instead of spinning beside the loader thread
-        return prefilled or bool(decode_batch)
+        return served or prefilled or bool(decode_batch)
 
     def _prefill_step(self) -> bool:
         """Prefill under a per-step token budget: a long prompt in chunks, alone; short
@@ -179,7 +195,8 @@ class ModelWorker:
         if self.adapters is None:
             return [s for s in self.waiting if s.adapter is None]
         ready: list[Sequence] = []
-        slot_blocked = False
+        # an adapter load or embedding waiting for a slot is older than these requests
+        slot_blocked = any(w.adapter.key in self.adapters.host for w in self.adapter_waits)
         for seq in self.waiting:
             if seq.adapter is None:
                 ready.append(seq)
@@ -198,8 +215,10 @@ class ModelWorker:
                 return None
             try:
                 seq.lora = self.adapters.acquire(seq.adapter)
-            except LoraError as exc:
-                self.finish(seq, FinishReason.ERROR, error=str(exc))
+            except Exception as exc:  # does not fit, or no memory for the adapter slots
+                if not isinstance(exc, LoraError):
+                    log.exception("placing adapter %s failed", seq.adapter.name)
+                self.finish(seq, FinishReason.ERROR, error=adapter_error(exc))
                 return None
         self.waiting.remove(seq)
         seq.slot = self.runner.cache.allocate()
@@ -213,11 +232,50 @@ class ModelWorker:
         if self.adapters is None:
             return
         wanted = {s.adapter.key for s in self.waiting if s.adapter is not None}
+        wanted |= {w.adapter.key for w in self.adapter_waits}
         failed = self.adapters.poll(wanted)
+        if not failed:
+            return
         for seq in [s for s in self.waiting if s.adapter is not None]:
             error = failed.get(seq.adapter.key)  # type: ignore[union-attr]
             if error is not None:
                 self.finish(seq, FinishReason.ERROR, error=error)
+        for wait in [w for w in self.adapter_waits if w.adapter.key in failed]:
+            self.adapter_waits.remove(wait)
+            wait.fail(failed[wait.adapter.key], 500)
+
+    def _serve_adapter_waits(self) -> bool:
+        """Runs, in order, the adapter loads and embeddings whose adapter can take a slot;
+        the first that cannot holds back the rest. True if any ran or failed."""
+        if self.adapters is None:
+            return False
+        worked = False
+        while self.adapter_waits:
+            wait = self.adapter_waits[0]
+            if not self.adapters.can_acquire(wait.adapter):
+                break
+            self.adapter_waits.popleft()
+            worked = True
+            try:
+                slot = self.adapters.acquire(wait.adapter)
+            except Exception as exc:
+                if not isinstance(exc, LoraError):
+                    log.exception("placing adapter %s failed", wait.adapter.name)
+                wait.fail(adapter_error(exc), 400 if isinstance(exc, LoraError) else 500)
+                continue
+            try:
+                wait.run(slot)
+            finally:
+                self.adapters.release(slot)
+        return worked
+
+    def abort_waits(self, request_id: str) -> None:
+        for wait in [w for w in self.adapter_waits if w.request_id == request_id]:
+            self.adapter_waits.remove(wait)
+
+    def fail_waits(self, message: str, status: int) -> None:
+        while self.adapter_waits:
+            self.adapter_waits.popleft().fail(message, status)
 
     def _prefill_many(self, ready: list[Sequence]) -> None:
         batch: list[Sequence] = []
@@ -505,6 +563,12 @@ def is_oom(exc: BaseException) -> bool:
 def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def adapter_error(exc: BaseException) -> str:
+    if isinstance(exc, LoraError):
+        return str(exc)
+    return error_text("placing the adapter on the device failed", exc)
 
 
 def error_text(what: str, exc: BaseException) -> str:

@@ -116,6 +116,13 @@ class LoraLinear(nn.Module):
 
     def allocate(self, slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """(Re)allocates ``slots`` zeroed slots of ``rank``, keeping what the old slots held."""
+        self.adopt(*self.grown(slots, rank, dtype, device), rank)
+
+    def grown(
+        self, slots: int, rank: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New A and B stores for ``slots`` slots of ``rank`` holding the old slots' weights
+        (nothing changes here until :meth:`adopt`)."""
         a = torch.zeros((slots * rank, self.in_features), dtype=dtype, device=device)
         b = torch.zeros((slots * rank, self.out_features), dtype=dtype, device=device)
         if self.lora_a is not None and self.lora_b is not None:
@@ -123,6 +130,9 @@ class LoraLinear(nn.Module):
             for s in range(min(slots, self.lora_a.shape[0] // max(old, 1))):
                 a[s * rank : s * rank + old] = self.lora_a[s * old : (s + 1) * old]
                 b[s * rank : s * rank + old] = self.lora_b[s * old : (s + 1) * old]
+        return a, b
+
+    def adopt(self, a: torch.Tensor, b: torch.Tensor, rank: int) -> None:
         self.lora_a, self.lora_b, self.rank = a, b, rank
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
@@ -160,6 +170,7 @@ class LoraBank:
         self.rows = LoraRows()
         self.layers: dict[str, LoraLinear] = {}
         self.scales = [0.0] * slots
+        self.nbytes = 0  # kept as a number: other threads read it while layers change
 
     def check(self, weights: LoraWeights) -> None:
         """Raises LoraError unless every module the adapter targets is a projection of
@@ -167,6 +178,10 @@ class LoraBank:
         modules = dict(self.model.named_modules())
         for path, (a, b) in weights.pairs.items():
             module = modules.get(path)
+            if "experts" in path.split(".") or "shared_expert" in path:
+                raise LoraError(
+                    f"LoRA on mixture-of-experts modules ({path[:100]!r}) is not served"
+                )
             if isinstance(module, LoraLinear):
                 in_f, out_f = module.in_features, module.out_features
             elif module is not None and hasattr(module, "in_features"):
@@ -198,11 +213,19 @@ class LoraBank:
         projections this adapter does not target)."""
         self.check(weights)
         if weights.rank > self.rank:
-            self.rank = weights.rank
-            for layer in self.layers.values():
-                layer.allocate(self.slots, self.rank, self.dtype, self.device)
+            # every store is grown before any is replaced: running out of memory here leaves
+            # the bank as it was
+            rank = weights.rank
+            grown = {
+                path: layer.grown(self.slots, rank, self.dtype, self.device)
+                for path, layer in self.layers.items()
+            }
+            for path, (a, b) in grown.items():
+                self.layers[path].adopt(a, b, rank)
+            self.rank = rank
         for path in weights.pairs:
             self._wrap(path)
+        self.nbytes = sum(layer.nbytes for layer in self.layers.values())
         for path, layer in self.layers.items():
             pair = weights.pairs.get(path)
             if pair is None:
@@ -232,7 +255,3 @@ class LoraBank:
 
     def reset(self) -> None:
         self.rows.mask = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers.values())

@@ -3,6 +3,7 @@ both (the adapter as parent, base and adapter in its source)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def merge_adapter(
             f"the base '{base.name.display()}' is compressed ({base.config.quantization.scheme}); "
             "merge into its full-precision parent instead"
         )
+    adapter_info = record.config.adapter
+    if adapter_info is not None and "lm_head" in adapter_info.target_modules:
+        base_hf = json.loads(registry.blobs.read_bytes(base.manifest.files()["config.json"].digest))
+        if base_hf.get("tie_word_embeddings", True):
+            raise InvalidModel(
+                "the adapter changes lm_head, which this base shares with its input embeddings; "
+                "merging would change both, unlike serving the adapter, so it is refused"
+            )
     progress("loading base model and adapter", None, None)
     model = load_causal_lm(registry, record)
     progress("merging adapter weights", None, None)

@@ -424,6 +424,11 @@ def check_adapter_shapes(
                 f"adapter tensor {key[:100]!r} is not a LoRA weight (adapters that carry full "
                 "weights, such as resized embeddings, are not supported)"
             )
+        if "experts" in module.split(".") or "shared_expert" in module:
+            raise InvalidModel(
+                f"the adapter puts LoRA on mixture-of-experts modules ({module[:100]!r}); only "
+                "attention and dense MLP projections can be served"
+            )
         if matched in ("eA", "eB"):
             raise InvalidModel(
                 f"the adapter puts LoRA on an embedding ({module[:100]!r}); only LoRA on "
