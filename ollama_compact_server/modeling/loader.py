@@ -41,18 +41,30 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
         if record.is_adapter and record.config.base_model
         else record
     )
+    model: Any
     with model_dir(registry, base) as directory:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory,
-            dtype=dtype or "auto",
-            trust_remote_code=False,
-            use_safetensors=True,
-            attn_implementation="sdpa",
-        )
+        if base.config.quantization is not None:  # compressed: its own modules, loaded as stored
+            from .quantized import load_compressed
+
+            model = load_compressed(directory, _torch_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory,
+                dtype=dtype or "auto",
+                trust_remote_code=False,
+                use_safetensors=True,
+                attn_implementation="sdpa",
+            )
     if record.is_adapter:
         from peft import PeftModel
 
         with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
-            model = PeftModel.from_pretrained(model, directory)  # type: ignore[assignment]
+            model = PeftModel.from_pretrained(model, directory)
     model.eval()
     return model
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
