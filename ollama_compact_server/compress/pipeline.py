@@ -15,7 +15,7 @@ from torch import nn
 from . import lowrank, prune, quant
 from .calibration import calibration_windows, input_energy
 from .format import ModuleSpec
-from .schemes import Scheme, SchemeError
+from .schemes import Scheme, SchemeError, check_shapes
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,6 @@ def find_targets(model: nn.Module) -> tuple[list[Target], str | None]:
     return targets, (head_name if tied else None)
 
 
-def _check_groups(targets: list[Target], group: int, label: str) -> None:
-    bad = [t for t in targets if t.weight.shape[1] % group]
-    if bad:
-        widths = sorted({t.weight.shape[1] for t in targets})
-        fitting = [g for g in quant.INT2_GROUP_SIZES if all(w % g == 0 for w in widths)]
-        raise SchemeError(
-            f"{label}: group_size {group} does not divide the input width "
-            f"{bad[0].weight.shape[1]} of {bad[0].name}; group sizes that fit this model: "
-            f"{', '.join(map(str, fitting)) or 'none'}"
-        )
-
-
 def _quantize(kind: str, target: Target, group: int, energy: torch.Tensor | None) -> dict:
     w = target.weight
     if kind == "int8":
@@ -122,18 +110,8 @@ def compress_model(
     if embedding == "keep":
         targets = linears
     group_kinds = {"int4", "int2", "nf4"}
-    if scheme.name in group_kinds or scheme.name == "mixed":
-        checked = targets if embedding in group_kinds or scheme.name == "mixed" else linears
-        _check_groups(checked, group, scheme.name)
-    if scheme.name == "prune" and options["pattern"] == "2:4":
-        _check_groups(linears, 4, "prune 2:4")
-    if scheme.name == "lowrank" and options["rank"]:
-        limit = min(t.weight.shape[0] * t.weight.shape[1] // sum(t.weight.shape) for t in linears)
-        if options["rank"] >= limit:
-            raise SchemeError(
-                f"lowrank: rank {options['rank']} saves no space on this model; "
-                f"ranks 1..{limit - 1} do (or give energy instead)"
-            )
+    shapes = {f"{t.name}.weight": tuple(t.weight.shape) for t in [emb_target, *linears]}
+    check_shapes(scheme, options, shapes, f"{emb_target.name}.weight")
 
     energy: dict[str, torch.Tensor] = {}
     tokens = int(options.get("calibration_tokens", 0))

@@ -172,3 +172,40 @@ def resolve(name: str, options: dict[str, Any] | None = None) -> tuple[Scheme, d
     if options is not None and not isinstance(options, dict):
         raise SchemeError("compression options must be an object")
     return scheme, scheme.check_options({**preset, **(options or {})})
+
+
+GROUPED = ("int4", "int2", "nf4", "mixed")
+
+
+def check_shapes(
+    scheme: Scheme, options: dict[str, Any], shapes: dict[str, tuple[int, ...]], embedding: str
+) -> None:
+    """Refuses options the model's weight shapes cannot take (``shapes``: weight name ->
+    shape of every 2-D weight; ``embedding``: the input embedding's weight name)."""
+    matrices = {n: s for n, s in shapes.items() if len(s) == 2}
+    linears = {n: s for n, s in matrices.items() if n != embedding}
+    grouped = dict(linears)
+    if options.get("embedding", "int4") in GROUPED and embedding in matrices:
+        grouped[embedding] = matrices[embedding]
+    if scheme.name in GROUPED:
+        group = int(options["group_size"])
+        bad = sorted(n for n, s in grouped.items() if s[1] % group)
+        if bad:
+            choices = scheme.options["group_size"].choices
+            fitting = [g for g in choices if all(s[1] % g == 0 for s in grouped.values())]
+            raise SchemeError(
+                f"{scheme.name}: group_size {group} does not divide the input width "
+                f"{grouped[bad[0]][1]} of {bad[0].removesuffix('.weight')}; group sizes that "
+                f"fit this model: {', '.join(map(str, fitting)) or 'none'}"
+            )
+    if scheme.name == "prune" and options["pattern"] == "2:4":
+        bad = sorted(n for n, s in linears.items() if s[1] % 4)
+        if bad:
+            raise SchemeError(f"prune: 2:4 needs input widths divisible by 4 ({bad[0]})")
+    if scheme.name == "lowrank" and options["rank"] and linears:
+        limit = min(s[0] * s[1] // (s[0] + s[1]) for s in linears.values())
+        if options["rank"] >= limit:
+            raise SchemeError(
+                f"lowrank: rank {options['rank']} saves no space on this model; "
+                f"ranks 1..{limit - 1} do (or give energy instead)"
+            )

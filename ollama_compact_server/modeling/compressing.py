@@ -10,15 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..compress.format import FORMAT_KEY, FORMAT_VERSION, MODULES_KEY, SHAPES_KEY, specs_to
-from ..compress.pipeline import compress_model
-from ..compress.schemes import SchemeError, resolve, supported
+from ..compress.schemes import Scheme, SchemeError, check_shapes, resolve, supported
+from ..registry.errors import InvalidModel
+from ..registry.importers import base_tensors
 from ..registry.manifest import MT_FILE, Quantization
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, ProgressFn, Registry
-from .loader import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors.index.json",)
@@ -46,6 +44,20 @@ def check_source(record: ModelRecord) -> None:
         raise SchemeError(f"'{record.name.display()}' is not a safetensors model")
 
 
+def precheck(
+    registry: Registry, source: str, scheme_name: str, options: dict[str, Any] | None
+) -> tuple[Scheme, dict[str, Any], ModelRecord]:
+    """Everything that can be refused before loading weights: the scheme, its options, the
+    source model's kind and its weight shapes (read from the safetensors headers)."""
+    scheme, checked = resolve(scheme_name, options)
+    record = registry.get(source)
+    check_source(record)
+    shapes = {n: t.shape for n, t in base_tensors(registry, record).items()}
+    embedding = next((n for n in shapes if n.endswith("embed_tokens.weight")), "")
+    check_shapes(scheme, checked, shapes, embedding)
+    return scheme, checked, record
+
+
 def compress_registry_model(
     registry: Registry,
     source: str,
@@ -54,10 +66,29 @@ def compress_registry_model(
     options: dict[str, Any] | None = None,
     progress: ProgressFn = _noop,
 ) -> ModelRecord:
-    scheme, checked = resolve(scheme_name, options)
+    """Compresses ``source`` into a new model ``name``; a bad request raises InvalidModel
+    (400) listing what is supported, and any failure leaves the registry unchanged."""
+    try:
+        return _compress(registry, source, name, scheme_name, options, progress)
+    except SchemeError as exc:
+        raise InvalidModel(str(exc)) from None
+
+
+def _compress(
+    registry: Registry,
+    source: str,
+    name: str | ModelName,
+    scheme_name: str,
+    options: dict[str, Any] | None,
+    progress: ProgressFn,
+) -> ModelRecord:
+    import torch
+
+    from ..compress.pipeline import compress_model
+    from .loader import load_causal_lm, load_tokenizer
+
+    scheme, checked, record = precheck(registry, source, scheme_name, options)
     target = name if isinstance(name, ModelName) else ModelName.parse(name)
-    record = registry.get(source)
-    check_source(record)
     progress(f"loading {record.name.display()}", None, None)
     model = load_causal_lm(registry, record, dtype=torch.float32)
     tokenizer = load_tokenizer(registry, record)
