@@ -212,3 +212,17 @@ def test_failure_midway_leaves_registry_unchanged(
     with pytest.raises(RuntimeError):
         compress_registry_model(tiny_registry, "tiny-llama", "new", "int8")
     assert tree_hash(tiny_registry.root) == before
+
+
+def test_adapter_made_for_the_parent_runs_on_the_compressed_model(
+    tiny_registry: Registry, tiny_adapter: Path
+) -> None:
+    from ollama_compact_server.registry.importers import import_adapter_dir
+
+    compress_registry_model(tiny_registry, "tiny-llama", "tiny-llama-q8", "int8")
+    import_adapter_dir(tiny_registry, tiny_adapter, "lora-f32", "tiny-llama")
+    import_adapter_dir(tiny_registry, tiny_adapter, "lora-q8", "tiny-llama-q8")
+    base, ref = logits(tiny_registry, "tiny-llama-q8"), logits(tiny_registry, "lora-f32")
+    out = logits(tiny_registry, "lora-q8")
+    assert rel(base, ref) > 0.3  # the adapter matters ...
+    assert rel(out, ref) < 0.1  # ... and the compressed base keeps its effect

@@ -39,8 +39,11 @@ def input_energy(
     model: nn.Module,
     windows: list[torch.Tensor],
     progress: Callable[[int, int], None] | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+    hessian_for: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
-    """Module name -> sum over calibration tokens of x_j^2 for each input channel j."""
+    """Module name -> sum over calibration tokens of x_j^2 for each input channel j. Modules
+    named in ``hessian_for`` also accumulate X^T X into ``hessians``."""
     energy: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -49,6 +52,9 @@ def input_energy(
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # x: [T, K]
             total = (x * x).sum(dim=0)
             energy[name] = energy[name] + total if name in energy else total
+            if hessians is not None and name in hessian_for:
+                gram = x.t() @ x  # [K, K]
+                hessians[name] = hessians[name] + gram if name in hessians else gram
 
         return hook
 

@@ -15,6 +15,7 @@ from torch import nn
 from . import lowrank, prune, quant
 from .calibration import calibration_windows, input_energy
 from .format import ModuleSpec
+from .gptq import gptq
 from .schemes import Scheme, SchemeError, check_shapes
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,17 @@ def compress_model(
     wants = scheme.name in ("int4", "int2", "mixed") or (
         scheme.name == "prune" and options["method"] == "wanda"
     )
+    hessians: dict[str, torch.Tensor] = {}
+    gptq_for = frozenset(t.name for t in linears) if options.get("method") == "gptq" else None
     if wants and tokens and tokenizer is not None:
         windows = calibration_windows(tokenizer, tokens)
-        energy = input_energy(model, windows, lambda i, n: progress("calibrating", i, n))
+        energy = input_energy(
+            model,
+            windows,
+            lambda i, n: progress("calibrating", i, n),
+            hessians,
+            gptq_for or frozenset(),
+        )
 
     def energy_of(t: Target) -> torch.Tensor | None:
         found = energy.get(t.energy_from)
@@ -163,7 +172,13 @@ def compress_model(
                 spec.kind = scheme.name
             if spec.kind in group_kinds:
                 spec.group_size = group
-            tensors = _quantize(spec.kind, t, group, energy_of(t))
+            if hessians and t.name in hessians and spec.kind in ("int4", "int2"):
+                levels = 16 if spec.kind == "int4" else 4
+                codes, scale, zero = gptq(t.weight, hessians.pop(t.name), levels, group)
+                pack = quant.pack_int4 if spec.kind == "int4" else quant.pack_int2
+                tensors = pack(codes, scale, zero)
+            else:
+                tensors = _quantize(spec.kind, t, group, energy_of(t))
         if t.bias is not None:
             tensors["bias"] = t.bias.detach().clone()
         for key, value in tensors.items():

@@ -59,7 +59,7 @@ def dequantize_int8(t: dict[str, torch.Tensor]) -> torch.Tensor:
 # ------------------------------------------------------------------------------ group-wise
 
 
-def _group_params(
+def group_params(
     w: torch.Tensor, levels: int, group_size: int, importance: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row chunks of :func:`_group_params_chunk` (bounded memory for embedding tables)."""
@@ -132,15 +132,19 @@ def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def quantize_int4(
     weight: torch.Tensor, group_size: int = 32, importance: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Asymmetric group-wise int4. weight: [N, K], K divisible by group_size."""
-    w = weight.detach().float()
-    n, _ = w.shape
-    codes, scale, zero = _group_params(w, 16, group_size, importance)
+    """Asymmetric group-wise int4 (round to nearest). weight: [N, K], G divides K."""
+    codes, scale, zero = group_params(weight.detach().float(), 16, group_size, importance)
+    return pack_int4(codes, scale, zero)
+
+
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict:
+    """Stored int4 tensors from codes [N, K] in [0, 15] and scale / zero [N, K/G]."""
+    n = codes.shape[0]
     npad = -(-n // INT4_BLOCK_N) * INT4_BLOCK_N
     sz = torch.zeros(npad, scale.shape[1], 2)
     sz[:n, :, 0], sz[:n, :, 1] = scale, zero
     return {
-        "qweight": pack_int4_cpu(codes),
+        "qweight": pack_int4_cpu(codes.to(torch.int32)),
         "scales_zeros": sz.transpose(0, 1).contiguous().to(torch.bfloat16),  # [K/G, Npad, 2]
     }
 
@@ -158,10 +162,13 @@ def dequantize_int4(t: dict[str, torch.Tensor], out_features: int) -> torch.Tens
 def quantize_int2(
     weight: torch.Tensor, group_size: int = 32, importance: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    w = weight.detach().float()
-    n, k = w.shape
-    codes, scale, zero = _group_params(w, 4, group_size, importance)
-    c = codes.reshape(n, k // 4, 4)
+    codes, scale, zero = group_params(weight.detach().float(), 4, group_size, importance)
+    return pack_int2(codes, scale, zero)
+
+
+def pack_int2(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict:
+    n, k = codes.shape
+    c = codes.to(torch.int32).reshape(n, k // 4, 4)
     packed = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
     return {
         "qweight": packed.to(torch.uint8).contiguous(),

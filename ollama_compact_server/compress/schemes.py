@@ -51,6 +51,9 @@ class Option:
 
 
 EMBEDDING_HELP = "how the input embedding and output head are stored"
+METHOD = Option(
+    str, "gptq", ("gptq", "rtn"), help="gptq: error-compensating rounding; rtn: to nearest"
+)
 CALIB = Option(int, 2048, low=0, high=65536, help="calibration tokens (0: none)")
 
 
@@ -86,10 +89,11 @@ SCHEMES: dict[str, Scheme] = {
         ),
         Scheme(
             "int4",
-            "int4 weight-only, asymmetric group-wise (activation-weighted clipping)",
+            "int4 weight-only, asymmetric group-wise, GPTQ on calibration text",
             {
                 "group_size": Option(int, 32, (32, 64, 128, 256)),
                 "embedding": Option(str, "int4", ("int4", "int8", "keep"), help=EMBEDDING_HELP),
+                "method": METHOD,
                 "calibration_tokens": CALIB,
             },
         ),
@@ -99,6 +103,7 @@ SCHEMES: dict[str, Scheme] = {
             {
                 "group_size": Option(int, 32, (16, 32, 64, 128, 256)),
                 "embedding": Option(str, "int4", ("int4", "int8", "keep"), help=EMBEDDING_HELP),
+                "method": METHOD,
                 "calibration_tokens": CALIB,
             },
             warning="int2 loses most of a small model's quality; use it for experiments only",
@@ -138,6 +143,7 @@ SCHEMES: dict[str, Scheme] = {
             {
                 "target": Option(float, 0.2, low=0.08, high=0.6, help="size vs float32"),
                 "group_size": Option(int, 32, (32, 64, 128, 256)),
+                "method": METHOD,
                 "calibration_tokens": CALIB,
             },
         ),

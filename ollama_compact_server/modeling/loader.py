@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,14 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
         from peft import PeftModel
 
         with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
-            model = PeftModel.from_pretrained(model, directory)
+            config = None
+            if base.config.quantization is not None:  # LoRA around the compressed linears
+                from .quantized import lora_config
+
+                config = lora_config(directory)
+            with warnings.catch_warnings():  # peft warns about layer types it does not know
+                warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
+                model = PeftModel.from_pretrained(model, directory, config=config)
     model.eval()
     return model
 

@@ -204,6 +204,17 @@ KINDS: dict[str, Any] = {
 }
 
 
+def lora_config(directory: Path) -> Any:
+    """The adapter's LoraConfig, taught to wrap the compressed linears with peft's LoRA
+    Linear (it only calls the base layer's forward, so any of them works)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    config = LoraConfig.from_pretrained(str(directory))
+    config._register_custom_module({cls: LoraLinear for cls in KINDS.values()})
+    return config
+
+
 # ------------------------------------------------------------------------------ building
 
 
