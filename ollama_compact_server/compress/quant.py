@@ -208,11 +208,14 @@ def int2_as_int4(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def quantize_nf4(weight: torch.Tensor, group_size: int = 64) -> dict[str, torch.Tensor]:
     w = weight.detach().float()
     n, k = w.shape
-    wg = w.reshape(n, k // group_size, group_size)
-    absmax = wg.abs().amax(dim=-1).clamp(min=1e-10)  # [N, K/G]
     codes = torch.tensor(NF4_CODES)
-    normed = wg / absmax[..., None]
-    idx = (normed[..., None] - codes).abs().argmin(dim=-1).reshape(n, k)  # [N, K]
+    bounds = (codes[1:] + codes[:-1]) / 2  # nearest code = number of midpoints below
+    absmax = w.reshape(n, k // group_size, group_size).abs().amax(dim=-1).clamp(min=1e-10)
+    idx = torch.empty(n, k, dtype=torch.int32)
+    for i in range(0, n, ROW_CHUNK):  # bounded memory for embedding tables
+        rows = w[i : i + ROW_CHUNK].reshape(-1, k // group_size, group_size)
+        normed = rows / absmax[i : i + ROW_CHUNK, :, None]
+        idx[i : i + ROW_CHUNK] = torch.bucketize(normed, bounds).reshape(-1, k).to(torch.int32)
     packed = (idx[:, ::2] | (idx[:, 1::2] << 4)).to(torch.uint8)
     return {"qweight": packed.contiguous(), "absmax": absmax.contiguous()}
 

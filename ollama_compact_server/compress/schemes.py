@@ -141,7 +141,7 @@ SCHEMES: dict[str, Scheme] = {
             "mixed",
             "per-layer int8 / int4 chosen by sensitivity on calibration text for a target size",
             {
-                "target": Option(float, 0.2, low=0.08, high=0.6, help="size vs float32"),
+                "target": Option(float, 0.18, low=0.08, high=0.6, help="size vs float32"),
                 "group_size": Option(int, 32, (32, 64, 128, 256)),
                 "method": METHOD,
                 "calibration_tokens": CALIB,
