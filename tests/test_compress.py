@@ -226,3 +226,13 @@ def test_adapter_made_for_the_parent_runs_on_the_compressed_model(
     out = logits(tiny_registry, "lora-q8")
     assert rel(base, ref) > 0.3  # the adapter matters ...
     assert rel(out, ref) < 0.1  # ... and the compressed base keeps its effect
+
+
+def test_memory_planner_sizes_a_compressed_model_by_its_scheme(tiny_registry: Registry) -> None:
+    from ollama_compact_server.engine.provider import RegistrySizing
+
+    compress_registry_model(tiny_registry, "tiny-llama", "tiny-llama-q4", "int4")
+    sizing = RegistrySizing(tiny_registry, dtype=torch.float32, num_parallel=1, context_length=256)
+    assert sizing.weight_format("tiny-llama") == "float32"
+    assert sizing.weight_format("tiny-llama-q4") == "int4"
+    assert sizing.estimate("tiny-llama-q4") < sizing.estimate("tiny-llama")
