@@ -101,3 +101,22 @@ async def test_engine_serves_a_compressed_model(
         base = await served.ollama.generate(model="tiny", prompt="Hello world", options=options)
         small = await served.ollama.generate(model="tiny-q8", prompt="Hello world", options=options)
         assert small.eval_count == 8 == base.eval_count and small.response
+
+
+def test_compress_command_line_builds_the_create_request() -> None:
+    from ollama_compact_server.cli import build_parser
+    from ollama_compact_server.commands import compress_options
+    from ollama_compact_server.settings import Settings
+
+    args = build_parser().parse_args(
+        ["compress", "gemma3:270m", "small", "--scheme", "int4", "--group-size", "64",
+         "-o", "calibration_tokens=512", "-o", "embedding=int8"]
+    )  # fmt: skip
+    assert (args.model, args.name, args.scheme) == ("gemma3:270m", "small", "int4")
+    assert compress_options(args) == {
+        "group_size": 64,
+        "calibration_tokens": 512,
+        "embedding": "int8",
+    }
+    # no compress flag lands on a settings field (settings_from reads args by field name)
+    assert not {k for k, v in vars(args).items() if v is not None} & set(Settings.model_fields)
