@@ -92,6 +92,41 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("-f", "--file", default="Modelfile", help="Modelfile path")
     create.add_argument("-q", "--quantize", default=None, help="compression scheme")
 
+    compress = sub.add_parser(
+        "compress",
+        help="compress a model into a new one (quantize, factor or prune)",
+        description="Compress a registry model into a new registry model through the daemon "
+        "(POST /api/create with from + quantize). Schemes: int8, int4, int2, nf4, lowrank, "
+        "prune, mixed, and Ollama's q8_0, q4_0, q4_1, q4_K_S, q4_K_M.",
+    )
+    compress.add_argument("model", help="the float model to compress")
+    compress.add_argument("name", help="name of the new model")
+    compress.add_argument("--scheme", "-s", required=True, help="compression scheme")
+    # dest names carry a prefix so they never collide with a settings field
+    for flag, kind, text in (
+        ("group-size", int, "quantization group size (int4, int2, nf4, mixed)"),
+        ("embedding", str, "embedding / head storage: keep, int8, int4, nf4"),
+        ("rank", int, "lowrank: rank of every factorised layer"),
+        ("energy", float, "lowrank: retained singular-value energy (0-1)"),
+        ("method", str, "prune: magnitude or wanda"),
+        ("pattern", str, "prune: unstructured or 2:4"),
+        ("sparsity", float, "prune: fraction of weights removed (unstructured)"),
+        ("bits", int, "prune: storage of pruned weights, 8 or 32"),
+        ("target", float, "mixed: target size as a fraction of float32"),
+        ("calibration-tokens", int, "calibration tokens (0: none)"),
+    ):
+        compress.add_argument(
+            f"--{flag}", dest="compress_" + flag.replace("-", "_"), type=kind, help=text
+        )
+    compress.add_argument(
+        "-o",
+        "--option",
+        dest="compress_option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any scheme option (repeatable)",
+    )
+
     rm = sub.add_parser("rm", help="remove models")
     rm.add_argument("names", nargs="+", metavar="MODEL")
 

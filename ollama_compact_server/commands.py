@@ -257,6 +257,53 @@ def cmd_create(client: Client, args: argparse.Namespace) -> None:
     _progress_lines(client.stream("/api/create", request))
 
 
+COMPRESS_FLAGS = (
+    "group_size",
+    "embedding",
+    "rank",
+    "energy",
+    "method",
+    "pattern",
+    "sparsity",
+    "bits",
+    "target",
+    "calibration_tokens",
+)
+
+
+def compress_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The scheme options given as flags and as repeated ``-o key=value``."""
+    options: dict[str, Any] = {}
+    for key in COMPRESS_FLAGS:
+        value = getattr(args, f"compress_{key}", None)
+        if value is not None:
+            options[key] = value
+    for pair in args.compress_option or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CommandError(f"-o expects key=value, got {pair!r}")
+        options[key.strip().replace("-", "_")] = _scalar(value.strip())
+    return options
+
+
+def _scalar(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cmd_compress(client: Client, args: argparse.Namespace) -> None:
+    request: dict[str, Any] = {"model": args.name, "from": args.model, "quantize": args.scheme}
+    options = compress_options(args)
+    if options:
+        request["quantize_options"] = options
+    _progress_lines(client.stream("/api/create", request))
+    print(f"created '{args.name}' from '{args.model}' ({args.scheme})")
+
+
 def cmd_rm(client: Client, args: argparse.Namespace) -> None:
     for model in args.names:
         client.request("DELETE", "/api/delete", {"model": model})
@@ -352,6 +399,7 @@ VERBS = {
     "create": cmd_create,
     "rm": cmd_rm,
     "cp": cmd_cp,
+    "compress": cmd_compress,
     "stop": cmd_stop,
     "run": cmd_run,
 }

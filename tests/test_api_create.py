@@ -145,7 +145,7 @@ async def test_create_adapter_model(env, tiny_adapter: Path) -> None:
         {"model": "x", "files": ["config.json"]},
         {"model": "x", "from": "tiny", "path": "/etc"},
         {"model": "x", "modelfile": "FROM /etc/passwd"},
-        {"model": "x", "from": "tiny", "quantize": "q4_K_M"},
+        {"model": "x", "from": "tiny", "quantize": "q5_K_M"},  # no such scheme
         {"model": "x"},
         {"model": "x", "from": "absent"},
         {"model": "../x", "from": "tiny"},

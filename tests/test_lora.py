@@ -363,3 +363,31 @@ async def test_adapter_embedding_with_keep_alive_zero(
         assert event.embeddings and len(event.embeddings) == 1
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+async def test_adapters_batch_on_a_compressed_base(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs, scheme: str
+) -> None:
+    """Adapters made for the float32 parent run on its compressed variant: the LoRA bank
+    wraps the compressed projections, and mixed batches still equal solo output."""
+    from ollama_compact_server.modeling.compressing import compress_registry_model
+
+    registry = make_registry(tmp_path / "reg", tiny_models["llama"], {})
+    compress_registry_model(registry, "tiny", "tiny-q", scheme)
+    for name in ADAPTERS:
+        import_adapter_dir(registry, adapter_dirs["llama", name], f"{name}-q", "tiny-q")
+    engine = start(registry)
+    try:
+        models = ["tiny-q", *(f"{n}-q" for n in ADAPTERS)]
+        solo = {m: await run(engine, m, PROMPTS[0]) for m in models}
+        assert len({tuple(v) for v in solo.values()}) == len(models)  # each adapter matters
+        results = await asyncio.gather(*(run(engine, m, PROMPTS[0]) for m in models * 2))
+        for model, tokens in zip(models * 2, results):
+            assert tokens == solo[model], model
+        worker = engine.device_loop.workers["tiny-q:latest"]
+        assert worker.runner.lora is not None
+        wrapped = next(iter(worker.runner.lora.layers.values()))
+        assert type(wrapped.base).__name__ != "Linear"  # the compressed module itself
+    finally:
+        engine.close()

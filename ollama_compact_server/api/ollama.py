@@ -29,6 +29,8 @@ from ..chat.service import (
 from ..chat.templates import TemplateError
 from ..chat.thinking import ThinkSplitter, split_thinking
 from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
+from ..compress.schemes import SchemeError
+from ..compress.schemes import resolve as resolve_scheme
 from ..engine.types import (
     ANY_JSON_OBJECT,
     DEFAULT,
@@ -38,6 +40,7 @@ from ..engine.types import (
     TokenEvent,
     TokenLogprob,
 )
+from ..modeling.compressing import precheck as precheck_compression
 from ..modeling.create import CreateSpec, check_file_map, create_model
 from ..modeling.pull import hub_repo, pull_model
 from ..registry.blobs import normalize_digest
@@ -779,13 +782,15 @@ def _text_field(body: dict[str, Any], key: str) -> str | None:
 
 def create_spec(body: dict[str, Any]) -> CreateSpec:
     name = parse_name(model_field(body))
-    quantize = body.get("quantize") or body.get("quantization")
-    if quantize:
-        raise APIError(
-            400,
-            f"quantize {str(quantize)[:20]!r} is not supported yet: models are stored in their "
-            "imported precision (compression schemes arrive with the compression issue)",
-        )
+    quantize = body.get("quantize") or body.get("quantization") or None
+    quantize_options = body.get("quantize_options")
+    if quantize is not None:
+        try:
+            resolve_scheme(quantize, quantize_options)
+        except SchemeError as exc:
+            raise APIError(400, str(exc)) from None
+        if not body.get("from"):
+            raise APIError(400, "quantize needs 'from': the registry model to compress")
     for forbidden in ("path", "modelfile"):
         if body.get(forbidden):
             raise APIError(
@@ -835,6 +840,8 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             messages=messages,
             license=license_value,
             merge=merge,
+            quantize=quantize,
+            quantize_options=quantize_options,
         )
     except RegistryError as exc:
         raise APIError(exc.status, str(exc)) from None
@@ -849,6 +856,13 @@ async def create(request: Request) -> Response:
         raise APIError(400, "neither 'from' or 'files' was specified")
     if spec.from_ and not registry.exists(spec.from_):
         raise APIError(404, f"base model '{spec.from_}' not found")
+    if spec.quantize and spec.from_:
+        try:  # refusals that need no weights answer 400 before the stream starts
+            await asyncio.to_thread(
+                precheck_compression, registry, spec.from_, spec.quantize, spec.quantize_options
+            )
+        except SchemeError as exc:
+            raise APIError(400, str(exc)) from None
 
     def run(report: Report) -> None:
         def progress(status: str, completed: int | None = None, total: int | None = None) -> None:

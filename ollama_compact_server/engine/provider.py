@@ -11,13 +11,14 @@ import torch
 from ..modeling.loader import load_causal_lm, load_encoder, load_tokenizer
 from ..modeling.lora import LoraWeights, read_peft_adapter
 from ..registry.manifest import MT_ADAPTER_FILE
-from ..registry.store import Registry
+from ..registry.store import ModelRecord, Registry
 from .adapters import AdapterRef, Target
 from .planner import format_plan, plan_memory
 from .types import EngineError
 from .worker import LoadedModel
 
 log = logging.getLogger(__name__)
+COMPRESSED_FORMATS = {"int8": "int8", "int4": "int4", "int2": "int4", "nf4": "nf4", "mixed": "int8"}
 
 
 def stop_ids_of(model: Any, tokenizer: Any) -> set[int]:
@@ -117,13 +118,22 @@ class RegistrySizing:
         self.num_parallel = num_parallel
         self.context_length = context_length
 
-    def hf_config(self, name: str) -> dict[str, Any]:
+    def _base(self, name: str) -> ModelRecord:
         record = self.registry.get(name)
-        base = (
-            self.registry.get(record.config.base_model)
-            if record.is_adapter and record.config.base_model
-            else record
-        )
+        if record.is_adapter and record.config.base_model:
+            return self.registry.get(record.config.base_model)
+        return record
+
+    def weight_format(self, name: str) -> str:
+        """The planner's weight format: a compressed model's scheme where the planner knows
+        it (int2 runs as int4, mixed is sized as int8), else the serving dtype."""
+        quantization = self._base(name).config.quantization
+        if quantization is None:
+            return self.dtype_name
+        return COMPRESSED_FORMATS.get(quantization.scheme, self.dtype_name)
+
+    def hf_config(self, name: str) -> dict[str, Any]:
+        base = self._base(name)
         data = self.registry.blobs.read_bytes(base.manifest.files()["config.json"].digest)
         config = json.loads(data)
         return config if isinstance(config, dict) else {}
@@ -154,7 +164,7 @@ class RegistrySizing:
             config,
             budget=1 << 62,
             kv_dtype=self.dtype_name,
-            weight_format=self.dtype_name,
+            weight_format=self.weight_format(name),
             num_parallel=1,
             context=self.context_for(config),
             activation_reserve=0,
@@ -171,7 +181,7 @@ class RegistrySizing:
             config,
             budget=max(available, 0),
             kv_dtype=self.dtype_name,
-            weight_format=self.dtype_name,
+            weight_format=self.weight_format(name),
             num_parallel=self.num_parallel,
             context=context,
             min_context=min(512, context),

@@ -40,6 +40,8 @@ class CreateSpec:
     messages: list[dict[str, Any]] | None = None
     license: list[str] | None = None
     merge: bool = False  # fold the adapter model named by ``from_`` into a standalone model
+    quantize: str | None = None  # a compression scheme (or Ollama's q8_0, q4_K_M, ...)
+    quantize_options: dict[str, Any] | None = None
 
 
 def check_file_map(files: Any, label: str) -> dict[str, str]:
@@ -68,6 +70,11 @@ def create_model(registry: Registry, spec: CreateSpec, progress: ProgressFn) -> 
         raise InvalidModel("give either 'from' or 'files', not both")
     if not spec.files and not spec.from_:
         raise InvalidModel("neither 'from' or 'files' was specified")
+    if spec.quantize and (spec.files or spec.adapters):
+        raise InvalidModel(
+            "quantize compresses a registry model: create it first, then use 'from' with "
+            "'quantize' (adapters go on the compressed model afterwards)"
+        )
     if spec.files:
         with tempfile.TemporaryDirectory(prefix="ocs-create-") as scratch:
             directory = Path(scratch)
@@ -101,6 +108,8 @@ def create_model(registry: Registry, spec: CreateSpec, progress: ProgressFn) -> 
         base = registry.get(spec.from_ or "")
     except ModelNotFound:
         raise ModelNotFound(f"base model '{spec.from_}' not found") from None
+    if spec.quantize:
+        return _compressed(registry, base, spec, progress)
     if spec.adapters:
         if base.is_adapter:
             raise InvalidModel(f"'{base.name.display()}' is itself an adapter; name its base model")
@@ -129,6 +138,32 @@ def create_model(registry: Registry, spec: CreateSpec, progress: ProgressFn) -> 
         return _derive(registry, record, spec, inherit=None)
     progress("using existing layers", None, None)
     return _derive(registry, base, spec, inherit=base)
+
+
+def _compressed(
+    registry: Registry, base: ModelRecord, spec: CreateSpec, progress: ProgressFn
+) -> ModelRecord:
+    from .compressing import compress_registry_model
+
+    record = compress_registry_model(
+        registry,
+        base.name.display(),
+        spec.name,
+        spec.quantize or "",
+        spec.quantize_options,
+        progress,
+    )
+    text = CreateSpec(
+        spec.name,
+        template=spec.template,
+        system=spec.system,
+        parameters=spec.parameters,
+        messages=spec.messages,
+        license=spec.license,
+    )
+    if any(v is not None for v in (spec.template, spec.system, spec.parameters, spec.messages)):
+        return _derive(registry, record, text, inherit=None)
+    return record
 
 
 def _import_text(spec: CreateSpec) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,19 +42,32 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
         if record.is_adapter and record.config.base_model
         else record
     )
+    model: Any
     with model_dir(registry, base) as directory:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory,
-            dtype=dtype or "auto",
-            trust_remote_code=False,
-            use_safetensors=True,
-            attn_implementation="sdpa",
-        )
+        if base.config.quantization is not None:  # compressed: its own modules, loaded as stored
+            from .quantized import load_compressed
+
+            model = load_compressed(directory, _torch_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory,
+                dtype=dtype or "auto",
+                trust_remote_code=False,
+                use_safetensors=True,
+                attn_implementation="sdpa",
+            )
     if record.is_adapter:
         from peft import PeftModel
 
         with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
-            model = PeftModel.from_pretrained(model, directory)  # type: ignore[assignment]
+            config = None
+            if base.config.quantization is not None:  # LoRA around the compressed linears
+                from .quantized import lora_config
+
+                config = lora_config(directory)
+            with warnings.catch_warnings():  # peft warns about layer types it does not know
+                warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
+                model = PeftModel.from_pretrained(model, directory, config=config)
     model.eval()
     return model
 
@@ -68,3 +82,9 @@ def load_encoder(registry: Registry, record: ModelRecord, dtype: Any = None) -> 
         )
     model.eval()
     return model
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -395,9 +395,26 @@ def base_tensors(registry: Registry, base: ModelRecord) -> dict[str, TensorInfo]
     shapes: dict[str, TensorInfo] = {}
     for filename, layer in base.manifest.files(MT_FILE).items():
         if filename.endswith(".safetensors"):
-            found, _ = read_header(registry.blobs.path(layer.digest))
+            found, metadata = read_header(registry.blobs.path(layer.digest))
             shapes.update(found)
+            shapes.update(_compressed_shapes(metadata))
     return shapes
+
+
+def _compressed_shapes(metadata: dict[str, str]) -> dict[str, TensorInfo]:
+    """A compressed model's file records its parent's weight shapes (``ocs.shapes``): an
+    adapter made for the parent is checked against them."""
+    try:
+        recorded = json.loads(metadata.get("ocs.shapes", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {
+        str(name): TensorInfo("F32", tuple(shape))
+        for name, shape in recorded.items()
+        if isinstance(shape, list) and all(isinstance(d, int) for d in shape)
+    }
 
 
 def check_adapter_shapes(

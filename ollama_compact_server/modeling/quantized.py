@@ -1,0 +1,325 @@
+"""Runtime modules for compressed weights (weight-free stand-ins for nn.Linear / nn.Embedding
+that keep module names and in/out features) and the loader that builds a compressed model.
+
+Kernels (see docs/PERFORMANCE.md): int8 runs ``torch._weight_int8pack_mm`` and int4 / int2
+``torch._weight_int4pack_mm_for_cpu`` on CPU, both with bf16 activations; nf4 runs
+bitsandbytes on CUDA. Dequantizing on every call happens only where no kernel exists: int8 /
+int4 / int2 off CPU, nf4 on CPU. Low-rank runs two dense matmuls; pruned weights are dense.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress import quant
+from ..compress.format import FORMAT_KEY, FORMAT_VERSION, MODULES_KEY, ModuleSpec, specs_from
+
+log = logging.getLogger(__name__)
+
+KERNEL_DTYPE = torch.bfloat16  # the packed CPU kernels are fast with bf16 activations only
+
+
+class CompressedLinear(nn.Module):
+    """Common surface of the runtime linears: ``in_features``, ``out_features``, ``bias``."""
+
+    kind = "dense"
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: [M, K] -> [M, N]
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1])).to(x.dtype)  # y: [M, N]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows ``ids`` of the weight (an embedding lookup): [*ids.shape, K]."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+class Int8Linear(CompressedLinear):
+    kind = "int8"
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, t: dict[str, torch.Tensor], spec: ModuleSpec, bias: torch.Tensor | None):
+        super().__init__(spec.in_features, spec.out_features, bias)
+        self.register_buffer("qweight", t["qweight"])  # [N, K] int8
+        self.register_buffer("scales", t["scales"].to(KERNEL_DTYPE))  # [N]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return torch._weight_int8pack_mm(
+                x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales
+            )
+        # no int8 weight-only kernel off CPU in torch: dequantize per call
+        return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[..., None]
+
+
+class Int4Linear(CompressedLinear):
+    """Group-wise asymmetric int4 in the CPU kernel's packed layout (int2 is loaded as this)."""
+
+    kind = "int4"
+    qweight: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    def __init__(self, t: dict[str, torch.Tensor], spec: ModuleSpec, bias: torch.Tensor | None):
+        super().__init__(spec.in_features, spec.out_features, bias)
+        self.group_size = int(spec.group_size)
+        self.register_buffer("qweight", t["qweight"])  # [Npad, K/2] uint8
+        self.register_buffer("scales_zeros", t["scales_zeros"].to(KERNEL_DTYPE))  # [K/G, Npad, 2]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(
+                x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.group_size, self.scales_zeros
+            )
+            return y[:, : self.out_features]
+        # no int4 kernel for this layout off CPU: dequantize per call
+        return F.linear(x, self.rows(torch.arange(self.out_features, device=x.device), x.dtype))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        codes = quant.unpack_int4_rows(self.qweight, flat).to(dtype)  # [R, K]
+        sz = self.scales_zeros[:, flat].to(dtype)  # [K/G, R, 2]
+        groups = codes.reshape(flat.shape[0], -1, self.group_size)  # [R, K/G, G]
+        scale = sz[..., 0].t()[..., None]
+        zero = sz[..., 1].t()[..., None]
+        out = (groups - 8) * scale + zero
+        return out.reshape(*ids.shape, self.in_features)
+
+
+class NF4Linear(CompressedLinear):
+    """NF4: bitsandbytes' kernel on CUDA; on CPU dequantized per call (no faster path)."""
+
+    kind = "nf4"
+    qweight: torch.Tensor
+    absmax: torch.Tensor
+
+    def __init__(self, t: dict[str, torch.Tensor], spec: ModuleSpec, bias: torch.Tensor | None):
+        super().__init__(spec.in_features, spec.out_features, bias)
+        self.group_size = int(spec.group_size)
+        self.register_buffer("qweight", t["qweight"])  # [N, K/2] uint8
+        self.register_buffer("absmax", t["absmax"].float())  # [N, K/G]
+        self.bnb: Any = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        result = super()._apply(fn, recurse)
+        if self.qweight.device.type == "cuda" and self.bnb is None:
+            self.bnb = _bnb_linear(self)
+        return result
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bnb is not None:
+            return self.bnb(x)
+        return F.linear(x, self.rows(torch.arange(self.out_features, device=x.device), x.dtype))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        w = quant.dequantize_nf4({"qweight": self.qweight[flat], "absmax": self.absmax[flat]})
+        return w.to(dtype).reshape(*ids.shape, self.in_features)
+
+
+def _bnb_linear(module: NF4Linear) -> Any:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return None
+    weight = quant.dequantize_nf4(
+        {"qweight": module.qweight.cpu(), "absmax": module.absmax.cpu()}
+    ).to(torch.bfloat16)
+    layer = bnb.nn.Linear4bit(
+        module.in_features,
+        module.out_features,
+        bias=False,
+        quant_type="nf4",
+        compute_dtype=torch.bfloat16,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, quant_type="nf4", blocksize=module.group_size
+    )
+    return layer.to(str(module.qweight.device))
+
+
+class LowRankLinear(CompressedLinear):
+    """W ~ U @ V (SVD): two thin matmuls."""
+
+    kind = "lowrank"
+
+    def __init__(self, t: dict[str, torch.Tensor], spec: ModuleSpec, bias: torch.Tensor | None):
+        super().__init__(spec.in_features, spec.out_features, bias)
+        self.u = nn.Parameter(t["u"], requires_grad=False)  # [N, r]
+        self.v = nn.Parameter(t["v"], requires_grad=False)  # [r, K]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v.to(x.dtype)), self.u.to(x.dtype))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (self.u[ids].to(dtype)) @ self.v.to(dtype)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding lookup over a compressed table; the same table can serve a tied head."""
+
+    def __init__(self, table: CompressedLinear, scale: float, padding_idx: int | None) -> None:
+        super().__init__()
+        self.table = table
+        self.num_embeddings = table.out_features
+        self.embedding_dim = table.in_features
+        self.padding_idx = padding_idx
+        self.scale = scale
+        self.dtype = torch.float32
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.rows(input_ids, self.dtype)  # [B, T, H]
+        return rows * self.scale if self.scale != 1.0 else rows
+
+
+KINDS: dict[str, Any] = {
+    "int8": Int8Linear,
+    "int4": Int4Linear,
+    "nf4": NF4Linear,
+    "lowrank": LowRankLinear,
+}
+
+
+def lora_config(directory: Path) -> Any:
+    """The adapter's LoraConfig, taught to wrap the compressed linears with peft's LoRA
+    Linear (it only calls the base layer's forward, so any of them works)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    config = LoraConfig.from_pretrained(str(directory))
+    config._register_custom_module({cls: LoraLinear for cls in KINDS.values()})
+    return config
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def runtime_module(
+    spec: ModuleSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> nn.Module:
+    """The runtime module of one stored module (its own tensors, without the name prefix)."""
+    bias = tensors.get("bias")
+    bias = bias.to(dtype) if bias is not None else None
+    if spec.kind == "dense":
+        linear = nn.Linear(
+            spec.in_features, spec.out_features, bias=bias is not None, device="meta"
+        )
+        linear.weight = nn.Parameter(tensors["weight"].to(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+        return linear
+    if spec.kind == "int2":
+        return Int4Linear(quant.int2_as_int4(tensors), spec, bias)
+    if spec.kind == "lowrank":
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    return KINDS[spec.kind](tensors, spec, bias)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary frequencies) left on meta: computed by the model's
+    own initialiser, as transformers does for missing keys."""
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        metas = {n: b for n, b in module.named_buffers(recurse=False) if b.is_meta}
+        if not metas:
+            continue
+        for n, b in metas.items():
+            module._buffers[n] = torch.empty_like(b, device="cpu")
+        if init is not None:
+            init(module)
+
+
+def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
+    """A transformers causal LM built on meta from ``config.json``, its compressed modules
+    swapped in and every tensor taken from ``model.safetensors`` as stored."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get(FORMAT_KEY) != FORMAT_VERSION:
+            raise ValueError("model.safetensors is not a compressed model of a known version")
+        specs = specs_from(json.loads(metadata[MODULES_KEY]))
+        tensors = {key: _aligned(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa"
+        )
+    embed_name = _embedding_name(model)
+    built: dict[str, nn.Module] = {}
+    for name, spec in specs.items():
+        if spec.kind == "tied":
+            continue
+        own = {
+            k[len(name) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")
+        }
+        module = runtime_module(spec, own, dtype)
+        if spec.embedding:
+            original = model.get_submodule(name)
+            scale = float(getattr(original, "scalar_embed_scale", 1.0))
+            if not isinstance(module, CompressedLinear):
+                raise ValueError(f"{name}: an embedding cannot be stored as {spec.kind}")
+            embedding = QuantEmbedding(module, scale, getattr(original, "padding_idx", None))
+            embedding.dtype = dtype
+            built[name] = module
+            _set_module(model, name, embedding)
+        else:
+            built[name] = module
+            _set_module(model, name, module)
+    for name, spec in specs.items():
+        if spec.kind == "tied":
+            _set_module(model, name, built[spec.source or embed_name])
+    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    _missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"unexpected tensors in the compressed model: {unexpected[:5]}")
+    _materialize_buffers(model)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"compressed model lacks tensors: {left[:5]}")
+    model.eval()
+    return model
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The packed kernels read with vector loads: a tensor at an odd file offset is copied."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+
+
+def _embedding_name(model: nn.Module) -> str:
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    for name, module in model.named_modules():
+        if module is embedding:
+            return name
+    return "model.embed_tokens"
