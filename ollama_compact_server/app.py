@@ -65,9 +65,11 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         dtype=dtype,
         num_parallel=settings.num_parallel,
         context_length=settings.context_length,
+        max_loras=settings.max_loras,
     )
+    provider = RegistryProvider(registry, device, dtype)
     loop = DeviceLoop(
-        RegistryProvider(registry, device, dtype),
+        provider,
         device=device,
         dtype=dtype,
         max_queue=settings.max_queue,
@@ -76,6 +78,10 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         estimate=sizing.estimate,
         planner=sizing.plan,
         keep_alive=settings.keep_alive_seconds,
+        resolver=provider.resolve,
+        adapter_loader=provider.load_adapter,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
     )
     log.info(
         "engine on %s in %s, memory budget %.1f GiB", device, dtype_name(dtype), budget / (1 << 30)

@@ -175,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("name")
     imp.add_argument("--base", default=None, help="base model of a PEFT adapter")
     imp.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
+
+    merge = sub.add_parser(
+        "merge",
+        help="fold a LoRA adapter model into a standalone model",
+        description="Write NEW_NAME: the adapter model's LoRA weights merged into a copy of its "
+        "base model, recorded as derived from both.",
+    )
+    merge.add_argument("adapter", help="an adapter model in the registry")
+    merge.add_argument("new_name")
+    merge.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
     return parser
 
 
@@ -193,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .commands import import_command
 
             return import_command(settings_from(args), args)
+        if args.command == "merge":
+            from .commands import merge_command
+
+            return merge_command(settings_from(args), args)
         if args.command == "eval":
             from .commands import eval_command
 

@@ -386,6 +386,24 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`ollama-compact merge ADAPTER NEW_NAME`: an adapter folded into its base."""
+    from .logs import setup_logging
+    from .modeling.merge import merge_adapter
+    from .registry.store import Registry
+    from .server import _ProgressPrinter
+
+    setup_logging("warning")
+    registry = Registry(settings.models)
+    try:
+        record = merge_adapter(registry, args.adapter, args.new_name, progress=_ProgressPrinter())
+    except RegistryError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(f"merged {args.adapter} into {record.name.display()} ({human_size(record.size)})")
+    return 0
+
+
 def plan_command(settings: Settings, args: argparse.Namespace) -> int:
     """`ollama-compact plan`: the memory planner for a registry model or a config.json."""
     from .engine.planner import PlanError, default_budget, format_plan, plan_memory

@@ -359,3 +359,66 @@ def make_lora_adapter(
         str(out), safe_serialization=True, save_embedding_layers=embeddings_targeted
     )
     return out
+
+
+BERT_WORDS = [
+    *["the", "a", "an", "cat", "dog", "sat", "on", "mat", "hello", "world", "embedding"],
+    *["model", "is", "fast", "slow", "red", "blue", "green", "sky", "sea", "tree", "house"],
+    *["river", "mountain", "book", "read", "write", "code", "server", "token"],
+]  # fmt: skip
+
+
+def make_tiny_bert(
+    out_dir: str | PathLike[str], *, pooling: str | None = None, seed: int = 0
+) -> pathlib.Path:
+    """A tiny random BERT encoder with a WordPiece tokenizer made on the spot, saved as a
+    Hugging Face directory (safetensors). With ``pooling`` ("mean", "cls", "max",
+    "lasttoken") it also gets sentence-transformers' ``modules.json`` and
+    ``1_Pooling/config.json``."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?",
+        *BERT_WORDS, *letters, *(f"##{c}" for c in letters),
+    ]  # fmt: skip
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if pooling is not None:
+        st = "sentence_transformers.models."
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": st + "Normalize"},
+        ]
+        (out / "modules.json").write_text(json.dumps(modules))
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        keys = {
+            "mean": "pooling_mode_mean_tokens",
+            "cls": "pooling_mode_cls_token",
+            "max": "pooling_mode_max_tokens",
+            "lasttoken": "pooling_mode_lasttoken",
+        }
+        settings = {
+            "word_embedding_dimension": 32,
+            **{k: k == keys[pooling] for k in keys.values()},
+        }
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+    return out

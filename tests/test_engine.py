@@ -238,10 +238,10 @@ async def test_a_failing_request_fails_alone(engine: LocalEngine) -> None:
     real = runner.decode
     poisoned = 77  # only the bad request (a 77-token prompt) decodes at this position
 
-    def decode(slots, tokens, positions):
+    def decode(slots, tokens, positions, loras=None):
         if poisoned in positions:
             raise RuntimeError("injected fault")
-        return real(slots, tokens, positions)
+        return real(slots, tokens, positions, loras)
 
     runner.decode = decode  # type: ignore[method-assign]
     try:

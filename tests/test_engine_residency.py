@@ -155,11 +155,11 @@ async def test_out_of_memory_preempts_the_youngest_and_resumes_it(
         real = runner.decode
         state = {"ooms": 0}
 
-        def decode(slots, tokens, positions):
+        def decode(slots, tokens, positions, loras=None):
             if len(slots) > 2:  # "memory" holds only two rows
                 state["ooms"] += 1
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return real(slots, tokens, positions)
+            return real(slots, tokens, positions, loras)
 
         runner.decode = decode  # type: ignore[method-assign]
         results = await asyncio.gather(
@@ -184,11 +184,11 @@ async def test_seeded_sampling_survives_preemption(tiny_models: dict[str, Path])
         real = runner.decode
         calls = {"n": 0}
 
-        def decode(slots, tokens, positions):
+        def decode(slots, tokens, positions, loras=None):
             calls["n"] += 1
             if len(slots) > 1 and calls["n"] % 5 == 0:
                 raise RuntimeError("out of memory (injected)")
-            return real(slots, tokens, positions)
+            return real(slots, tokens, positions, loras)
 
         runner.decode = decode  # type: ignore[method-assign]
         results = await asyncio.gather(

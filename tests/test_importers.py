@@ -287,3 +287,16 @@ def test_pickled_adapter_is_refused(
     with pytest.raises(InvalidModel, match="pickle"):
         import_adapter_dir(registry, adapter, "bad-lora", "tiny-llama")
     assert not canary.exists()
+
+
+def test_adapter_on_embeddings_is_refused(
+    registry: Registry, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    import_hf_dir(registry, tiny_models["llama"], "tiny-llama")
+    adapter = make_lora_adapter(
+        tiny_models["llama"], tmp_path / "emb-lora", target_modules=["embed_tokens", "q_proj"]
+    )
+    before = tree_hash(registry.root)
+    with pytest.raises(InvalidModel, match="embedding"):
+        import_adapter_dir(registry, adapter, "emb-lora", "tiny-llama")
+    assert tree_hash(registry.root) == before

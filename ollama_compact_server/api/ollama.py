@@ -429,6 +429,8 @@ async def generate(request: Request) -> Response:
     if not prompt and not body.get("images"):
         return await load_or_unload(service, view, keep_alive, {"response": ""})
     check_common(body, view)
+    if "completion" not in view.record.config.capabilities:
+        raise APIError(400, f'"{view.name}" does not support generate')
     if body.get("images"):
         raise APIError(400, f'"{view.name}" does not support vision')
     if body.get("suffix"):
@@ -481,6 +483,8 @@ async def chat(request: Request) -> Response:
             service, view, keep_alive, {"message": {"role": "assistant", "content": ""}}
         )
     check_common(body, view)
+    if "completion" not in view.record.config.capabilities:
+        raise APIError(400, f'"{view.name}" does not support chat')
     if isinstance(messages, list) and any(
         isinstance(m, dict) and m.get("images") for m in messages
     ):
@@ -808,6 +812,11 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             merge_options(parameters)
         except OptionError as exc:
             raise APIError(400, str(exc)) from None
+    merge = body.get("merge", False)
+    if not isinstance(merge, bool):
+        raise APIError(400, "merge must be true or false")
+    if merge and not source:
+        raise APIError(400, "merge needs 'from': the adapter model to fold into its base")
     messages = body.get("messages")
     if messages is not None:
         try:
@@ -825,6 +834,7 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             parameters=parameters,
             messages=messages,
             license=license_value,
+            merge=merge,
         )
     except RegistryError as exc:
         raise APIError(exc.status, str(exc)) from None

@@ -83,6 +83,12 @@ def _model(service: ChatService, body: dict[str, Any]) -> ModelView:
         raise APIError(exc.status, str(exc)) from None
 
 
+def _generative(view: ModelView) -> ModelView:
+    if "completion" not in view.record.config.capabilities:
+        raise APIError(400, f"model `{view.name}` is an embedding model and does not generate")
+    return view
+
+
 def _sampling(
     service: ChatService, view: ModelView, body: dict[str, Any], max_key: tuple[str, ...]
 ) -> SamplingParams:
@@ -535,7 +541,7 @@ async def _complete(
 async def chat_completions(request: Request) -> Response:
     body = await json_body(request)
     service = chat_service(request)
-    view = _model(service, body)
+    view = _generative(_model(service, body))
     messages = _messages(body.get("messages"))
     tools = _tools(body, view)
     sampling = _sampling(service, view, body, ("max_tokens", "max_completion_tokens"))
@@ -591,7 +597,7 @@ def _openai_tool_calls(calls: list[ToolCall], streaming: bool = False) -> list[d
 async def completions(request: Request) -> Response:
     body = await json_body(request)
     service = chat_service(request)
-    view = _model(service, body)
+    view = _generative(_model(service, body))
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):

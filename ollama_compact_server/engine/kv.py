@@ -40,6 +40,7 @@ class SlotKVCache:
         self._rows: slice | None = slice(0, 0)
         self._index = torch.zeros(0, dtype=torch.long)
         self._positions: torch.Tensor | None = None  # [B, q]
+        self._flat_index = torch.zeros(0, dtype=torch.long)  # [B * kv_heads * q] write rows
         self._length = 0
 
     @property
@@ -82,6 +83,13 @@ class SlotKVCache:
         self._rows = slice(first, first + len(slots)) if contiguous else None
         self._positions = positions
         self._length = length
+        # Writes go through index_copy_ on a [slots * kv_heads * capacity, head_dim] view of
+        # each layer's store: row (slot * kv_heads + head) * capacity + position; one flat
+        # index serves decode, prefill chunks and batched prefill alike.
+        heads, capacity = self.shape.kv_heads, self.capacity
+        head = torch.arange(heads, device=device).view(1, -1, 1)
+        rows = self._index.view(-1, 1, 1) * heads + head  # [B, kvh, 1]
+        self._flat_index = (rows * capacity + positions.unsqueeze(1)).reshape(-1)
 
     # transformers Cache protocol (the parts the attention layers call)
     def update(
@@ -96,23 +104,14 @@ class SlotKVCache:
         if positions is None:
             raise RuntimeError("cache used outside a bound forward")
         k_store, v_store = self.k[layer_idx], self.v[layer_idx]
-        if positions.shape[1] == 1:
-            # decode: one position per row; k_store[index, :, pos] is [B, kvh, d]
-            pos = positions[:, 0]
-            k_store[self._index, :, pos] = key_states[:, :, 0]
-            v_store[self._index, :, pos] = value_states[:, :, 0]
-        elif positions.shape[0] == 1:
-            # a prefill chunk of one sequence: contiguous positions
-            start = int(positions[0, 0])
-            end = start + positions.shape[1]
-            k_store[self._index, :, start:end] = key_states
-            v_store[self._index, :, start:end] = value_states
-        else:
-            # prefill of several sequences: scatter every token to (slot, position);
-            # k_store[index[:, None], :, positions] is [B, q, kvh, d]
-            rows = self._index.view(-1, 1)
-            k_store[rows, :, positions] = key_states.transpose(1, 2)
-            v_store[rows, :, positions] = value_states.transpose(1, 2)
+        # key_states: [B, kvh, q, d] -> [B * kvh * q, d], in the order of _flat_index
+        depth = k_store.shape[-1]
+        k_store.view(-1, depth).index_copy_(
+            0, self._flat_index, key_states.reshape(-1, depth).to(k_store.dtype)
+        )
+        v_store.view(-1, depth).index_copy_(
+            0, self._flat_index, value_states.reshape(-1, depth).to(v_store.dtype)
+        )
         if self._rows is not None:  # a view, no copy
             return k_store[self._rows, :, : self._length], v_store[self._rows, :, : self._length]
         return (

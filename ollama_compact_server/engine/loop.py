@@ -16,6 +16,8 @@ from typing import Any, cast
 
 import torch
 
+from ..modeling.lora import LoraError
+from .adapters import AdapterLoader, AdapterRef, AdapterSlots, Target
 from .constraint import JsonConstraint, grammar_for
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox, Notifier
@@ -49,11 +51,14 @@ class Pending:
     mailbox: Mailbox
     request: GenerateRequest | EmbedRequest | None = None
     keep_alive: KeepAlive = DEFAULT
+    adapter: AdapterRef | None = None  # set when routed: the LoRA adapter to run with
 
 
 Sizer = Callable[[str], int]
 Planner = Callable[[str, LoadedModel, int | None], tuple[int, int]]
 """(model, loaded, bytes available or None) -> (slots, tokens per slot) to allocate."""
+Resolver = Callable[[str], Target]
+"""A requested model name -> the resident model that serves it (and the adapter on top)."""
 
 
 class DeviceLoop:
@@ -75,8 +80,16 @@ class DeviceLoop:
         estimate: Sizer | None = None,
         planner: Planner | None = None,
         keep_alive: float | None = 300.0,
+        resolver: Resolver | None = None,
+        adapter_loader: AdapterLoader | None = None,
+        max_loras: int = 8,
+        max_cpu_loras: int = 32,
     ) -> None:
         self.provider = provider
+        self.resolver = resolver
+        self.adapter_loader = adapter_loader
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
         self.device = device
         self.dtype = dtype
         self.slots = slots
@@ -93,6 +106,8 @@ class DeviceLoop:
         self.loads: dict[str, Future[ModelWorker]] = {}
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
         self.inbox: deque[tuple[str, Any]] = deque()
+        # loads and embeddings of adapter models, waiting for their adapter's device slot
+        self.adapter_waits: list[tuple[str, Pending, float]] = []
         self.stats = EngineStats()
         self.notifier = Notifier()
         self.wakeup = threading.Event()
@@ -129,6 +144,8 @@ class DeviceLoop:
             for queue in self.pending.values():
                 for item in queue:
                     item.mailbox.put(error_event("the server is shutting down", 503))
+            for _, item, _ in self.adapter_waits:
+                item.mailbox.put(error_event("the server is shutting down", 503))
             self.notifier.flush()
         except BaseException as exc:  # pragma: no cover - the loop itself must not die
             self.crashed = exc
@@ -138,6 +155,8 @@ class DeviceLoop:
         """schedule -> run -> postprocess for every resident model, plus housekeeping."""
         worked = self._drain_inbox()
         worked = self._service_loads() or worked
+        if self.adapter_waits:
+            worked = self._serve_adapter_waits() or worked
         for worker in list(self.workers.values()):
             worked = worker.step() or worked
         self._expire()
@@ -159,7 +178,18 @@ class DeviceLoop:
     # ------------------------------------------------------------ residency
 
     def _route(self, item: Pending) -> None:
+        """Sends a request to the worker of the model that serves it: adapter models run
+        on their (one, shared) base model."""
         name = item.model
+        if self.resolver is not None:
+            try:
+                target = self.resolver(name)
+            except Exception:  # unknown names fail in the load, with the usual message
+                target = Target(name)
+            if target.adapter is not None and self.adapter_loader is None:
+                item.mailbox.put(error_event("this engine cannot serve LoRA adapters", 400))
+                return
+            name, item.adapter = target.model, target.adapter
         worker = self.workers.get(name)
         if worker is not None:
             self._enqueue(worker, item, 0.0)
@@ -180,7 +210,10 @@ class DeviceLoop:
         started = time.perf_counter()
         loaded = self.provider(name)
         slots, capacity = self.slots, self.capacity
-        if self.planner is not None:
+        if loaded.pooling is not None:  # an encoder: no KV cache, embeddings only
+            context = getattr(loaded.model.config, "max_position_embeddings", None)
+            slots, capacity = 0, int(context or capacity)
+        elif self.planner is not None:
             available = None
             if self.memory_budget is not None:
                 used = sum(w.memory for w in list(self.workers.values()))
@@ -189,8 +222,18 @@ class DeviceLoop:
         runner = ModelRunner(
             loaded.model, slots=slots, capacity=capacity, dtype=self.dtype, device=self.device
         )
-        worker = ModelWorker(name, loaded, runner, self.prefill_chunk, self.stats)
-        worker.memory = runner.cache.nbytes + weight_bytes(loaded.model)
+        adapters = None
+        if self.adapter_loader is not None and loaded.pooling is None:
+            adapters = AdapterSlots(
+                runner.attach_lora,
+                self.adapter_loader,
+                self.loader,
+                device_slots=self.max_loras,
+                host_slots=self.max_cpu_loras,
+                on_loaded=self.wakeup.set,
+            )
+        worker = ModelWorker(name, loaded, runner, self.prefill_chunk, self.stats, adapters)
+        worker.own_memory = runner.cache.nbytes + weight_bytes(loaded.model)
         worker.load_time = time.perf_counter() - started
         worker.keep_alive = self.keep_alive
         log.info(
@@ -275,6 +318,17 @@ class DeviceLoop:
                 self._evict(worker, "keep-alive expired")
 
     def _request_unload(self, name: str) -> None:
+        if self.resolver is not None:
+            try:
+                target = self.resolver(name)
+            except Exception:
+                target = Target(name)
+            if target.adapter is not None:
+                worker = self.workers.get(target.model)
+                if worker is not None and worker.adapters is not None:
+                    worker.adapters.drop(target.adapter.key)
+                return
+            name = target.model
         worker = self.workers.get(name)
         if worker is not None:
             worker.keep_alive = 0.0  # unloads as soon as it is idle
@@ -286,6 +340,13 @@ class DeviceLoop:
         # like Ollama, every request sets how long the model stays after it
         keep_alive = self.keep_alive if item.keep_alive is DEFAULT else item.keep_alive
         worker.keep_alive = cast(float | None, keep_alive)
+        if item.adapter is not None and worker.adapters is not None:
+            worker.adapters.prefetch(item.adapter)  # loads beside the running batch
+        waits = item.request is None or isinstance(item.request, EmbedRequest)
+        if waits and item.adapter is not None:  # until the adapter has a device slot
+            self.adapter_waits.append((worker.name, item, load_time))
+            self._serve_adapter_waits()
+            return
         if item.request is None:  # a bare load
             item.mailbox.put(TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time))
             return
@@ -293,6 +354,11 @@ class DeviceLoop:
             self._embed(worker, item.request, item.mailbox, load_time)
             return
         request = item.request
+        if worker.loaded.pooling is not None:
+            item.mailbox.put(
+                error_event(f'"{request.model}" is an embedding model and does not generate', 400)
+            )
+            return
         params = request.sampling
         prompt = len(request.prompt_ids)
         capacity = worker.runner.cache.capacity
@@ -323,6 +389,7 @@ class DeviceLoop:
             stop_ids=set(params.stop_token_ids) | worker.loaded.stop_ids,
             max_tokens=max_tokens,
             load_time=load_time,
+            adapter=item.adapter,
         )
         if params.json_schema is not None:
             try:
@@ -337,8 +404,52 @@ class DeviceLoop:
             return
         worker.waiting.append(seq)
 
+    def _serve_adapter_waits(self) -> bool:
+        """Loads and embedding requests for adapter models go on once their adapter has a
+        device slot (it loads beside the batch meanwhile); True if one went on or failed."""
+        worked = False
+        for entry in list(self.adapter_waits):
+            name, item, load_time = entry
+            worker = self.workers.get(name)
+            ref = item.adapter
+            if worker is None or worker.adapters is None or ref is None:
+                self.adapter_waits.remove(entry)
+                item.mailbox.put(error_event(f"model '{name}' was unloaded", 503))
+                continue
+            failed = worker.adapters.poll({ref.key})
+            if ref.key in failed:
+                self.adapter_waits.remove(entry)
+                item.mailbox.put(error_event(failed[ref.key], 500))
+                continue
+            if not worker.adapters.can_acquire(ref):
+                continue
+            self.adapter_waits.remove(entry)
+            worked = True
+            try:
+                slot = worker.adapters.acquire(ref)
+            except LoraError as exc:
+                item.mailbox.put(error_event(str(exc), 400))
+                continue
+            worker.last_used = time.monotonic()
+            try:
+                if item.request is None:  # a bare load: the adapter now sits on the device
+                    item.mailbox.put(
+                        TokenEvent(finish_reason=FinishReason.STOP, load_time=load_time)
+                    )
+                else:
+                    request = cast(EmbedRequest, item.request)
+                    self._embed(worker, request, item.mailbox, load_time, slot)
+            finally:
+                worker.adapters.release(slot)
+        return worked
+
     def _embed(
-        self, worker: ModelWorker, request: EmbedRequest, mailbox: Mailbox, load_time: float
+        self,
+        worker: ModelWorker,
+        request: EmbedRequest,
+        mailbox: Mailbox,
+        load_time: float,
+        lora: int = -1,
     ) -> None:
         capacity = worker.runner.cache.capacity
         longest = max((len(x) for x in request.inputs), default=0)
@@ -349,7 +460,20 @@ class DeviceLoop:
             return
         started = time.perf_counter()
         try:
-            vectors = embed(worker.loaded.model, request.inputs, self.device)
+            if worker.loaded.pooling is not None:
+                vectors = embed_encoder(
+                    worker.loaded.model, request.inputs, self.device, worker.loaded.pooling
+                )
+            else:
+                bank = worker.runner.lora if lora >= 0 else None
+                vectors = embed(
+                    worker.loaded.model,
+                    request.inputs,
+                    self.device,
+                    select=(lambda rows: bank.select([lora] * rows)) if bank else None,
+                )
+                if bank is not None:
+                    bank.reset()
         except Exception as exc:
             log.exception("embedding failed for %s", request.request_id)
             mailbox.put(error_event(f"embedding failed: {exc.__class__.__name__}", 500))
@@ -428,13 +552,27 @@ class DeviceLoop:
             snapshot.append(
                 Resident(
                     name=worker.name,
-                    memory=worker.memory,
+                    memory=worker.own_memory,
                     context=worker.runner.cache.capacity,
                     expires_in=None if expires is None else max(0.0, expires - now),
                     busy=worker.busy,
                     device=str(self.device),
                 )
             )
+            if worker.adapters is None:
+                continue
+            for name, nbytes, busy in worker.adapters.resident():
+                snapshot.append(
+                    Resident(
+                        name=name,
+                        memory=nbytes,
+                        context=worker.runner.cache.capacity,
+                        expires_in=None if expires is None else max(0.0, expires - now),
+                        busy=busy,
+                        device=str(self.device),
+                        base=worker.name,
+                    )
+                )
         return snapshot
 
 
@@ -442,9 +580,15 @@ EMBED_BATCH = 16
 
 
 @torch.inference_mode()
-def embed(model: Any, inputs: list[list[int]], device: torch.device) -> list[list[float]]:
+def embed(
+    model: Any,
+    inputs: list[list[int]],
+    device: torch.device,
+    select: Callable[[int], None] | None = None,
+) -> list[list[float]]:
     """Mean of the last hidden states over each input's tokens, L2-normalised; inputs are
-    right-padded in batches and masked."""
+    right-padded in batches and masked. ``select(rows)`` runs before each batch's forward
+    (it points a LoRA bank's rows at an adapter)."""
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     vectors: list[list[float]] = []
     for start in range(0, len(inputs), EMBED_BATCH):
@@ -456,10 +600,45 @@ def embed(model: Any, inputs: list[list[int]], device: torch.device) -> list[lis
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, : len(tokens)] = 1
         ids, mask = ids.to(device), mask.to(device)
+        if select is not None:
+            select(len(batch))
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # hidden: [B, T, H]
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        vectors.extend(pooled.cpu().tolist())
+    return vectors
+
+
+@torch.inference_mode()
+def embed_encoder(
+    model: Any, inputs: list[list[int]], device: torch.device, pooling: str
+) -> list[list[float]]:
+    """Embeddings from an encoder: its token states pooled as its sentence-transformers
+    config says (mean, cls, max, lasttoken), L2-normalised; right-padded and masked."""
+    vectors: list[list[float]] = []
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    for start in range(0, len(inputs), EMBED_BATCH):
+        batch = inputs[start : start + EMBED_BATCH]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [B, T, H]
+        keep = mask.unsqueeze(-1).to(hidden.dtype)
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        elif pooling == "lasttoken":
+            last = mask.sum(dim=1) - 1
+            pooled = hidden[torch.arange(len(batch), device=device), last]
+        elif pooling == "max":
+            pooled = hidden.masked_fill(keep == 0, float("-inf")).max(dim=1).values
+        else:
+            pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
         vectors.extend(pooled.cpu().tolist())
     return vectors
 

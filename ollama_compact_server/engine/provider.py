@@ -8,8 +8,11 @@ from typing import Any
 
 import torch
 
-from ..modeling.loader import load_causal_lm, load_tokenizer
+from ..modeling.loader import load_causal_lm, load_encoder, load_tokenizer
+from ..modeling.lora import LoraWeights, read_peft_adapter
+from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import Registry
+from .adapters import AdapterRef, Target
 from .planner import format_plan, plan_memory
 from .types import EngineError
 from .worker import LoadedModel
@@ -36,8 +39,38 @@ class RegistryProvider:
         self.device = device
         self.dtype = dtype
 
+    def resolve(self, name: str) -> Target:
+        """An adapter model runs on its base; the adapter is named by its weights' digests."""
+        record = self.registry.get(name)
+        if not record.is_adapter or not record.config.base_model:
+            return Target(record.name.display())
+        files = tuple(
+            sorted((f, layer.digest) for f, layer in record.manifest.files(MT_ADAPTER_FILE).items())
+        )
+        base = self.registry.get(record.config.base_model)
+        return Target(
+            base.name.display(), AdapterRef(record.name.display(), record.digest, files)
+        )
+
+    def load_adapter(self, ref: AdapterRef) -> LoraWeights:
+        """Reads an adapter's files (each checked against its digest) into host memory."""
+        files = {name: self.registry.blobs.verify(digest) for name, digest in ref.files}
+        config = json.loads(files["adapter_config.json"].read_text(encoding="utf-8"))
+        return read_peft_adapter(config, files["adapter_model.safetensors"], ref.key)
+
     def __call__(self, name: str) -> LoadedModel:
         record = self.registry.get(name)
+        if record.is_adapter and record.config.base_model:
+            record = self.registry.get(record.config.base_model)
+        if record.config.embedding is not None:  # a dedicated embedding model
+            encoder = load_encoder(self.registry, record, dtype=self.dtype)
+            encoder.to(self.device)
+            return LoadedModel(
+                model=encoder,
+                tokenizer=load_tokenizer(self.registry, record),
+                stop_ids=set(),
+                pooling=record.config.embedding.pooling,
+            )
         model = load_causal_lm(self.registry, record, dtype=self.dtype)
         model.to(self.device)
         base = (
@@ -60,8 +93,10 @@ class RegistrySizing:
         dtype: torch.dtype,
         num_parallel: int,
         context_length: int,
+        max_loras: int = 0,
     ) -> None:
         self.registry = registry
+        self.max_loras = max_loras
         self.dtype_name = {
             torch.float32: "float32",
             torch.bfloat16: "bfloat16",
@@ -87,6 +122,19 @@ class RegistrySizing:
         model_context = context_length(config) or self.context_length
         return min(self.context_length, model_context)
 
+    def adapters_of(self, name: str) -> tuple[int, int]:
+        """Adapter slots to reserve beside ``name``: none without registry adapters for it,
+        else the OCS_MAX_LORAS slots the engine allocates, at their highest rank."""
+        base = self.registry.get(name).name.display()
+        ranks = [
+            record.config.adapter.r
+            for record in self.registry.models()
+            if record.is_adapter and record.config.base_model == base and record.config.adapter
+        ]
+        if not ranks or not self.max_loras:
+            return 0, 16
+        return self.max_loras, max(ranks)
+
     def estimate(self, name: str) -> int:
         """Bytes needed to load ``name`` with at least one sequence of context."""
         config = self.hf_config(name)
@@ -106,6 +154,7 @@ class RegistrySizing:
         context = self.context_for(config)
         if available is None:
             return self.num_parallel, context
+        adapters, rank = self.adapters_of(name)
         plan = plan_memory(
             config,
             budget=max(available, 0),
@@ -114,6 +163,8 @@ class RegistrySizing:
             num_parallel=self.num_parallel,
             context=context,
             min_context=min(512, context),
+            adapters=adapters,
+            adapter_rank=rank,
             activation_reserve=0,
         )
         log.info("memory plan for %s:\n%s", name, format_plan(plan, name))

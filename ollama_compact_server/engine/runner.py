@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..modeling.lora import LoraBank
 from .kv import KVShape, SlotKVCache
 
 
@@ -26,6 +27,8 @@ class ModelRunner:
         self.model = model
         self.config = model.config
         self.device = device
+        self.dtype = dtype
+        self.lora: LoraBank | None = None  # adapter slots, made on the first adapter request
         self.cache = SlotKVCache(kv_shape(self.config), slots, capacity, dtype, device)
         layer_types = list(getattr(self.config, "layer_types", None) or [])
         self.window: int | None = None
@@ -33,6 +36,12 @@ class ModelRunner:
             self.window = int(self.config.sliding_window)
         # Models that take a dict of prepared masks per layer type (gemma3, qwen2, ...)
         self.mask_dict = bool(layer_types)
+
+    def attach_lora(self, slots: int) -> LoraBank:
+        """The model's LoRA bank with ``slots`` adapter slots (made once)."""
+        if self.lora is None:
+            self.lora = LoraBank(self.model, slots, self.dtype, self.device)
+        return self.lora
 
     def _masks(self, positions: torch.Tensor, length: int) -> Any:
         # positions: [B, q] -> bool masks [B, 1, q, length]; True = attend
@@ -62,43 +71,64 @@ class ModelRunner:
         positions: torch.Tensor,
         length: int,
         keep: int = 1,
+        loras: list[int] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [B, q]; attends over ``length`` cached positions; returns
-        the last column's logits [B, V]."""
+        the last column's logits [B, V]. ``loras``: each row's adapter slot (-1: none)."""
         self.cache.bind(slots, positions, length)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=self._masks(positions, length),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
+        if self.lora is not None:
+            self.lora.select(loras)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                attention_mask=self._masks(positions, length),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+        finally:
+            if self.lora is not None:
+                self.lora.reset()
         return out.logits[:, -1, :] if keep == 1 else out.logits
 
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(
+        self,
+        slots: list[int],
+        tokens: list[int],
+        positions: list[int],
+        loras: list[int] | None = None,
+    ) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
-        return self.forward(slots, ids, pos, max(positions) + 1)
+        return self.forward(slots, ids, pos, max(positions) + 1, loras=loras)
 
     def prefill(
-        self, slot: int, tokens: list[int], start: int, all_logits: bool = False
+        self,
+        slot: int,
+        tokens: list[int],
+        start: int,
+        all_logits: bool = False,
+        lora: int = -1,
     ) -> torch.Tensor:
         """A chunk of one sequence's prompt, written at positions start.. ; returns the last
         position's logits [1, V], or every position's [q, V] with ``all_logits``."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
         pos = torch.arange(start, start + len(tokens), device=self.device).view(1, -1)
+        length = start + len(tokens)
         if all_logits:
-            return self.forward([slot], ids, pos, start + len(tokens), keep=0)[0]
-        return self.forward([slot], ids, pos, start + len(tokens))
+            return self.forward([slot], ids, pos, length, keep=0, loras=[lora])[0]
+        return self.forward([slot], ids, pos, length, loras=[lora])
 
-    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill_batch(
+        self, slots: list[int], prompts: list[list[int]], loras: list[int] | None = None
+    ) -> torch.Tensor:
         """Whole prompts of several fresh sequences in one forward, left-padded so every
         row's last column is its last prompt token. Pad columns get the position
         ``capacity - 1``: their cache writes land where no real query looks (that position
         is rewritten before any sequence can attend to it) and their outputs are unused."""
         if len(prompts) == 1:
-            return self.prefill(slots[0], prompts[0], 0)
+            return self.prefill(slots[0], prompts[0], 0, lora=loras[0] if loras else -1)
         width = max(len(p) for p in prompts)
         junk = self.cache.capacity - 1
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -107,4 +137,4 @@ class ModelRunner:
             pad = width - len(prompt)
             ids[row, pad:] = torch.tensor(prompt, dtype=torch.long)
             pos[row, pad:] = torch.arange(len(prompt))
-        return self.forward(slots, ids.to(self.device), pos.to(self.device), width)
+        return self.forward(slots, ids.to(self.device), pos.to(self.device), width, loras=loras)

@@ -64,9 +64,11 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, state: RowState) ->
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
+    ids: torch.Tensor | None = None
     if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # only the k best survive top-k: the rest of the work runs on k candidates, not
+        # the whole vocabulary (262k entries for gemma3)
+        logits, ids = torch.topk(logits, params.top_k)
     probs = torch.softmax(logits, dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
@@ -78,20 +80,28 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, state: RowState) ->
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     total = probs.sum()
     if not torch.isfinite(total) or total <= 0:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(probs.cpu() / total.cpu(), 1, generator=state.generator))
+        pick = int(torch.argmax(logits))
+    else:
+        pick = int(torch.multinomial(probs.cpu() / total.cpu(), 1, generator=state.generator))
+    return int(ids[pick]) if ids is not None else pick
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[RowState]) -> list[int]:
     """logits: [B, V]. Greedy rows without penalties share one argmax; the host syncs once
     for them, and once per sampled row."""
+    fast = [i for i, p in enumerate(params) if p.greedy and not p.penalised]
+    if len(fast) == len(params):
+        # all greedy: one max over the raw logits (bfloat16 -> float32 is exact, so the
+        # argmax is the same); a NaN anywhere wins max() and sends us the careful way
+        values, picks = torch.max(logits, dim=-1)
+        if not bool(torch.isnan(values).any()):
+            return [int(t) for t in picks.tolist()]
     logits = logits.float()
     logits = torch.nan_to_num(logits, nan=-1e30, posinf=1e30, neginf=-1e30)
-    fast = [i for i, p in enumerate(params) if p.greedy and not p.penalised]
     chosen: list[int] = [0] * len(params)
     if fast:
-        picks = torch.argmax(logits[fast], dim=-1).tolist()
-        for i, token in zip(fast, picks):
+        picks = torch.argmax(logits[fast], dim=-1)
+        for i, token in zip(fast, picks.tolist()):
             chosen[i] = int(token)
     for i, p in enumerate(params):
         if i not in fast:

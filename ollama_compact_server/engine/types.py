@@ -169,3 +169,4 @@ class Resident:
     expires_in: float | None  # seconds until unloaded when idle; None = busy or forever
     busy: bool
     device: str = "cpu"
+    base: str | None = None  # for a LoRA adapter: the resident model it runs on

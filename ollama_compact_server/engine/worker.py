@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..modeling.lora import LoraError
+from .adapters import AdapterRef, AdapterSlots
 from .constraint import GuidedTokenizer, JsonConstraint
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox
@@ -32,6 +34,8 @@ class Sequence:
     stops: StopMatcher
     stop_ids: set[int]
     max_tokens: int
+    adapter: AdapterRef | None = None  # the LoRA adapter this request runs with
+    lora: int = -1  # its adapter slot while admitted
     slot: int = -1
     prefilled: int = 0
     cached: int = 0  # positions written to the KV cache
@@ -70,6 +74,7 @@ class LoadedModel:
     tokenizer: Any
     stop_ids: set[int]
     guided: GuidedTokenizer | None = None  # built on the first structured-output request
+    pooling: str | None = None  # set for dedicated embedding models (encoders): no generation
 
     def guided_tokenizer(self) -> GuidedTokenizer:
         if self.guided is None:
@@ -95,8 +100,10 @@ class ModelWorker:
         runner: ModelRunner,
         prefill_chunk: int,
         stats: EngineStats | None = None,
+        adapters: AdapterSlots | None = None,
     ) -> None:
         self.stats = stats or EngineStats()
+        self.adapters = adapters
         self.name = name
         self.loaded = loaded
         self.runner = runner
@@ -107,8 +114,13 @@ class ModelWorker:
         self.by_slot: dict[int, Sequence] = {}
         self.last_used = time.monotonic()
         self.keep_alive: float | None = None  # seconds idle before unloading; None = forever
-        self.memory = 0  # resident bytes: weights + KV cache
+        self.own_memory = 0  # resident bytes: weights + KV cache (adapter slots come on top)
         self.load_time = 0.0
+
+    @property
+    def memory(self) -> int:
+        """Resident bytes: weights, KV cache and the adapter slots."""
+        return self.own_memory + (self.adapters.nbytes if self.adapters is not None else 0)
 
     @property
     def expires_at(self) -> float | None:
@@ -133,45 +145,98 @@ class ModelWorker:
         if not self.busy:
             return False
         self.last_used = time.monotonic()
+        if self.adapters is not None:
+            self._collect_adapters()
         decode_batch = sorted(self.running, key=lambda s: s.slot)
-        self._prefill_step()
+        prefilled = self._prefill_step()
         if decode_batch:
             self._decode_step(decode_batch)
-        return True
+        # False when every request waits (for an adapter load): the loop may sleep until
+        # a wakeup instead of spinning beside the loader thread
+        return prefilled or bool(decode_batch)
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self) -> bool:
         """Prefill under a per-step token budget: a long prompt in chunks, alone; short
-        fresh prompts several at a time in one forward."""
+        fresh prompts several at a time in one forward. True if anything ran."""
         if self.prefilling is None and self.waiting and self.runner.cache.can_allocate():
-            head = self.waiting[0]
-            if len(head.prefill_ids) > self.prefill_chunk or wants_prompt_scores(head):
-                self.prefilling = self._admit(self.waiting.popleft())
-            else:
-                self._prefill_many()
-                return
+            ready = self._ready()
+            if ready:
+                head = ready[0]
+                if len(head.prefill_ids) > self.prefill_chunk or wants_prompt_scores(head):
+                    self.prefilling = self._admit(head)
+                else:
+                    self._prefill_many(ready)
+                    return True
         if self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
+            return True
+        return False
 
-    def _admit(self, seq: Sequence) -> Sequence:
+    def _ready(self) -> list[Sequence]:
+        """Waiting sequences that can start now, in order. A request whose adapter is still
+        loading lets others pass; one whose adapter waits for a free device slot holds back
+        the adapter requests behind it (so busy adapters cannot starve it), not bare ones."""
+        if self.adapters is None:
+            return [s for s in self.waiting if s.adapter is None]
+        ready: list[Sequence] = []
+        slot_blocked = False
+        for seq in self.waiting:
+            if seq.adapter is None:
+                ready.append(seq)
+            elif not slot_blocked:
+                if self.adapters.can_acquire(seq.adapter):
+                    ready.append(seq)
+                elif seq.adapter.key in self.adapters.host:
+                    slot_blocked = True
+        return ready
+
+    def _admit(self, seq: Sequence) -> Sequence | None:
+        """Takes a KV slot (and an adapter slot) for a waiting sequence; None if its
+        adapter turned out not to fit the model (the request has then failed)."""
+        if seq.adapter is not None:
+            if self.adapters is None or not self.adapters.can_acquire(seq.adapter):
+                return None
+            try:
+                seq.lora = self.adapters.acquire(seq.adapter)
+            except LoraError as exc:
+                self.finish(seq, FinishReason.ERROR, error=str(exc))
+                return None
+        self.waiting.remove(seq)
         seq.slot = self.runner.cache.allocate()
         self.by_slot[seq.slot] = seq
         if not seq.admitted:
             seq.admitted = time.perf_counter()
         return seq
 
-    def _prefill_many(self) -> None:
+    def _collect_adapters(self) -> None:
+        """Finished adapter loads go to host memory; requests whose adapter failed end."""
+        if self.adapters is None:
+            return
+        wanted = {s.adapter.key for s in self.waiting if s.adapter is not None}
+        failed = self.adapters.poll(wanted)
+        for seq in [s for s in self.waiting if s.adapter is not None]:
+            error = failed.get(seq.adapter.key)  # type: ignore[union-attr]
+            if error is not None:
+                self.finish(seq, FinishReason.ERROR, error=error)
+
+    def _prefill_many(self, ready: list[Sequence]) -> None:
         batch: list[Sequence] = []
         budget = self.prefill_chunk
-        while self.waiting and self.runner.cache.can_allocate():
-            size = len(self.waiting[0].prefill_ids)
-            if size > budget or wants_prompt_scores(self.waiting[0]):
+        for seq in ready:
+            size = len(seq.prefill_ids)
+            if size > budget or wants_prompt_scores(seq) or not self.runner.cache.can_allocate():
                 break
+            admitted = self._admit(seq)
+            if admitted is None:
+                continue
             budget -= size
-            batch.append(self._admit(self.waiting.popleft()))
+            batch.append(admitted)
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             logits = self.runner.prefill_batch(
-                [s.slot for s in batch], [s.prefill_ids for s in batch]
+                [s.slot for s in batch], [s.prefill_ids for s in batch], [s.lora for s in batch]
             )
         except Exception as exc:
             if is_oom(exc) and self.running:
@@ -214,11 +279,13 @@ class ModelWorker:
         chunk = target[seq.prefilled : seq.prefilled + size]
         try:
             if scoring:
-                every = self.runner.prefill(seq.slot, chunk, seq.prefilled, all_logits=True)
+                every = self.runner.prefill(
+                    seq.slot, chunk, seq.prefilled, all_logits=True, lora=seq.lora
+                )
                 self._score_prompt(seq, chunk, every)
                 logits = every[-1:]
             else:
-                logits = self.runner.prefill(seq.slot, chunk, seq.prefilled)
+                logits = self.runner.prefill(seq.slot, chunk, seq.prefilled, lora=seq.lora)
         except Exception as exc:  # a failing request fails alone
             if is_oom(exc) and self.running:
                 self.preempt(max(self.running, key=lambda s: s.submitted))
@@ -255,6 +322,7 @@ class ModelWorker:
                 [s.slot for s in batch],
                 [s.generated[-1] for s in batch],
                 [s.position for s in batch],
+                [s.lora for s in batch],
             )
             tokens = sample(
                 constrain(logits, batch),
@@ -278,7 +346,9 @@ class ModelWorker:
     def _decode_rows_alone(self, batch: list[Sequence]) -> None:
         for seq in batch:
             try:
-                logits = self.runner.decode([seq.slot], [seq.generated[-1]], [seq.position])
+                logits = self.runner.decode(
+                    [seq.slot], [seq.generated[-1]], [seq.position], [seq.lora]
+                )
                 token = sample(constrain(logits, [seq]), [seq.request.sampling], [seq.state])[0]
             except Exception as exc:
                 self.finish(
@@ -420,6 +490,9 @@ class ModelWorker:
                 mover.slot = seq.slot
                 self.by_slot[seq.slot] = mover
             seq.slot = -1
+        if seq.lora >= 0 and self.adapters is not None:
+            self.adapters.release(seq.lora)
+            seq.lora = -1
 
 
 def is_oom(exc: BaseException) -> bool:

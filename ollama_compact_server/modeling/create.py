@@ -39,6 +39,7 @@ class CreateSpec:
     parameters: dict[str, Any] | None = None
     messages: list[dict[str, Any]] | None = None
     license: list[str] | None = None
+    merge: bool = False  # fold the adapter model named by ``from_`` into a standalone model
 
 
 def check_file_map(files: Any, label: str) -> dict[str, str]:
@@ -115,6 +116,16 @@ def create_model(registry: Registry, spec: CreateSpec, progress: ProgressFn) -> 
                 source={"kind": "create", "ref": base.name.display()},
                 progress=progress,
             )
+        return _derive(registry, record, spec, inherit=None)
+    if spec.merge:
+        if spec.adapters:
+            raise InvalidModel("'merge' folds an existing adapter model: drop 'adapters'")
+        from .merge import merge_adapter
+
+        record = merge_adapter(registry, base.name, spec.name, progress)
+        overrides = (spec.template, spec.system, spec.parameters, spec.messages, spec.license)
+        if all(value is None for value in overrides):
+            return record
         return _derive(registry, record, spec, inherit=None)
     progress("using existing layers", None, None)
     return _derive(registry, base, spec, inherit=base)

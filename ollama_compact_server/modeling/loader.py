@@ -69,3 +69,15 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
             model = PeftModel.from_pretrained(model, directory)
     model.eval()
     return model
+
+
+def load_encoder(registry: Registry, record: ModelRecord, dtype: Any = None) -> Any:
+    """A transformers encoder (BERT and kin) for a dedicated embedding model."""
+    from transformers import AutoModel
+
+    with model_dir(registry, record) as directory:
+        model = AutoModel.from_pretrained(
+            directory, dtype=dtype or "auto", trust_remote_code=False, use_safetensors=True
+        )
+    model.eval()
+    return model

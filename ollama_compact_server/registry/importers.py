@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from .manifest import (
     MT_PARAMS,
     MT_SYSTEM,
     MT_TEMPLATE,
+    POOLING_MODES,
     AdapterInfo,
+    EmbeddingInfo,
     ModelConfig,
     check_filename,
 )
@@ -145,6 +148,53 @@ def chat_template_from(directory: Path, tokenizer_config: dict[str, Any]) -> str
     return ""
 
 
+ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "camembert", "modernbert"}
+)
+"""Model types served as dedicated embedding models (encoders, no generation)."""
+
+
+POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def embedding_info(directory: Path, config: dict[str, Any]) -> EmbeddingInfo | None:
+    """For an encoder: its pooling, from sentence-transformers' modules.json and pooling
+    config when present (mean otherwise); None for generative models."""
+    if config.get("model_type") not in ENCODER_TYPES or config.get("is_decoder"):
+        return None
+    pooling_dir = "1_Pooling"
+    modules_file = directory / "modules.json"
+    if modules_file.is_file():
+        try:
+            modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidModel(f"modules.json is not valid JSON: {exc}") from None
+        for module in modules if isinstance(modules, list) else []:
+            path = module.get("path") if isinstance(module, dict) else None
+            kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+            if kind.endswith("Pooling") and isinstance(path, str):
+                if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", path) or path in (".", ".."):
+                    raise InvalidModel(f"modules.json names an odd pooling folder {path[:40]!r}")
+                pooling_dir = path
+    pooling = "mean"
+    pooling_file = directory / pooling_dir / "config.json"
+    if pooling_file.is_file():
+        settings = read_json(pooling_file)
+        chosen = [mode for key, mode in POOLING_KEYS.items() if settings.get(key)]
+        odd = [k for k, v in settings.items() if k.startswith("pooling_mode_") and v]
+        if len(chosen) != 1 or len(odd) != 1:
+            raise InvalidModel(
+                "the pooling config must choose exactly one of: " + ", ".join(POOLING_MODES)
+            )
+        pooling = chosen[0]
+    return EmbeddingInfo(pooling=pooling)
+
+
 def capabilities_for(template: str) -> list[str]:
     caps = ["completion"]
     if "tools" in template:
@@ -204,6 +254,7 @@ def import_hf_dir(
     license_text: str | None = None,
     source: dict[str, Any] | None = None,
     aliases: list[str] | None = None,
+    parent_model: str = "",
     progress: ProgressFn = _noop,
 ) -> ModelRecord:
     """Imports a Hugging Face model directory (config.json + *.safetensors + tokenizer)."""
@@ -250,7 +301,12 @@ def import_hf_dir(
         source=source or {"kind": "huggingface", "ref": directory.resolve().name},
         aliases=sorted(set(record_aliases)),
         capabilities=capabilities_for(chat_template),
+        parent_model=parent_model,
     )
+    embedding = embedding_info(directory, config)
+    if embedding is not None:
+        model_config.embedding = embedding
+        model_config.capabilities = ["embedding"]
     total = sum(p.stat().st_size for p in files)
     done = 0
 
@@ -364,7 +420,15 @@ def check_adapter_shapes(
                 matched = kind
                 break
         else:
-            raise InvalidModel(f"adapter tensor {key[:100]!r} is not a LoRA weight")
+            raise InvalidModel(
+                f"adapter tensor {key[:100]!r} is not a LoRA weight (adapters that carry full "
+                "weights, such as resized embeddings, are not supported)"
+            )
+        if matched in ("eA", "eB"):
+            raise InvalidModel(
+                f"the adapter puts LoRA on an embedding ({module[:100]!r}); only LoRA on "
+                "linear projections (attention, MLP, output head) can be served"
+            )
         target = base_keys.get(f"{module}.weight".lower())
         if target is None:
             raise InvalidModel(

@@ -115,6 +115,18 @@ class AdapterInfo(BaseModel):
     use_dora: bool = False
 
 
+POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+
+
+class EmbeddingInfo(BaseModel):
+    """A dedicated embedding model (an encoder such as BERT): how token states become one
+    vector (sentence-transformers' pooling, recorded at import)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    pooling: str = "mean"
+
+
 class ModelConfig(BaseModel):
     """The config blob: what a model is, recorded at import or create time."""
 
@@ -138,6 +150,7 @@ class ModelConfig(BaseModel):
     base_model: str | None = None
     base_digest: str | None = None
     adapter: AdapterInfo | None = None
+    embedding: EmbeddingInfo | None = None  # set for dedicated embedding models only
     capabilities: list[str] = Field(default_factory=lambda: ["completion"])
 
     def to_bytes(self) -> bytes:

@@ -1,0 +1,312 @@
+"""Many LoRA adapters in one batch: our engine against itself and against peft, in one run.
+
+On the real ``gemma3:270m`` (copied into a scratch registry from ``--registry``), with
+``--adapters`` (default 8) random rank-``--rank`` (16) adapters on every attention and MLP
+projection, imported into the registry the way users import theirs, and served through the
+real registry path (digest-checked files, loaded beside the running batch):
+
+1. **mixed**: ``--requests`` (16) concurrent requests, two per adapter, ``--new-tokens`` (64);
+2. **one adapter**: the same 16 requests all on the first adapter;
+3. **base, adapters resident** vs **base, no adapters**: the 16 requests on the bare base
+   model after the adapters have been used, and in a fresh engine that never saw one;
+4. **peft, switching**: peft's ``PeftModel`` holding the same adapters serves the same 16
+   requests one after another, calling ``set_adapter`` before each (batch size 1), and, as a
+   stronger baseline, grouped by adapter (``set_adapter`` once per pair, batch of 2);
+5. **hot load**: the time to read an adapter from the registry into host memory (p50) and
+   to write it into a device slot (p50).
+
+Every request is greedy and produces exactly ``--new-tokens`` tokens (no end-of-sequence
+ids; HF with ``min_new_tokens``). ``= peft`` counts the mixed-batch requests whose tokens
+equal peft's sequential output for the same adapter and prompt.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_lora.py            # about four minutes on 2 cores
+    .venv/bin/python benchmarks/bench_lora.py --quick    # smoke run (2 adapters, 4 requests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import STORY_OPENINGS, engine_round, open_registry, say
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(registry: Any, base: str, count: int, rank: int, scratch: Path) -> list[str]:
+    """Random rank-``rank`` PEFT adapters for ``base``, saved and imported like a user's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ollama_compact_server.modeling.loader import model_dir
+    from ollama_compact_server.registry.importers import import_adapter_dir
+
+    record = registry.get(base)
+    with model_dir(registry, record) as directory:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    names = []
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=TARGETS,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+        with torch.no_grad():
+            for pname, param in peft_model.named_parameters():
+                if "lora_" in pname:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        out = scratch / f"adapter-{i}"
+        peft_model.save_pretrained(str(out), safe_serialization=True)
+        name = f"bench-lora-{i}"
+        import_adapter_dir(registry, out, name, base)
+        names.append(name)
+    return names
+
+
+def start_engine(registry: Any, dtype: torch.dtype, slots: int, max_loras: int) -> Any:
+    from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+    from ollama_compact_server.engine.provider import RegistryProvider
+
+    provider = RegistryProvider(registry, torch.device("cpu"), dtype)
+
+    def provide(name: str) -> Any:
+        loaded = provider(name)
+        loaded.stop_ids = set()  # every request generates exactly new_tokens tokens
+        return loaded
+
+    loop = DeviceLoop(
+        provide,
+        device=torch.device("cpu"),
+        dtype=dtype,
+        slots=slots,
+        capacity=512,
+        prefill_chunk=256,
+        resolver=provider.resolve,
+        adapter_loader=provider.load_adapter,
+        max_loras=max_loras,
+    )
+    loop.start()
+    return LocalEngine(loop)
+
+
+async def timed(engine: Any, jobs: list[tuple[str, list[int]]], new_tokens: int, tag: str):
+    """All jobs at once (model, prompt); returns outputs and tokens/s."""
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            engine_round(engine, model, [prompt], 1, new_tokens, f"{tag}{i}")
+            for i, (model, prompt) in enumerate(jobs)
+        )
+    )
+    seconds = time.perf_counter() - started
+    outputs = [r[0][0] for r in results]
+    return outputs, sum(len(o) for o in outputs) / seconds
+
+
+@torch.inference_mode()
+def peft_runs(
+    registry: Any,
+    base: str,
+    names: list[str],
+    dtype: torch.dtype,
+    jobs: list[tuple[str, list[int]]],
+    new_tokens: int,
+    pad_id: int,
+):
+    from peft import PeftModel
+
+    from ollama_compact_server.modeling.loader import load_causal_lm, model_dir
+    from ollama_compact_server.registry.manifest import MT_ADAPTER_FILE
+
+    model = load_causal_lm(registry, registry.get(base), dtype=dtype)
+    peft_model = None
+    for name in names:
+        with model_dir(registry, registry.get(name), MT_ADAPTER_FILE) as directory:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, directory, adapter_name=name)
+            else:
+                peft_model.load_adapter(directory, adapter_name=name)
+    assert peft_model is not None
+    peft_model.eval()
+    kwargs = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "repetition_penalty": 1.0,
+        "pad_token_id": pad_id,
+    }
+    peft_model.set_adapter(names[0])
+    peft_model.generate(
+        input_ids=torch.tensor([jobs[0][1][:4]]),
+        **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2},
+    )
+    say("peft, switching per request (batch 1)")
+    outputs = []
+    started = time.perf_counter()
+    for model_name, prompt in jobs:
+        peft_model.set_adapter(model_name)
+        out = peft_model.generate(input_ids=torch.tensor([prompt]), **kwargs)
+        outputs.append(out[0, len(prompt) :].tolist())
+    sequential = sum(len(o) for o in outputs) / (time.perf_counter() - started)
+    say(f"  {sequential:.1f} tok/s")
+    say("peft, switching per adapter (batches of the same adapter)")
+    groups: dict[str, list[list[int]]] = {}
+    for model_name, prompt in jobs:
+        groups.setdefault(model_name, []).append(prompt)
+    tokens = 0
+    started = time.perf_counter()
+    for model_name, prompts in groups.items():
+        peft_model.set_adapter(model_name)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        tokens += out[:, width:].numel()
+    grouped = tokens / (time.perf_counter() - started)
+    say(f"  {grouped:.1f} tok/s")
+    return outputs, sequential, grouped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--registry", type=Path, default=Path(".cache/test-registry"))
+    parser.add_argument("--model", default="gemma3:270m")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.adapters, args.requests, args.new_tokens = 2, 4, 16
+
+    from ollama_compact_server.engine.device import dtype_name, resolve_dtype
+    from ollama_compact_server.modeling.loader import model_dir
+    from ollama_compact_server.registry.importers import import_hf_dir
+    from ollama_compact_server.registry.store import Registry
+
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    source = open_registry(args.registry, args.model)
+    with tempfile.TemporaryDirectory(prefix="ocs-bench-lora-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        registry = Registry(scratch / "registry")
+        say(f"copying {args.model} into a scratch registry")
+        with model_dir(source, source.get(args.model)) as directory:
+            base = import_hf_dir(registry, directory, args.model).name.display()
+        say(f"making {args.adapters} random rank-{args.rank} adapters")
+        names = make_adapters(registry, base, args.adapters, args.rank, scratch)
+        from transformers import AutoTokenizer
+
+        with model_dir(registry, registry.get(base)) as directory:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        prompts = [tokenizer(t)["input_ids"] for t in STORY_OPENINGS]
+        n = args.requests
+        mixed_jobs = [(names[i % len(names)], prompts[i % len(prompts)]) for i in range(n)]
+        one_jobs = [(names[0], prompts[i % len(prompts)]) for i in range(n)]
+        base_jobs = [(base, prompts[i % len(prompts)]) for i in range(n)]
+
+        async def ours() -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            engine = start_engine(registry, dtype, n, max_loras=len(names))
+            try:
+                warm = [(base, prompts[0][:4]), *((name, prompts[0][:4]) for name in names)]
+                await timed(engine, warm, 2, "warm")  # loads the base and every adapter
+                for label, jobs in (
+                    ("base, adapters resident", base_jobs),
+                    ("mixed", mixed_jobs),
+                    ("one adapter", one_jobs),
+                    ("base, adapters resident (again)", base_jobs),
+                ):
+                    say(f"engine: {label}")
+                    found[label] = await timed(engine, jobs, args.new_tokens, label[:4])
+                    say(f"  {found[label][1]:.1f} tok/s")
+                worker = next(iter(engine.device_loop.workers.values()))
+                found["stats"] = worker.adapters.stats
+            finally:
+                engine.close()
+            engine = start_engine(registry, dtype, n, max_loras=len(names))
+            try:
+                await timed(engine, [(base, prompts[0][:4])], 2, "warm")
+                say("engine: base, no adapters ever")
+                found["base, no adapters"] = await timed(engine, base_jobs, args.new_tokens, "none")
+                say(f"  {found['base, no adapters'][1]:.1f} tok/s")
+            finally:
+                engine.close()
+            return found
+
+        found = asyncio.run(ours())
+        peft_out, peft_seq, peft_grouped = peft_runs(
+            registry,
+            base,
+            names,
+            dtype,
+            mixed_jobs,
+            args.new_tokens,
+            tokenizer.pad_token_id or 0,
+        )
+    mixed_out, mixed = found["mixed"]
+    one = found["one adapter"][1]
+    base_res = max(found["base, adapters resident"][1], found["base, adapters resident (again)"][1])
+    base_none = found["base, no adapters"][1]
+    stats = found["stats"]
+    equal = sum(a == b for a, b in zip(mixed_out, peft_out))
+    print()
+    print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{dtype_name(dtype)}, {args.adapters} adapters rank {args.rank}, "
+        f"{n} requests x {args.new_tokens} tokens"
+    )
+    print()
+    print("| run | tokens/s | ratio |")
+    print("|---|---|---|")
+    print(f"| mixed batch ({n // len(names) or 1} per adapter) | {mixed:.1f} | — |")
+    print(f"| all on one adapter | {one:.1f} | mixed / one = {mixed / one:.2f} (target ≥ 0.8) |")
+    print(
+        f"| peft, set_adapter per request | {peft_seq:.1f} | "
+        f"mixed / peft = {mixed / peft_seq:.1f}x (target ≥ 5x) |"
+    )
+    print(
+        f"| peft, set_adapter per adapter group | {peft_grouped:.1f} | "
+        f"mixed / peft grouped = {mixed / peft_grouped:.1f}x |"
+    )
+    print(
+        f"| base only, adapters resident | {base_res:.1f} | "
+        f"resident / none = {base_res / base_none:.2f} |"
+    )
+    print(f"| base only, no adapters | {base_none:.1f} | — |")
+    print()
+    print(
+        f"hot load p50: {statistics.median(stats.load_seconds) * 1000:.0f} ms from the registry "
+        f"(digest check + read) + {statistics.median(stats.place_seconds) * 1000:.1f} ms into "
+        f"a device slot ({len(stats.load_seconds)} loads)"
+    )
+    print(f"mixed-batch requests equal to peft's sequential greedy output: {equal}/{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Adapter models through the APIs: served on their shared base, listed by /api/ps, shown
+with their parent, merged into standalone models (API and CLI), embeddings refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ollama_compact_server.cli import main
+from ollama_compact_server.registry.importers import import_adapter_dir, import_hf_dir
+from ollama_compact_server.registry.store import Registry
+from tests.conftest import serve_app, tree_hash
+from tests.factory import make_lora_adapter
+
+GREEDY = {"temperature": 0, "num_predict": 8, "repeat_penalty": 1.0}
+
+
+@pytest.fixture
+def registry(tmp_path: Path, tiny_models: dict[str, Path]) -> Registry:
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    for name, seed in (("pirate", 1), ("poet", 2)):
+        adapter = make_lora_adapter(
+            tiny_models["llama"], tmp_path / name, seed=seed, base_name="tiny"
+        )
+        import_adapter_dir(registry, adapter, name, "tiny")
+    return registry
+
+
+def peft_embeddings(registry: Registry, name: str, texts: list[str]) -> list[list[float]]:
+    from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
+
+    record = registry.get(name)
+    model = load_causal_lm(registry, record, dtype=torch.float32)
+    tokenizer = load_tokenizer(registry, registry.get(record.config.base_model or name))
+    backbone = model.get_base_model().get_decoder()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            hidden = backbone(input_ids=ids).last_hidden_state[0]
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
+    return out
+
+
+async def generate(client, model: str) -> str:
+    r = await client.post(
+        "/api/generate",
+        json={
+            "model": model,
+            "prompt": "Hello there",
+            "raw": True,
+            "stream": False,
+            "options": GREEDY,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["response"]
+
+
+async def test_adapters_share_the_base_and_show_in_ps(registry: Registry) -> None:
+    async with serve_app(registry, dtype="float32") as served:
+        raw = served.raw
+        base = await generate(raw, "tiny")
+        pirate = await generate(raw, "pirate")
+        poet = await generate(raw, "poet")
+        assert len({base, pirate, poet}) == 3
+        ps = (await raw.get("/api/ps")).json()["models"]
+        names = {m["name"] for m in ps}
+        assert names == {"tiny:latest", "pirate:latest", "poet:latest"}
+        assert list(served.engine.device_loop.workers) == ["tiny:latest"]
+        show = (await raw.post("/api/show", json={"model": "pirate"})).json()
+        assert show["details"]["parent_model"] == "tiny:latest"
+        # OpenAI dialect reaches the same adapter
+        chat = await served.openai.completions.create(
+            model="pirate", prompt="Hello there", max_tokens=8, temperature=0
+        )
+        assert chat.choices[0].text == pirate
+        # embeddings from an adapter model carry its adapter (peft computes the same)
+        texts = ["hello world", "the adapter changes this"]
+        r = await raw.post("/api/embed", json={"model": "pirate", "input": texts})
+        assert r.status_code == 200, r.text
+        with_adapter = r.json()["embeddings"]
+        r = await raw.post("/api/embed", json={"model": "tiny", "input": texts})
+        assert r.json()["embeddings"] != with_adapter
+        expected = peft_embeddings(registry, "pirate", texts)
+        assert torch.allclose(torch.tensor(with_adapter), torch.tensor(expected), atol=1e-4)
+
+
+async def test_merge_through_the_api_and_the_cli(registry: Registry) -> None:
+    async with serve_app(registry) as served:
+        raw = served.raw
+        adapter_output = await generate(raw, "pirate")
+        r = await raw.post(
+            "/api/create",
+            json={"model": "pirate-merged", "from": "pirate", "merge": True, "stream": False},
+        )
+        assert r.status_code == 200, r.text
+        record = registry.get("pirate-merged")
+        assert not record.is_adapter and record.config.parent_model == "pirate:latest"
+        assert record.config.source["base"] == "tiny:latest"
+        assert record.config.source["adapter"] == "pirate:latest"
+        assert await generate(raw, "pirate-merged") == adapter_output
+        before = tree_hash(registry.root)
+        r = await raw.post(
+            "/api/create", json={"model": "x", "from": "tiny", "merge": True, "stream": False}
+        )
+        assert r.status_code == 400 and "not an adapter" in r.json()["error"]
+        r = await raw.post("/api/create", json={"model": "x", "merge": "yes", "stream": False})
+        assert r.status_code == 400
+        assert tree_hash(registry.root) == before
+    assert main(["merge", "poet", "poet-merged", "--models", str(registry.root)]) == 0
+    assert registry.get("poet-merged").config.source["adapter"] == "poet:latest"
+    assert main(["merge", "tiny", "nope", "--models", str(registry.root)]) == 1
+
+
+async def test_loading_an_adapter_model_puts_its_adapter_on_the_device(registry: Registry) -> None:
+    async with serve_app(registry) as served:
+        r = await served.raw.post("/api/generate", json={"model": "poet", "stream": False})
+        assert r.status_code == 200 and r.json()["done_reason"] == "load"
+        names = {m["name"] for m in (await served.raw.get("/api/ps")).json()["models"]}
+        assert names == {"tiny:latest", "poet:latest"}
