@@ -22,7 +22,7 @@ def _transformers() -> Any:
     on a cold daemon) can fail with "cannot import name 'AutoTokenizer'"."""
     with _IMPORTS:
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
         return transformers
 
@@ -73,10 +73,9 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
 
 def load_encoder(registry: Registry, record: ModelRecord, dtype: Any = None) -> Any:
     """A transformers encoder (BERT and kin) for a dedicated embedding model."""
-    from transformers import AutoModel
-
+    auto_model = _transformers().AutoModel
     with model_dir(registry, record) as directory:
-        model = AutoModel.from_pretrained(
+        model = auto_model.from_pretrained(
             directory, dtype=dtype or "auto", trust_remote_code=False, use_safetensors=True
         )
     model.eval()
