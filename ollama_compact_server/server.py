@@ -133,6 +133,7 @@ class GracefulServer(uvicorn.Server):
         try:
             await super().serve(sockets)
         finally:
+            AppStatus.should_exit = False  # process-wide: later servers start afresh
             enable = getattr(AppStatus, "enable_automatic_graceful_drain_mode", None)
             if enable is not None:
                 enable()
