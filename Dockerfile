@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # ollama-compact-server images. Two variants from one Dockerfile, chosen by build arguments:
 #   CPU  (default):  docker build -t ollama-compact-server:cpu .
 #   CUDA:            docker build -t ollama-compact-server:cuda \

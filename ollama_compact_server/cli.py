@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--max-tokens",
         dest="eval_max_tokens",
+        metavar="N",
         type=int,
         default=None,
         help="score at most N tokens of the text (faster, less precise)",
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--text",
         dest="eval_text",
+        metavar="FILE",
         type=Path,
         default=None,
         help="a UTF-8 text file to score instead of the shipped held-out text",

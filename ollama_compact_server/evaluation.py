@@ -279,9 +279,6 @@ def evaluate(
 ) -> list[EvalReport]:
     """Measures ``name`` (its parent first with ``with_parent``), records each report in the
     registry (unless ``save`` is false) and returns them, the parent's first."""
-    # transformers resolves these lazily, and two threads importing them at once can fail
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
     from .app import build_engine
     from .engine.device import dtype_name, resolve_device, resolve_dtype
 

@@ -3,9 +3,13 @@ then runs the app under uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import sys
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -68,26 +72,109 @@ def serve(settings: Settings) -> int:
         return 2
     app = create_app(settings, registry=registry)
     log.info("listening on %s", address.url)
-    # SIGTERM/SIGINT: uvicorn stops accepting connections at once, lets running requests
-    # finish for up to OCS_SHUTDOWN_TIMEOUT seconds, then the lifespan closes the engine,
-    # which ends what is left with an in-band error event.
     config = uvicorn.Config(
-        app,
-        host=address.host,
-        port=address.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout,
+        app, host=address.host, port=address.port, log_config=None, access_log=False
     )
-    GracefulServer(config).run()
+    GracefulServer(
+        config,
+        drain_timeout=settings.shutdown_timeout,
+        on_timeout=lambda: close_engine(app),
+    ).run()
     log.info("stopped")
     return 0
 
 
+def close_engine(app: Any) -> None:
+    """Ends every running request with an in-band "shutting down" error (the engine's close)."""
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        engine.close()
+
+
+FINAL_GRACE = 5.0  # seconds handlers get to write their error event once the engine closed
+
+
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server, except that a requested stop (SIGTERM, Ctrl-C) ends with exit
-    status 0 instead of re-raising the signal after the graceful shutdown."""
+    """uvicorn's server with a shutdown that keeps its promise. On SIGTERM or Ctrl-C it stops
+    accepting connections, lets running requests of both dialects stream to their end for up
+    to ``drain_timeout`` seconds, then ``on_timeout`` ends what is left with an in-band error
+    event (the handlers get FINAL_GRACE seconds to write it before their tasks are cancelled),
+    runs the lifespan shutdown and exits with status 0 (no re-raised signal).
+
+    uvicorn's own graceful shutdown is not enough: sse-starlette, which frames the OpenAI
+    streams, watches uvicorn's exit flag and ends every SSE stream the moment a signal
+    arrives, and uvicorn's timeout cancels handlers without a word to the client."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain_timeout: float,
+        on_timeout: Callable[[], None] = lambda: None,
+    ) -> None:
+        config.timeout_graceful_shutdown = None  # the drain below bounds the wait itself
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+        self.on_timeout = on_timeout
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        from sse_starlette.sse import AppStatus
+
+        # SSE streams end when the drain says so, not when the signal arrives
+        disable = getattr(AppStatus, "disable_automatic_graceful_drain", None)
+        if disable is None:
+            log.warning("this sse-starlette ends OpenAI streams at once on shutdown")
+        else:
+            disable()
+        AppStatus.should_exit = False
+        try:
+            await super().serve(sockets)
+        finally:
+            AppStatus.should_exit = False  # process-wide: later servers start afresh
+            enable = getattr(AppStatus, "enable_automatic_graceful_drain_mode", None)
+            if enable is not None:
+                enable()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from sse_starlette.sse import AppStatus
+
+        log.info(
+            "shutting down: no new connections; running requests get up to %gs",
+            self.drain_timeout,
+        )
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle ones close now, busy ones after their response
+        if not await self._drained(self.drain_timeout):
+            log.warning(
+                "shutdown timeout: ending %d running request(s) with an error",
+                len(self.server_state.connections),
+            )
+            await asyncio.to_thread(self.on_timeout)
+            if not await self._drained(FINAL_GRACE):
+                AppStatus.should_exit = True  # last resort: close SSE streams, cancel tasks
+                for task in self.server_state.tasks:
+                    task.cancel(msg="shutdown timeout")
+                await self._drained(1.0)
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def _drained(self, timeout: float) -> bool:
+        """Waits until no connection or task is left (or a second Ctrl-C); False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.server_state.connections or self.server_state.tasks:
+            if self.force_exit:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        for server in self.servers:
+            await server.wait_closed()
+        return True

@@ -246,3 +246,38 @@ def test_gemma_eval_numbers_are_sane(gemma_registry: Registry) -> None:
     assert 300 << 20 < report.resident_bytes < 3 << 30
     assert report.tokens_per_second_16 > report.tokens_per_second_1 > 0
     assert read_eval(gemma_registry, record) is None
+
+
+def test_show_command_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ollama-compact show` prints an Evaluation section from the ocs.eval.* keys."""
+    import argparse
+
+    from ollama_compact_server.commands import cmd_show
+
+    info = {
+        "details": {"family": "llama", "parameter_size": "1M"},
+        "model_info": {
+            "general.architecture": "llama",
+            "ocs.eval.perplexity": 12.3456,
+            "ocs.eval.perplexity_change": 0.0412,
+            "ocs.eval.parent_model": "base:latest",
+            "ocs.eval.size_bytes": 2_500_000_000,
+            "ocs.eval.resident_bytes": 900_000_000,
+            "ocs.eval.tokens_per_second_1": 20.5,
+            "ocs.eval.tokens_per_second_16": 190.25,
+        },
+    }
+
+    class Answer:
+        def json(self) -> dict:
+            return info
+
+    class Client:
+        def request(self, method: str, path: str, body: object = None) -> Answer:
+            return Answer()
+
+    flags = dict.fromkeys(("license", "modelfile", "parameters", "system", "template"), False)
+    cmd_show(Client(), argparse.Namespace(model="m", **flags))  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "Evaluation" in out and "12.346 (+4.1% vs base:latest)" in out
+    assert "2.5 GB" in out and "900.0 MB" in out and "190.25" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,19 @@ from typing import Any
 
 from ..registry.manifest import MT_ADAPTER_FILE, MT_FILE
 from ..registry.store import ModelRecord, Registry
+
+_IMPORTS = threading.Lock()
+
+
+def _transformers() -> Any:
+    """transformers, its auto classes resolved. Its lazy attributes are not thread-safe to
+    resolve: two threads asking at once (a tokenizer for one request, the model for another,
+    on a cold daemon) can fail with "cannot import name 'AutoTokenizer'"."""
+    with _IMPORTS:
+        import transformers
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        return transformers
 
 
 @contextlib.contextmanager
@@ -26,17 +40,15 @@ def model_dir(registry: Registry, record: ModelRecord, media_type: str = MT_FILE
 
 
 def load_tokenizer(registry: Registry, record: ModelRecord) -> Any:
-    from transformers import AutoTokenizer
-
+    auto_tokenizer = _transformers().AutoTokenizer
     with model_dir(registry, record) as directory:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        return auto_tokenizer.from_pretrained(directory, trust_remote_code=False)
 
 
 def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -> Any:
     """A transformers causal LM for a registry model (an adapter model loads its base plus
     the adapter through peft)."""
-    from transformers import AutoModelForCausalLM
-
+    auto_model = _transformers().AutoModelForCausalLM
     base = (
         registry.get(record.config.base_model)
         if record.is_adapter and record.config.base_model
@@ -49,7 +61,7 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
 
             model = load_compressed(directory, _torch_dtype(dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto_model.from_pretrained(
                 directory,
                 dtype=dtype or "auto",
                 trust_remote_code=False,
@@ -57,7 +69,8 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
                 attn_implementation="sdpa",
             )
     if record.is_adapter:
-        from peft import PeftModel
+        with _IMPORTS:
+            from peft import PeftModel
 
         with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
             config = None
@@ -74,10 +87,9 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
 
 def load_encoder(registry: Registry, record: ModelRecord, dtype: Any = None) -> Any:
     """A transformers encoder (BERT and kin) for a dedicated embedding model."""
-    from transformers import AutoModel
-
+    auto_model = _transformers().AutoModel
     with model_dir(registry, record) as directory:
-        model = AutoModel.from_pretrained(
+        model = auto_model.from_pretrained(
             directory, dtype=dtype or "auto", trust_remote_code=False, use_safetensors=True
         )
     model.eval()
