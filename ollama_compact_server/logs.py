@@ -5,7 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import datetime, timezone
+from typing import Any
+
+REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("ocs_request", default=None)
+"""What the request log line says about the HTTP request being served: its id (set by the
+middleware), and the model, adapter and token counts (filled in by the chat service)."""
+
+
+def request_id() -> str | None:
+    info = REQUEST.get()
+    return info.get("id") if info is not None else None
+
+
+def note_request(*, model: str, adapter: str | None, tokens_in: int, tokens_out: int) -> None:
+    """Adds one engine request's figures to the current HTTP request's log line (several
+    engine requests, as with OpenAI's n, add up)."""
+    info = REQUEST.get()
+    if info is None:
+        return
+    info["model"] = model
+    if adapter:
+        info["adapter"] = adapter
+    info["tokens_in"] = info.get("tokens_in", 0) + tokens_in
+    info["tokens_out"] = info.get("tokens_out", 0) + tokens_out
 
 
 class JsonFormatter(logging.Formatter):

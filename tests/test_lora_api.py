@@ -122,3 +122,25 @@ async def test_loading_an_adapter_model_puts_its_adapter_on_the_device(registry:
         assert r.status_code == 200 and r.json()["done_reason"] == "load"
         names = {m["name"] for m in (await served.raw.get("/api/ps")).json()["models"]}
         assert names == {"tiny:latest", "poet:latest"}
+
+
+async def test_request_log_and_metrics_name_the_adapter(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    async with serve_app(registry) as served:
+        with caplog.at_level(logging.INFO, logger="ollama_compact_server.requests"):
+            await generate(served.raw, "pirate")
+            await generate(served.raw, "tiny")
+        lines = [r.getMessage() for r in caplog.records if "/api/generate" in r.getMessage()]
+        assert any(
+            "model=pirate:latest" in line
+            and "adapter=pirate:latest" in line
+            and "tokens_out=8" in line
+            for line in lines
+        ), lines
+        assert any("model=tiny:latest" in line and "adapter" not in line for line in lines)
+        await generate(served.raw, "poet")
+        text = (await served.raw.get("/metrics")).text
+        assert "ocs_resident_adapters 2.0" in text

@@ -21,6 +21,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..logs import REQUEST
+
 router = APIRouter()
 log = logging.getLogger("ollama_compact_server.requests")
 
@@ -50,6 +52,10 @@ class Metrics:
         )
         self.kv_free = Gauge("ocs_kv_cache_free_tokens", "KV cache tokens free", registry=r)
         self.resident = Gauge("ocs_resident_models", "Models loaded on the device", registry=r)
+        self.adapters = Gauge("ocs_resident_adapters", "LoRA adapters in device slots", registry=r)
+        self.adapter_loads = Gauge(
+            "ocs_adapter_loads", "LoRA adapter loads by the resident models", registry=r
+        )
         self.tokens = Gauge("ocs_generated_tokens", "Tokens generated since start", registry=r)
         self.preemptions = Gauge("ocs_preemptions", "Requests preempted since start", registry=r)
         self.evictions = Gauge("ocs_evictions", "Models evicted since start", registry=r)
@@ -75,6 +81,8 @@ class Metrics:
         self.kv_used.set(stats.get("kv_tokens_used", 0))
         self.kv_free.set(stats.get("kv_tokens_free", 0))
         self.resident.set(stats.get("resident_models", 0))
+        self.adapters.set(stats.get("resident_adapters", 0))
+        self.adapter_loads.set(stats.get("adapter_loads", 0))
         self.tokens.set(stats.get("tokens_generated", 0))
         self.preemptions.set(stats.get("preemptions", 0))
         self.evictions.set(stats.get("evictions", 0))
@@ -97,7 +105,8 @@ async def metrics(request: Request) -> Response:
 
 class RequestLog:
     """Counts every request by route template and status, times it, and writes one log line
-    (id, method, route, status, seconds) when the response ends."""
+    (id, method, route, status, seconds, and for model requests the model, adapter and
+    tokens in and out) when the response ends."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -110,6 +119,8 @@ class RequestLog:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex[:12]
         status = 500
+        info: dict[str, Any] = {"id": request_id}
+        token = REQUEST.set(info)
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -126,17 +137,27 @@ class RequestLog:
             seconds = time.perf_counter() - started
             self.metrics.requests.labels(path, str(status)).inc()
             self.metrics.duration.labels(path).observe(seconds)
+            REQUEST.reset(token)
+            model = info.get("model")
+            figures = ""
+            if model is not None:
+                figures = f" model={model} tokens_in={info.get('tokens_in', 0)}"
+                figures += f" tokens_out={info.get('tokens_out', 0)}"
+                if info.get("adapter"):
+                    figures += f" adapter={info['adapter']}"
             log.info(
-                "%s %s %s %d %.3fs",
+                "%s %s %s %d %.3fs%s",
                 request_id,
                 scope["method"],
                 path,
                 status,
                 seconds,
+                figures,
                 extra={
                     "ocs_request_id": request_id,
                     "ocs_route": path,
                     "ocs_status": status,
                     "ocs_seconds": round(seconds, 4),
+                    **{f"ocs_{k}": v for k, v in info.items() if k != "id"},
                 },
             )

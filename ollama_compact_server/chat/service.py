@@ -21,6 +21,8 @@ from ..engine.types import (
     TokenEvent,
     TokenLogprob,
 )
+from ..logs import note_request
+from ..logs import request_id as current_request_id
 from ..registry.errors import ModelNotFound
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
@@ -204,8 +206,9 @@ class ChatService:
         request_id: str | None = None,
     ) -> AsyncGenerator[tuple[TokenEvent, Completion], None]:
         """Yields (event, running totals). Raises EngineError before any output."""
+        http_id = current_request_id()
         request = GenerateRequest(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or f"{http_id or 'req'}-{uuid.uuid4().hex[:8]}",
             model=view.name,
             prompt_ids=prompt_ids,
             sampling=sampling,
@@ -227,6 +230,12 @@ class ChatService:
                 totals.prompt_time = event.prompt_time
                 totals.decode_time = event.decode_time
                 totals.total_time = event.total_time
+                note_request(
+                    model=view.name,
+                    adapter=view.name if view.record.is_adapter else None,
+                    tokens_in=event.prompt_tokens,
+                    tokens_out=event.completion_tokens,
+                )
             yield event, totals
 
 

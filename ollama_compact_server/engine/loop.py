@@ -533,6 +533,10 @@ class DeviceLoop:
             "kv_tokens_used": kv_used,
             "kv_tokens_free": kv_total - kv_used,
             "resident_models": len(workers),
+            "resident_adapters": sum(
+                len(w.adapters.resident()) for w in workers if w.adapters is not None
+            ),
+            "adapter_loads": sum(w.adapters.stats.loads for w in workers if w.adapters is not None),
             "tokens_generated": self.stats.tokens_generated,
             "preemptions": self.stats.preemptions,
             "evictions": self.stats.evictions,
