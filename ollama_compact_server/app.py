@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import __version__
 from .api import health, metrics, ollama, openai
 from .api.auth import APIKeyMiddleware
-from .api.errors import install_error_handlers
+from .api.errors import DrainGuard, install_error_handlers
 from .api.guard import LOCAL_ORIGIN, NetworkGuard, is_loopback_host
 from .engine.protocol import Engine
 from .registry.dropin import register_dropins
@@ -121,6 +121,7 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
+    app.state.draining = False
     app.state.metrics = metrics.Metrics()
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -135,6 +136,7 @@ def create_app(
     app.add_middleware(
         NetworkGuard, check_host=is_loopback_host(settings.address.host), extra_origins=extra
     )
+    app.add_middleware(DrainGuard, state=app.state)
     app.add_middleware(metrics.RequestLog, metrics=app.state.metrics)
     app.add_middleware(
         CORSMiddleware,

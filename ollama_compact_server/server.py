@@ -79,6 +79,7 @@ def serve(settings: Settings) -> int:
         config,
         drain_timeout=settings.shutdown_timeout,
         on_timeout=lambda: close_engine(app),
+        on_drain=lambda: setattr(app.state, "draining", True),
     ).run()
     log.info("stopped")
     return 0
@@ -110,11 +111,13 @@ class GracefulServer(uvicorn.Server):
         config: uvicorn.Config,
         drain_timeout: float,
         on_timeout: Callable[[], None] = lambda: None,
+        on_drain: Callable[[], None] = lambda: None,
     ) -> None:
         config.timeout_graceful_shutdown = None  # the drain below bounds the wait itself
         super().__init__(config)
         self.drain_timeout = drain_timeout
         self.on_timeout = on_timeout
+        self.on_drain = on_drain  # new requests on open connections now get a 503
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -145,6 +148,7 @@ class GracefulServer(uvicorn.Server):
             "shutting down: no new connections; running requests get up to %gs",
             self.drain_timeout,
         )
+        self.on_drain()
         for server in self.servers:
             server.close()
         for sock in sockets or []:

@@ -174,3 +174,21 @@ async def test_an_idle_server_stops_at_once(registry: Registry) -> None:
     server.handle_exit(signal.SIGTERM, None)
     await asyncio.wait_for(task, 10)
     assert time.monotonic() - began < 2
+
+
+async def test_new_requests_while_draining_get_503_in_their_dialect(registry: Registry) -> None:
+    from asgi_lifespan import LifespanManager
+
+    settings = Settings(models=registry.root, adapters=None, import_default=False)
+    app = create_app(settings, registry=registry, engine=FakeEngine())
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as raw:
+            app.state.draining = True  # what GracefulServer sets when SIGTERM arrives
+            r = await raw.get("/api/tags")
+            assert r.status_code == 503 and r.json() == {"error": "the server is shutting down"}
+            assert r.headers["connection"] == "close" and r.headers["retry-after"] == "1"
+            r = await raw.post("/v1/chat/completions", json={})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+            app.state.draining = False
+            assert (await raw.get("/api/tags")).status_code == 200
