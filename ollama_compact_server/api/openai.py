@@ -325,6 +325,7 @@ async def _merged(
             async for item in stream:
                 await queue.put((index, item))
         finally:
+            await stream.aclose()  # the pump owns its stream: it closes (aborts) it
             await queue.put((index, done_marker))
 
     tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(choices)]
@@ -337,10 +338,14 @@ async def _merged(
                 continue
             yield index, item
     finally:
+        # A client that hangs up cancels us: each pump, cancelled, closes its own stream
+        # (closing a stream here while its pump is inside it fails: "aclose(): asynchronous
+        # generator is already running"). Streams whose pump already ended are closed here.
         for task in tasks:
             task.cancel()
-        for _, stream in choices:
-            await stream.aclose()
+        for task, (_, stream) in zip(tasks, choices):
+            if task.done():
+                await stream.aclose()
 
 
 def _sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
