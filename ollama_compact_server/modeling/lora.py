@@ -13,6 +13,7 @@ Rows without an adapter get exact zeros; a batch without any adapter skips the w
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,32 +88,40 @@ class LoraRows:
         self.width = 0  # slots 0..width-1 take part in this forward
 
 
-class LoraLinear(nn.Module):
-    """A projection plus the batched low-rank updates of the adapters in its slots."""
+class LoraLinear:
+    """The batched low-rank updates of one projection's adapter slots. It is not a module
+    around the projection: it replaces the projection's ``forward`` (an instance attribute,
+    the class's own forward still computes the base), so a batch without adapters pays one
+    attribute check per projection, not an extra module call."""
 
     def __init__(self, base: nn.Module, rows: LoraRows, in_features: int, out_features: int):
-        super().__init__()
-        self.base = base
+        # weak both ways round the patched forward: no reference cycle keeps an evicted
+        # model's weights alive until the garbage collector happens to run
+        self._base = weakref.ref(base)
         self.rows = rows
         self.in_features = in_features
         self.out_features = out_features
         self.lora_a: torch.Tensor | None = None  # [slots * rank, in]
         self.lora_b: torch.Tensor | None = None  # [slots * rank, out]
         self.rank = 0
+        base_forward = type(base).forward
+        base_ref = self._base
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = base_forward(base_ref(), x)
+            mask = rows.mask
+            if mask is None or self.lora_a is None or self.lora_b is None:
+                return y
+            cols = rows.width * self.rank
+            # x: [B, q, in] -> xa: [B, q, cols]; mask: [B, 1, cols]; delta: [B, q, out]
+            xa = torch.nn.functional.linear(x, self.lora_a[:cols]) * mask
+            return y + torch.matmul(xa, self.lora_b[:cols])
+
+        base.forward = forward
 
     @property
-    def weight(self) -> Any:  # what transformers' code may read of a Linear (dtype, device)
-        return getattr(self.base, "weight", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        mask = self.rows.mask
-        if mask is None or self.lora_a is None:
-            return y
-        cols = self.rows.width * self.rank
-        # x: [B, q, in] -> xa: [B, q, cols]; mask: [B, 1, cols]; delta: [B, q, out]
-        xa = torch.nn.functional.linear(x, self.lora_a[:cols]) * mask
-        return y + torch.matmul(xa, self.lora_b[:cols])  # type: ignore[index]
+    def base(self) -> nn.Module | None:
+        return self._base()
 
     def allocate(self, slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """(Re)allocates ``slots`` zeroed slots of ``rank``, keeping what the old slots held."""
@@ -182,9 +191,7 @@ class LoraBank:
                 raise LoraError(
                     f"LoRA on mixture-of-experts modules ({path[:100]!r}) is not served"
                 )
-            if isinstance(module, LoraLinear):
-                in_f, out_f = module.in_features, module.out_features
-            elif module is not None and hasattr(module, "in_features"):
+            if module is not None and hasattr(module, "in_features"):
                 in_f, out_f = int(module.in_features), int(module.out_features)
             else:
                 raise LoraError(f"adapter targets {path[:100]!r}, not a projection of the base")
@@ -198,13 +205,10 @@ class LoraBank:
         layer = self.layers.get(path)
         if layer is not None:
             return layer
-        parent_path, _, attr = path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        base = getattr(parent, attr)
+        base: Any = self.model.get_submodule(path)
         layer = LoraLinear(base, self.rows, int(base.in_features), int(base.out_features))
         if self.rank:
             layer.allocate(self.slots, self.rank, self.dtype, self.device)
-        setattr(parent, attr, layer)
         self.layers[path] = layer
         return layer
 
