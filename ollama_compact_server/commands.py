@@ -287,6 +287,8 @@ def compress_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _scalar(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)

@@ -110,13 +110,14 @@ def test_compress_command_line_builds_the_create_request() -> None:
 
     args = build_parser().parse_args(
         ["compress", "gemma3:270m", "small", "--scheme", "int4", "--group-size", "64",
-         "-o", "calibration_tokens=512", "-o", "embedding=int8"]
+         "-o", "calibration_tokens=512", "-o", "embedding=int8", "-o", "act_order=true"]
     )  # fmt: skip
     assert (args.model, args.name, args.scheme) == ("gemma3:270m", "small", "int4")
     assert compress_options(args) == {
         "group_size": 64,
         "calibration_tokens": 512,
         "embedding": "int8",
+        "act_order": True,
     }
     # no compress flag lands on a settings field (settings_from reads args by field name)
     assert not {k for k, v in vars(args).items() if v is not None} & set(Settings.model_fields)

@@ -181,7 +181,13 @@ def compress_model(
             source = t.energy_from if t.embedding else t.name
             if hessians and source in hessians and spec.kind in ("int4", "int2"):
                 levels = 16 if spec.kind == "int4" else 4
-                codes, scale, zero = gptq(t.weight, hessians.pop(source), levels, group)
+                codes, scale, zero = gptq(
+                    t.weight,
+                    hessians.pop(source),
+                    levels,
+                    group,
+                    act_order=bool(options.get("act_order")),
+                )
                 pack = quant.pack_int4 if spec.kind == "int4" else quant.pack_int2
                 tensors = pack(codes, scale, zero)
             else:
