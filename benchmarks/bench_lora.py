@@ -265,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                     ("one adapter", with_adapters, one_jobs),
                     ("base, no adapters", without, base_jobs),
                 )
-                sample = mixed_jobs[: args.peft_requests]  # peft is slow: a sample per round
+                # peft is slow: a sample per round, two requests for each of a few adapters
+                # (so the grouped baseline really batches)
+                pairs = {m for m, _ in mixed_jobs[: max(1, args.peft_requests // 2)]}
+                sample = [j for j in mixed_jobs if j[0] in pairs][: args.peft_requests]
                 peft.sequential(sample[:1])  # warm-up
                 for round_ in range(args.rounds):
                     for label, engine, jobs in runs:
