@@ -578,6 +578,19 @@ class DeviceLoop:
 EMBED_BATCH = 16
 
 
+def right_padded(
+    batch: list[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as right-padded ids and their attention mask, both [B, T]."""
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def embed(
     model: Any,
@@ -592,13 +605,7 @@ def embed(
     vectors: list[list[float]] = []
     for start in range(0, len(inputs), EMBED_BATCH):
         batch = inputs[start : start + EMBED_BATCH]
-        width = max(len(x) for x in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, tokens in enumerate(batch):
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, : len(tokens)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = right_padded(batch, 0, device)
         if select is not None:
             select(len(batch))
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -619,13 +626,7 @@ def embed_encoder(
     pad = getattr(model.config, "pad_token_id", None) or 0
     for start in range(0, len(inputs), EMBED_BATCH):
         batch = inputs[start : start + EMBED_BATCH]
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, tokens in enumerate(batch):
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, : len(tokens)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = right_padded(batch, pad, device)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [B, T, H]
         keep = mask.unsqueeze(-1).to(hidden.dtype)
         if pooling == "cls":
