@@ -66,3 +66,17 @@ async def test_non_streaming_error_is_a_real_status(fake) -> None:
     engine.fail_after = 1
     r = await client.post("/api/generate", json={"model": "tiny", "prompt": "hi", "stream": False})
     assert r.status_code == 500 and r.json() == {"error": "injected failure"}
+
+
+def test_stream_lines_survive_splitlines() -> None:
+    """The ollama and openai Python clients split streams with httpx's aiter_lines, which
+    splits like str.splitlines: U+2028, U+2029 and NEL inside generated text must not be
+    sent raw (a tiny model emitted one during the 2-minute load test)."""
+    import json as json_module
+
+    from ollama_compact_server.api.common import stream_json
+
+    item = {"message": {"content": "a\u2028b\u2029c\x85d\ne"}}
+    line = stream_json(item)
+    assert line.splitlines() == [line]
+    assert json_module.loads(line) == item

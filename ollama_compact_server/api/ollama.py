@@ -49,7 +49,7 @@ from ..registry.evals import read_eval
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from ..settings import parse_duration
-from .common import chat_service, json_body, registry_of
+from .common import chat_service, json_body, registry_of, stream_json
 from .errors import APIError
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ def ndjson(items: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def lines() -> AsyncIterator[bytes]:
         try:
             async for item in items:
-                yield (json.dumps(item, ensure_ascii=False) + "\n").encode()
+                yield (stream_json(item) + "\n").encode()
         except (EngineError, ChatError, TemplateError) as exc:
             yield (json.dumps({"error": str(exc)}) + "\n").encode()
         except Exception:

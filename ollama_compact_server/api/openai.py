@@ -34,7 +34,7 @@ from ..engine.types import (
 )
 from ..registry.errors import InvalidName
 from ..registry.names import ModelName
-from .common import chat_service, json_body, registry_of
+from .common import chat_service, json_body, registry_of, stream_json
 from .errors import APIError, error_response
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
             async for chunk in chunks:
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                yield {"data": stream_json(chunk)}
         except (EngineError, ChatError, TemplateError) as exc:
             yield {"data": json.dumps(error_body(500, str(exc)))}
         except Exception:
