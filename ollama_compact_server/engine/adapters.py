@@ -109,10 +109,6 @@ class AdapterSlots:
             wake = self.on_loaded
             future.add_done_callback(lambda _: wake())
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.loading)
-
     # ------------------------------------------------------------ taking and giving back
 
     def acquire(self, ref: AdapterRef) -> int:

@@ -243,9 +243,8 @@ class LoraBank:
             layer.write(slot, None, None)
         self.scales[slot] = 0.0
 
-    def select(self, slots: list[int] | None, queries: int = 1) -> None:
+    def select(self, slots: list[int] | None) -> None:
         """Sets which slot each row of the next forward uses (-1: none)."""
-        del queries
         if not slots or max(slots) < 0 or not self.rank:
             self.rows.mask = None
             return
