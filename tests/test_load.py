@@ -116,8 +116,8 @@ async def openai_client(http: httpx.AsyncClient, index: int, hang_up: bool) -> O
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         out.status = response.status_code
         async for line in response.aiter_lines():
-            if not line.strip():
-                continue
+            if not line.strip() or line.startswith(":"):
+                continue  # SSE comments (sse-starlette's keep-alive pings) are for proxies
             assert line.startswith("data: "), line
             data = line[len("data: ") :]
             out.items.append(data if data == "[DONE]" else json.loads(data))
