@@ -18,9 +18,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # torch first, from the index of the chosen variant (its own layer: it rarely changes)
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY ollama_compact_server ./ollama_compact_server
-RUN pip install ".[default-model]"
+RUN pip install -c constraints.txt ".[default-model]"
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,5 +1,6 @@
 # Two commands: `make serve` starts the daemon with the embedded default model,
-# `make test` runs the whole test suite. Both create or update .venv/ themselves.
+# `make test` runs the whole test suite. Both create or update .venv/ themselves, with the
+# dependency versions of constraints.txt (the ones the suite last passed with).
 #
 # torch: without CUDA the CPU build is installed. For a CUDA build, pass the PyTorch wheel
 # index of your CUDA version, e.g. `make serve TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128`.
@@ -16,10 +17,10 @@ endif
 
 .PHONY: serve test lint venv clean-venv
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

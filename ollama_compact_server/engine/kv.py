@@ -98,6 +98,7 @@ class SlotKVCache:
         value_states: torch.Tensor,
         layer_idx: int,
         cache_kwargs: object = None,
+        **_extra: object,  # newer transformers pass kwargs=...; nothing in them is needed
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states: [B, kv_heads, q, head_dim]
         positions = self._positions
