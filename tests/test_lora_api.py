@@ -144,3 +144,26 @@ async def test_request_log_and_metrics_name_the_adapter(
         await generate(served.raw, "poet")
         text = (await served.raw.get("/metrics")).text
         assert "ocs_resident_adapters 2.0" in text
+
+
+
+async def test_recreated_adapter_is_listed_once_and_serves_its_new_weights(
+    registry: Registry, tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """Re-creating an adapter model drops its old weights from the device slots and host
+    memory (they are not merely pushed out by LRU later)."""
+    fresh = make_lora_adapter(tiny_models["llama"], tmp_path / "fresh", seed=7, base_name="tiny")
+    async with serve_app(registry, dtype="float32") as served:
+        raw = served.raw
+        await generate(raw, "poet")
+        old = await generate(raw, "pirate")
+        import_adapter_dir(registry, fresh, "pirate", "tiny")  # re-create "pirate"
+        new = await generate(raw, "pirate")
+        assert new != old
+        ps = [m["name"] for m in (await raw.get("/api/ps")).json()["models"]]
+        assert sorted(ps) == ["pirate:latest", "poet:latest", "tiny:latest"], ps
+        adapters = served.engine.device_loop.workers["tiny:latest"].adapters
+        assert len(adapters.resident()) == 2
+        assert len(adapters.host) == 2  # the old pirate weights left host memory too
+    async with serve_app(registry, dtype="float32") as served:  # never saw the old weights
+        assert await generate(served.raw, "pirate") == new
