@@ -164,6 +164,8 @@ class AdapterSlots:
         slot.last_used = time.monotonic()
         if slot.key is None:
             return
+        if slot.key in self.host:  # host memory goes least recently *used* first too
+            self.host.move_to_end(slot.key)
         if slot.refs == 0 and self.stale(slot.key):
             self.host.pop(slot.key, None)
             self._clear(index)
