@@ -443,3 +443,33 @@ async def test_an_adapter_loads_while_a_base_stream_keeps_producing_tokens(
     finally:
         enough.set()
         engine.close()
+
+
+async def test_different_adapters_and_the_base_decode_in_one_step(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs
+) -> None:
+    """Heterogeneous batching really happens: the runner's decode steps are recorded with
+    each row's adapter slot, and one step holds two different adapters and the bare base,
+    while every request's greedy output equals its output alone."""
+    dirs = {name: adapter_dirs["llama", name] for name in ("pirate", "poet")}
+    registry = make_registry(tmp_path / "reg", tiny_models["llama"], dirs)
+    engine = start(registry)
+    try:
+        models = ["tiny", "pirate", "poet"]
+        solo = {m: await run(engine, m, PROMPTS[0], n=20) for m in models}
+        assert len({tuple(t) for t in solo.values()}) == 3
+        runner = engine.device_loop.workers["tiny:latest"].runner
+        real = runner.decode
+        steps: list[list[int]] = []
+
+        def decode(slots, tokens, positions, loras=None):
+            steps.append(list(loras or []))
+            return real(slots, tokens, positions, loras)
+
+        runner.decode = decode  # type: ignore[method-assign]
+        results = await asyncio.gather(*(run(engine, m, PROMPTS[0], n=20) for m in models))
+        assert dict(zip(models, results)) == solo
+        mixed = [s for s in steps if -1 in s and len({x for x in s if x >= 0}) >= 2]
+        assert mixed, f"no decode step mixed two adapters and the base: {steps[:5]}"
+    finally:
+        engine.close()
