@@ -170,8 +170,11 @@ async def test_recreated_adapter_is_listed_once_and_serves_its_new_weights(
 
 
 @pytest.fixture
-def refused_adapters(tiny_models: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
-    """Adapters the tiny llama base must refuse at create time."""
+def refused_adapters(
+    registry: Registry, tiny_models: dict[str, Path], tmp_path: Path
+) -> dict[str, Path]:
+    """Adapters the tiny llama base must refuse at create time (the DoRA one is a copy of
+    the ``registry`` fixture's pirate adapter)."""
     import json
     import shutil
 
