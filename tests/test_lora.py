@@ -391,3 +391,85 @@ async def test_adapters_batch_on_a_compressed_base(
         assert type(wrapped.base).__name__ != "Linear"  # the compressed module itself
     finally:
         engine.close()
+
+
+async def test_an_adapter_loads_while_a_base_stream_keeps_producing_tokens(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adapters load on first use without pausing other requests: the adapter's read from
+    disk is held open until a running base-model stream has produced 20 more tokens (it
+    gives up after 5 s, which fails the test: the stream paused during the load)."""
+    import threading
+
+    registry = make_registry(
+        tmp_path / "reg", tiny_models["llama"], {"pirate": adapter_dirs["llama", "pirate"]}
+    )
+    loading, enough, loaded = threading.Event(), threading.Event(), threading.Event()
+    real = RegistryProvider.load_adapter
+
+    def slow_load(self: RegistryProvider, ref):
+        loading.set()
+        enough.wait(5)
+        loaded.set()
+        return real(self, ref)
+
+    monkeypatch.setattr(RegistryProvider, "load_adapter", slow_load)
+    engine = start(registry)
+    try:
+        base_solo = await run(engine, "tiny", PROMPTS[0], n=120)
+        during: list[int] = []
+        streamed: list[int] = []
+
+        async def base_stream() -> None:
+            request = GenerateRequest(
+                request_id="base-stream", model="tiny", prompt_ids=PROMPTS[0], sampling=greedy(120)
+            )
+            async for event in engine.generate(request):
+                streamed.extend(event.token_ids)
+                if loading.is_set() and not loaded.is_set():
+                    during.extend(event.token_ids)
+                    if len(during) >= 20:
+                        enough.set()
+
+        stream = asyncio.create_task(base_stream())
+        while not streamed:
+            await asyncio.sleep(0.001)
+        adapter = await run(engine, "pirate", PROMPTS[0])
+        await stream
+        assert len(during) >= 20, "the base stream paused while the adapter loaded"
+        assert streamed == base_solo
+        expected = peft_generate(tiny_models["llama"], adapter_dirs["llama", "pirate"], PROMPTS[0])
+        assert adapter == expected
+    finally:
+        enough.set()
+        engine.close()
+
+
+async def test_different_adapters_and_the_base_decode_in_one_step(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs
+) -> None:
+    """Heterogeneous batching really happens: the runner's decode steps are recorded with
+    each row's adapter slot, and one step holds two different adapters and the bare base,
+    while every request's greedy output equals its output alone."""
+    dirs = {name: adapter_dirs["llama", name] for name in ("pirate", "poet")}
+    registry = make_registry(tmp_path / "reg", tiny_models["llama"], dirs)
+    engine = start(registry)
+    try:
+        models = ["tiny", "pirate", "poet"]
+        solo = {m: await run(engine, m, PROMPTS[0], n=20) for m in models}
+        assert len({tuple(t) for t in solo.values()}) == 3
+        runner = engine.device_loop.workers["tiny:latest"].runner
+        real = runner.decode
+        steps: list[list[int]] = []
+
+        def decode(slots, tokens, positions, loras=None):
+            steps.append(list(loras or []))
+            return real(slots, tokens, positions, loras)
+
+        runner.decode = decode  # type: ignore[method-assign]
+        results = await asyncio.gather(*(run(engine, m, PROMPTS[0], n=20) for m in models))
+        assert dict(zip(models, results)) == solo
+        mixed = [s for s in steps if -1 in s and len({x for x in s if x >= 0}) >= 2]
+        assert mixed, f"no decode step mixed two adapters and the base: {steps[:5]}"
+    finally:
+        engine.close()

@@ -144,3 +144,84 @@ async def test_request_log_and_metrics_name_the_adapter(
         await generate(served.raw, "poet")
         text = (await served.raw.get("/metrics")).text
         assert "ocs_resident_adapters 2.0" in text
+
+
+
+async def test_recreated_adapter_is_listed_once_and_serves_its_new_weights(
+    registry: Registry, tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """Re-creating an adapter model drops its old weights from the device slots and host
+    memory (they are not merely pushed out by LRU later)."""
+    fresh = make_lora_adapter(tiny_models["llama"], tmp_path / "fresh", seed=7, base_name="tiny")
+    async with serve_app(registry, dtype="float32") as served:
+        raw = served.raw
+        await generate(raw, "poet")
+        old = await generate(raw, "pirate")
+        import_adapter_dir(registry, fresh, "pirate", "tiny")  # re-create "pirate"
+        new = await generate(raw, "pirate")
+        assert new != old
+        ps = [m["name"] for m in (await raw.get("/api/ps")).json()["models"]]
+        assert sorted(ps) == ["pirate:latest", "poet:latest", "tiny:latest"], ps
+        adapters = served.engine.device_loop.workers["tiny:latest"].adapters
+        assert len(adapters.resident()) == 2
+        assert len(adapters.host) == 2  # the old pirate weights left host memory too
+    async with serve_app(registry, dtype="float32") as served:  # never saw the old weights
+        assert await generate(served.raw, "pirate") == new
+
+
+@pytest.fixture
+def refused_adapters(
+    registry: Registry, tiny_models: dict[str, Path], tmp_path: Path
+) -> dict[str, Path]:
+    """Adapters the tiny llama base must refuse at create time (the DoRA one is a copy of
+    the ``registry`` fixture's pirate adapter)."""
+    import json
+    import shutil
+
+    from tests.factory import make_tiny_model
+
+    pirate = tmp_path / "pirate"
+    dora = tmp_path / "refused-dora"
+    shutil.copytree(pirate, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    wide = make_tiny_model(tmp_path / "wide", "llama", hidden_size=96)
+    deep = make_tiny_model(tmp_path / "deep", "llama", num_layers=3)  # the base has 2
+    return {
+        "DoRA": dora,
+        "does not fit": make_lora_adapter(wide, tmp_path / "refused-wide", base_name="tiny"),
+        "does not have": make_lora_adapter(deep, tmp_path / "refused-deep", base_name="tiny"),
+    }
+
+
+async def test_adapters_that_do_not_fit_are_refused_at_create_time(
+    registry: Registry, refused_adapters: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """DoRA, wrong shapes and modules the base lacks: 400 with a message that says which,
+    over HTTP and from `ollama-compact import --base`; the registry stays as it was."""
+    from tests.fakes import FakeEngine
+
+    async with serve_app(registry, FakeEngine()) as served:
+        for message, directory in refused_adapters.items():
+            adapters = {
+                p.name: await served.ollama.create_blob(p)
+                for p in sorted(directory.iterdir())
+                if p.suffix in (".json", ".safetensors")
+            }
+            before = tree_hash(registry.root)  # the uploaded blobs are in it already
+            r = await served.raw.post(
+                "/api/create",
+                json={"model": "refused", "from": "tiny", "adapters": adapters, "stream": False},
+            )
+            assert r.status_code == 400, (message, r.text)
+            assert message in r.json()["error"], r.json()
+            assert tree_hash(registry.root) == before, message
+            assert not registry.exists("refused")
+    capsys.readouterr()
+    before = tree_hash(registry.root)
+    for message, directory in refused_adapters.items():
+        args = ["import", str(directory), "refused", "--base", "tiny"]
+        assert main([*args, "--models", str(registry.root)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert tree_hash(registry.root) == before

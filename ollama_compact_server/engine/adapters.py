@@ -79,6 +79,11 @@ class AdapterSlots:
         self.slots = [_Slot() for _ in range(device_slots)]
         self.host: OrderedDict[str, LoraWeights] = OrderedDict()
         self.loading: dict[str, tuple[Future[LoraWeights], float]] = {}
+        # key -> the adapter names whose requests brought it here (identical adapters share
+        # a key), and name -> the key its newest request named: a key none of its names
+        # points at any more is stale (re-created) and goes as soon as nothing uses it
+        self.names: dict[str, set[str]] = {}
+        self.current: dict[str, str] = {}
         self.stats = AdapterStats()
 
     # ------------------------------------------------------------ checks
@@ -99,7 +104,25 @@ class AdapterSlots:
             return False
         return any(slot.refs == 0 for slot in self.slots)
 
+    def arrive(self, ref: AdapterRef) -> None:
+        """A new request names ``ref``: whatever sits here under its name with other weights
+        (the name was re-created) is stale, and goes as soon as nothing uses it. Starts
+        loading ``ref``."""
+        old = self.current.get(ref.name)
+        if old is not None and old != ref.key:
+            log.info("adapter %s was re-created: its old weights go once idle", ref.name)
+        self.current[ref.name] = ref.key
+        self.prefetch(ref)  # the worker's next poll drops the old weights
+
+    def stale(self, key: str) -> bool:
+        """True when every name that brought ``key`` here now names other weights."""
+        names = self.names.get(key)
+        if not names:
+            return False
+        return all(self.current.get(n, key) != key for n in names)
+
     def prefetch(self, ref: AdapterRef) -> None:
+        self.names.setdefault(ref.key, set()).add(ref.name)
         if ref.key in self.host or ref.key in self.loading or self.slot_of(ref.key) >= 0:
             return
         log.info("loading adapter %s", ref.name)
@@ -139,6 +162,14 @@ class AdapterSlots:
         slot = self.slots[index]
         slot.refs = max(0, slot.refs - 1)
         slot.last_used = time.monotonic()
+        if slot.key is None:
+            return
+        if slot.key in self.host:  # host memory goes least recently *used* first too
+            self.host.move_to_end(slot.key)
+        if slot.refs == 0 and self.stale(slot.key):
+            self.host.pop(slot.key, None)
+            self._clear(index)
+            self._forget()
 
     def _free_slot(self) -> int:
         free = [i for i, s in enumerate(self.slots) if s.key is None]
@@ -176,8 +207,34 @@ class AdapterSlots:
             self.stats.loads += 1
             self.stats.load_seconds.append(time.perf_counter() - started)
             self.host[key] = weights
+        self._purge(wanted)
         self._trim(wanted)
         return failed
+
+    def _purge(self, wanted: set[str]) -> None:
+        """Drops stale adapters from idle device slots, and from host memory unless a
+        waiting request (``wanted``) still names them."""
+        for index, slot in enumerate(self.slots):
+            if slot.key is not None and slot.refs == 0 and self.stale(slot.key):
+                self._clear(index)
+        for key in [k for k in self.host if k not in wanted and self.stale(k)]:
+            if self.slot_of(key) < 0:
+                del self.host[key]
+        self._forget()
+
+    def _clear(self, index: int) -> None:
+        if self.bank is not None:
+            self.bank.clear(index)
+        self.slots[index] = _Slot()
+
+    def _forget(self) -> None:
+        """Forgets the names of keys that are nowhere any more."""
+        here = set(self.host) | set(self.loading) | {s.key for s in self.slots if s.key}
+        for key in set(self.names) - here:
+            del self.names[key]
+        named = set().union(*self.names.values()) if self.names else set()
+        for name in set(self.current) - named:
+            del self.current[name]
 
     def _trim(self, wanted: set[str]) -> None:
         on_device = {s.key for s in self.slots if s.key is not None}
@@ -186,20 +243,30 @@ class AdapterSlots:
             key = idle.pop(0)  # least recently used first
             del self.host[key]
             self.stats.host_evictions += 1
+        self._forget()
 
     def drop(self, key: str) -> None:
         """Forgets an adapter (an unload request): its idle device slot and host copy."""
         index = self.slot_of(key)
         if index >= 0 and self.slots[index].refs == 0:
-            if self.bank is not None:
-                self.bank.clear(index)
-            self.slots[index] = _Slot()
+            self._clear(index)
         if index < 0 or self.slots[index].key is None:
             self.host.pop(key, None)
+        self._forget()
 
     def resident(self) -> list[tuple[str, int, bool]]:
-        """(name, bytes, in use) of the adapters on the device."""
-        return [(s.name, s.nbytes, s.refs > 0) for s in self.slots if s.key is not None]
+        """(name, bytes, in use) of the adapters on the device: each name that serves a
+        slot's weights (identical adapters share a slot), its old weights while still in
+        use after a re-create."""
+        out = []
+        for slot in self.slots:
+            if slot.key is None:
+                continue
+            names = frozenset(self.names.get(slot.key, ()))  # one copy: the engine may add
+            live = sorted(n for n in names if self.current.get(n, slot.key) == slot.key)
+            for name in live or [slot.name]:
+                out.append((name, slot.nbytes, slot.refs > 0))
+        return out
 
     @property
     def nbytes(self) -> int:

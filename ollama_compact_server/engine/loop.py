@@ -346,7 +346,7 @@ class DeviceLoop:
         keep_alive = self.keep_alive if item.keep_alive is DEFAULT else item.keep_alive
         worker.keep_alive = cast(float | None, keep_alive)
         if item.adapter is not None and worker.adapters is not None:
-            worker.adapters.prefetch(item.adapter)  # loads beside the running batch
+            worker.adapters.arrive(item.adapter)  # loads beside the running batch
         waits = item.request is None or isinstance(item.request, EmbedRequest)
         if waits and item.adapter is not None and worker.adapters is not None:
             self._wait_for_adapter(worker, item, load_time)
