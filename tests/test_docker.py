@@ -137,7 +137,16 @@ def test_copied_files_exist_and_pass_dockerignore(dockerfile) -> None:
     for source in copied:
         assert (REPO / source).exists(), source
         assert not ignored(source.rstrip("/")), source
-    for kept_out in (".git", ".venv", ".cache", "models", "adapters", "tests", "docker/.env"):
+    for kept_out in (
+        ".git",
+        ".venv",
+        ".cache",
+        "models",
+        "adapters",
+        "tests",
+        ".env",
+        "docker/.env",
+    ):
         assert ignored(kept_out), kept_out
     assert ignored("ollama_compact_server/__pycache__/x.pyc")
     assert not ignored("ollama_compact_server/data/heldout_en.txt")
@@ -184,6 +193,49 @@ def test_profiles_share_the_safe_defaults(compose: dict[str, Any], profile: str)
     grace = int(str(svc["stop_grace_period"]).removesuffix("s"))
     assert grace > Settings.model_fields["shutdown_timeout"].default
     assert svc["restart"] == "unless-stopped"
+
+
+def dotenv() -> dict[str, str]:
+    """The top-level .env that docker compose reads from the project folder."""
+    pairs = {}
+    for line in (REPO / ".env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def started(compose: dict[str, Any], flags: list[str]) -> list[str]:
+    """The services `docker compose up` starts, by the documented profile rules: a service
+    without `profiles` always starts, one with profiles when one of them is active; the
+    active profiles are those of the --profile flags, or else COMPOSE_PROFILES (from .env)."""
+    active = set(flags) or {p.strip() for p in dotenv().get("COMPOSE_PROFILES", "").split(",")}
+    return [
+        name
+        for name, svc in compose["services"].items()
+        if not svc.get("profiles") or active & set(svc["profiles"])
+    ]
+
+
+def test_plain_up_starts_the_cpu_service_and_the_cuda_profile_only_cuda(
+    compose: dict[str, Any],
+) -> None:
+    (plain,) = started(compose, [])
+    assert "cpu" in compose["services"][plain]["profiles"]
+    (cuda,) = started(compose, ["cuda"])
+    assert "cuda" in compose["services"][cuda]["profiles"]
+    assert "deploy" in compose["services"][cuda] and "deploy" not in compose["services"][plain]
+    (cpu,) = started(compose, ["cpu"])
+    assert cpu == plain
+    # .env holds only compose's own variables (the daemon's settings and key go in docker/.env)
+    assert set(dotenv()) == {"COMPOSE_PROFILES"}
+    assert "/.env" not in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_readme_documents_what_compose_does() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "docker compose up -d " in readme and "docker compose --profile cuda up -d" in readme
 
 
 def test_models_live_in_a_named_volume(compose: dict[str, Any]) -> None:
