@@ -3,12 +3,16 @@ answers with Retry-After, health and readiness, and no open bind without a key."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ollama_compact_server.api.guard import is_loopback_host
@@ -132,3 +136,69 @@ def test_open_bind_without_key_refuses_to_start(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "OCS_API_KEY" in result.stderr
+
+
+BUSY = "server busy, please try again.  maximum pending requests exceeded"
+
+
+async def test_queue_limit_on_the_real_engine(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """One slot (OCS_NUM_PARALLEL=1), a queue of 2: while a long generation holds the slot,
+    a flood of both dialects gets at most 2 places; every other request is refused at once,
+    Ollama's routes with 503 and Ollama's "server busy" error, OpenAI's with 429, both with
+    Retry-After."""
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    async with serve_app(
+        registry, default_model="tiny", device="cpu", num_parallel=1, max_queue=2
+    ) as served:
+        client, engine = served.raw, served.engine
+        long = {"model": "tiny", "prompt": "hold", "stream": False}
+        long["options"] = {"num_predict": 1500, "temperature": 0}
+        blocker = asyncio.create_task(client.post("/api/generate", json=long))
+        deadline = time.monotonic() + 30
+        while engine.stats()["running"] < 1:
+            assert time.monotonic() < deadline and not blocker.done()
+            await asyncio.sleep(0.01)
+
+        short = {"num_predict": 2, "temperature": 0}
+        ollama_body = {"model": "tiny", "prompt": "x", "stream": False, "options": short}
+        openai_body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 2,
+            "temperature": 0,
+        }
+
+        async def timed(path: str, body: dict) -> tuple[str, httpx.Response, float]:
+            started = time.monotonic()
+            response = await client.post(path, json=body)
+            return path, response, time.monotonic() - started
+
+        flood = [timed("/api/generate", ollama_body) for _ in range(8)]
+        flood += [timed("/api/chat", {**ollama_body, "messages": openai_body["messages"]})]
+        flood += [timed("/v1/chat/completions", openai_body) for _ in range(8)]
+        flood += [timed("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})]
+        tasks = [asyncio.create_task(f) for f in flood]
+        refused: list[tuple[str, httpx.Response, float]] = []
+        while len(refused) < len(tasks) - 2:  # all but the two queued answer at once
+            done = [t.result() for t in tasks if t.done()]
+            refused = [(p, r, s) for p, r, s in done if r.status_code != 200]
+            assert time.monotonic() < deadline, [r.status_code for _, r, _ in done]
+            await asyncio.sleep(0.01)
+        assert not blocker.done()  # refused while the slot was still held: no waiting
+        for path, response, seconds in refused:
+            assert response.headers["retry-after"] == "1", path
+            assert seconds < 5, (path, seconds)
+            if path.startswith("/v1/"):
+                assert response.status_code == 429, path
+                assert response.json()["error"]["message"] == BUSY
+            else:
+                assert response.status_code == 503, path
+                assert response.json() == {"error": BUSY}
+        assert {p.split("/")[1] for p, _, _ in refused} == {"api", "v1"}
+
+        blocker.cancel()  # the client goes away: its sequence is aborted, the queue drains
+        with contextlib.suppress(asyncio.CancelledError):
+            await blocker
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert [r.status_code for _, r, _ in answers].count(200) == 2
