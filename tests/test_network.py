@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -202,3 +203,42 @@ async def test_queue_limit_on_the_real_engine(tmp_path: Path, tiny_models: dict[
             await blocker
         answers = await asyncio.wait_for(asyncio.gather(*tasks), 60)
         assert [r.status_code for _, r, _ in answers].count(200) == 2
+
+
+async def test_dead_engine_loop_fails_health_and_requests_at_once(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """If the device loop dies, /health and /ready answer 503, the request it was running
+    ends with an error instead of hanging, and new requests get 503 at once."""
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    async with serve_app(registry, default_model="tiny", device="cpu") as served:
+        client, loop = served.raw, served.engine.device_loop
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/ready")).status_code == 200
+        body = {"model": "tiny", "prompt": "x", "options": {"num_predict": 1500}}
+        running = asyncio.create_task(client.post("/api/generate", json=body))
+        deadline = time.monotonic() + 30
+        while served.engine.stats()["running"] < 1:
+            assert time.monotonic() < deadline and not running.done()
+            await asyncio.sleep(0.01)
+
+        def broken() -> bool:
+            raise RuntimeError("injected engine failure")
+
+        loop.step = broken  # the next iteration of the loop raises
+        loop.thread.join(10)
+        assert not loop.thread.is_alive() and loop.crashed is not None
+        r = await client.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "engine down"}
+        assert (await client.head("/health")).status_code == 503
+        assert (await client.get("/ready")).status_code == 503
+        lines = (await asyncio.wait_for(running, 10)).text.splitlines()
+        assert "error" in json.loads(lines[-1])  # ended in-band, did not hang
+        started = time.monotonic()
+        r = await client.post("/api/generate", json={**body, "stream": False})
+        assert r.status_code == 503 and r.json() == {"error": "the engine is not running"}
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+        assert time.monotonic() - started < 5

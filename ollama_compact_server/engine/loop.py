@@ -27,6 +27,7 @@ from .types import (
     DEFAULT,
     EmbedRequest,
     EngineBusy,
+    EngineDown,
     EngineError,
     FinishReason,
     GenerateRequest,
@@ -153,10 +154,39 @@ class DeviceLoop:
                     item.mailbox.put(error_event("the server is shutting down", 503))
             for worker in self.workers.values():
                 worker.fail_waits("the server is shutting down", 503)
+            self._fail_inbox("the server is shutting down")
             self.notifier.flush()
-        except BaseException as exc:  # pragma: no cover - the loop itself must not die
+        except BaseException as exc:  # the loop itself must not die; if it does, say so
             self.crashed = exc
             log.exception("engine loop died")
+            self._fail_everything("the engine stopped after an internal error")
+
+    def _fail_everything(self, message: str) -> None:
+        """After a crash: ends every request the loop holds with a 503 error event, without
+        touching the (possibly broken) workers' caches, so no client waits forever."""
+        try:
+            for worker in list(self.workers.values()):
+                for seq in worker.sequences():
+                    seq.mailbox.put(error_event(message, 503))
+                worker.fail_waits(message, 503)
+            for queue in list(self.pending.values()):
+                for item in queue:
+                    item.mailbox.put(error_event(message, 503))
+        except Exception:
+            log.exception("could not end every request after the engine loop died")
+        self._fail_inbox(message)
+        self.notifier.flush()
+
+    def _fail_inbox(self, message: str) -> None:
+        """Answers submissions that no step will take any more (either thread may call it:
+        each item is popped once)."""
+        while True:
+            try:
+                kind, payload = self.inbox.popleft()
+            except IndexError:
+                return
+            if kind == "submit":
+                payload.mailbox.put(error_event(message, 503))
 
     def step(self) -> bool:
         """schedule -> run -> postprocess for every resident model, plus housekeeping."""
@@ -496,15 +526,18 @@ class DeviceLoop:
     # ------------------------------------------------------------ event-loop side
 
     def submit(self, item: Pending) -> None:
+        if self.crashed is not None or self.stopping:
+            raise EngineDown("the engine is not running")
         if len(self.inbox) + self.queued() >= self.max_queue:
             raise EngineBusy("server busy, please try again.  maximum pending requests exceeded")
         self.inbox.append(("submit", item))
         self.wakeup.set()
+        if self.crashed is not None or self.stopping:  # it ended while this was appended
+            self._fail_inbox("the engine is not running")
+            self.notifier.flush()
 
     def queued(self) -> int:
-        waiting = sum(
-            len(w.waiting) + len(w.adapter_waits) for w in list(self.workers.values())
-        )
+        waiting = sum(len(w.waiting) + len(w.adapter_waits) for w in list(self.workers.values()))
         return waiting + sum(len(q) for q in list(self.pending.values()))
 
     def abort(self, request_id: str) -> None:
