@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -197,12 +198,19 @@ async def test_queue_limit_on_the_real_engine(tmp_path: Path, tiny_models: dict[
                 assert response.status_code == 503, path
                 assert response.json() == {"error": BUSY}
         assert {p.split("/")[1] for p, _, _ in refused} == {"api", "v1"}
+        text = (await client.get("/metrics")).text
+        assert "ocs_queue_length 2.0" in text and "ocs_running_sequences 1.0" in text
+        (tokens,) = re.findall(r"^ocs_generated_tokens_total (\S+)$", text, re.M)
+        assert float(tokens) > 0  # the held slot's generation, counted while it runs
 
         blocker.cancel()  # the client goes away: its sequence is aborted, the queue drains
         with contextlib.suppress(asyncio.CancelledError):
             await blocker
         answers = await asyncio.wait_for(asyncio.gather(*tasks), 60)
         assert [r.status_code for _, r, _ in answers].count(200) == 2
+        text = (await client.get("/metrics")).text
+        assert "ocs_queue_length 0.0" in text
+        assert 'ocs_finished_requests_total{reason="abort"} 1.0' in text
 
 
 async def test_dead_engine_loop_fails_health_and_requests_at_once(

@@ -342,6 +342,10 @@ class DeviceLoop:
     def _evict(self, worker: ModelWorker, why: str) -> None:
         del self.workers[worker.name]
         self.stats.evictions += 1
+        if worker.adapters is not None:  # keep its adapter counts: /metrics counters only grow
+            self.stats.adapter_loads += worker.adapters.stats.loads
+            self.stats.adapter_device_evictions += worker.adapters.stats.device_evictions
+            self.stats.adapter_host_evictions += worker.adapters.stats.host_evictions
         release_memory(self.device)
         log.info("unloaded %s (%s)", worker.name, why)
 
@@ -560,16 +564,19 @@ class DeviceLoop:
         workers = list(self.workers.values())
         kv_used = sum(w.runner.cache.used * w.runner.cache.capacity for w in workers)
         kv_total = sum(w.runner.cache.slots * w.runner.cache.capacity for w in workers)
+        banks = [w.adapters for w in workers if w.adapters is not None]
         return {
             "queued": self.queued(),
             "running": sum(len(w.running) + (w.prefilling is not None) for w in workers),
             "kv_tokens_used": kv_used,
             "kv_tokens_free": kv_total - kv_used,
             "resident_models": len(workers),
-            "resident_adapters": sum(
-                len(w.adapters.resident()) for w in workers if w.adapters is not None
-            ),
-            "adapter_loads": sum(w.adapters.stats.loads for w in workers if w.adapters is not None),
+            "resident_adapters": sum(len(a.resident()) for a in banks),
+            "adapter_loads": self.stats.adapter_loads + sum(a.stats.loads for a in banks),
+            "adapter_device_evictions": self.stats.adapter_device_evictions
+            + sum(a.stats.device_evictions for a in banks),
+            "adapter_host_evictions": self.stats.adapter_host_evictions
+            + sum(a.stats.host_evictions for a in banks),
             "tokens_generated": self.stats.tokens_generated,
             "preemptions": self.stats.preemptions,
             "evictions": self.stats.evictions,
