@@ -127,8 +127,8 @@ async def metrics(request: Request) -> Response:
 
 class RequestLog:
     """Counts every request by route template and status, times it, and writes one log line
-    (id, method, route, status, seconds, and for model requests the model, adapter and
-    tokens in and out) when the response ends."""
+    (id, method, route, status, seconds, and for model requests the model, adapter, tokens
+    in and out, prompt-eval and eval seconds) when the response ends."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -167,6 +167,8 @@ class RequestLog:
                 figures += f" tokens_out={info.get('tokens_out', 0)}"
                 if info.get("adapter"):
                     figures += f" adapter={info['adapter']}"
+                figures += f" prompt_eval={info.get('prompt_eval_seconds', 0.0):.3f}s"
+                figures += f" eval={info.get('eval_seconds', 0.0):.3f}s"
             log.info(
                 "%s %s %s %d %.3fs%s",
                 request_id,
@@ -180,6 +182,10 @@ class RequestLog:
                     "ocs_route": path,
                     "ocs_status": status,
                     "ocs_seconds": round(seconds, 4),
-                    **{f"ocs_{k}": v for k, v in info.items() if k != "id"},
+                    **{
+                        f"ocs_{k}": round(v, 4) if isinstance(v, float) else v
+                        for k, v in info.items()
+                        if k != "id"
+                    },
                 },
             )
