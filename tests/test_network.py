@@ -250,3 +250,44 @@ async def test_dead_engine_loop_fails_health_and_requests_at_once(
         r = await client.post("/v1/chat/completions", json=chat)
         assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
         assert time.monotonic() - started < 5
+
+
+async def test_too_many_messages_is_400_before_any_work(app_env) -> None:
+    from ollama_compact_server.chat.service import MAX_MESSAGES
+
+    client, engine = app_env
+    messages = [{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1)
+    r = await client.post("/api/chat", json={"model": "tiny", "messages": messages})
+    assert r.status_code == 400 and "too many messages" in r.json()["error"]
+    r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
+    assert r.status_code == 400 and "too many messages" in r.json()["error"]["message"]
+    assert engine.requests == []
+    r = await client.post(
+        "/api/chat", json={"model": "tiny", "messages": messages[:MAX_MESSAGES], "stream": False}
+    )
+    assert r.status_code == 200
+
+
+def test_insecure_flag_gets_past_the_open_bind_check(tmp_path: Path) -> None:
+    """OCS_INSECURE_NO_AUTH=true lets the daemon bind 0.0.0.0 without a key: it goes on to
+    prepare the registry (here a path inside a file, so it stops there with exit 1, not with
+    the bind refusal's exit 2)."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    env = {
+        **os.environ,
+        "OLLAMA_HOST": "0.0.0.0:11999",
+        "OCS_MODELS": str(not_a_folder / "models"),
+        "OCS_IMPORT_DEFAULT": "false",
+        "OCS_INSECURE_NO_AUTH": "true",
+    }
+    env.pop("OCS_API_KEY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "ollama_compact_server", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "refusing to listen" not in result.stderr
+    assert result.returncode == 1 and "cannot prepare the registry" in result.stderr
