@@ -238,6 +238,13 @@ def test_readme_documents_what_compose_does() -> None:
     assert "docker compose up -d " in readme and "docker compose --profile cuda up -d" in readme
 
 
+def test_services_answer_to_their_own_name(compose: dict[str, Any]) -> None:
+    """Without a key the daemon checks the Host header; it accepts its own host name, so
+    each service's host name is the name other containers reach it by."""
+    for name, svc in compose["services"].items():
+        assert svc["hostname"] == name
+
+
 def test_models_live_in_a_named_volume(compose: dict[str, Any]) -> None:
     assert "models" in compose["volumes"]
 

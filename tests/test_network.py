@@ -291,3 +291,65 @@ def test_insecure_flag_gets_past_the_open_bind_check(tmp_path: Path) -> None:
     )
     assert "refusing to listen" not in result.stderr
     assert result.returncode == 1 and "cannot prepare the registry" in result.stderr
+
+
+def test_host_check_policies() -> None:
+    from ollama_compact_server.api.guard import HostCheck
+
+    loopback = HostCheck(frozenset({"proxy.lan"}))
+    wide = HostCheck(frozenset({"ollama-compact"}), any_ip=True)
+    for host in ("localhost:11434", "127.0.0.1", "[::1]:11434", "app.localhost"):
+        assert loopback.allows(host) and wide.allows(host), host
+    assert loopback.allows("proxy.lan:80") and loopback.allows("PROXY.LAN")
+    for host in ("evil.example", "localhost.evil.com:11434", "", ":11434", "ollama-compact"):
+        assert not loopback.allows(host), host
+    for host in ("ollama-compact:11434", "172.18.0.2:11434", "[fd00::2]:11434", "10.0.0.5"):
+        assert wide.allows(host) and not loopback.allows(host), host
+    for host in ("evil.example:11434", "ollama-compact.evil.com", "", ":11434", "1.2.3.4.nip.io"):
+        assert not wide.allows(host), host
+
+
+@pytest.mark.parametrize(
+    ("options", "host", "status"),
+    [
+        # the container: all interfaces, no key (compose sets OCS_INSECURE_NO_AUTH)
+        ({}, "evil.example:11434", 403),
+        ({}, "", 403),
+        ({}, "127.0.0.1:11434", 200),  # the published port and the health check
+        ({}, "localhost:11434", 200),
+        ({}, "172.18.0.2:11434", 200),  # by address, from another container
+        ({}, "@hostname", 200),  # by the container's own name (compose sets it)
+        ({}, "ocs.internal:11434", 403),
+        ({"allowed_hosts": "ocs.internal, other"}, "ocs.internal:11434", 200),
+        # with a key the key guards every route and the Host check is off
+        ({"api_key": "k"}, "evil.example:11434", 200),
+    ],
+)
+async def test_host_check_without_a_key_on_a_wide_bind(
+    tmp_path: Path, options: dict, host: str, status: int
+) -> None:
+    import socket
+
+    from asgi_lifespan import LifespanManager
+
+    from ollama_compact_server.app import create_app
+    from ollama_compact_server.settings import Settings
+
+    settings = Settings(
+        models=tmp_path / "r",
+        adapters=None,
+        import_default=False,
+        host="0.0.0.0:11434",
+        insecure_no_auth=True,
+        **options,
+    )
+    app = create_app(settings, engine=FakeEngine())
+    headers = {"Host": socket.gethostname() if host == "@hostname" else host}
+    if "api_key" in options:
+        headers["Authorization"] = "Bearer k"
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            assert (await c.get("/api/tags", headers=headers)).status_code == status
+            # the probe too: the Host check stands in front of every route
+            assert (await c.get("/health", headers=headers)).status_code == status
