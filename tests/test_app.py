@@ -121,5 +121,9 @@ async def test_api_key_guards_every_route_but_the_probes(tmp_path: Path) -> None
                 assert r.status_code == 401, (method, path)
                 r = await c.request(method, path, headers={"Authorization": "Bearer wrong"})
                 assert r.status_code == 401, (method, path)
+                assert r.headers["www-authenticate"] == "Bearer"
+                if method != "HEAD":  # the dialect's error body
+                    error = r.json()["error"]
+                    assert isinstance(error, dict) == path.startswith("/v1/"), path
             ok = await c.get("/api/tags", headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200
