@@ -71,7 +71,15 @@ def args_of(stage: list[tuple[str, str]], word: str) -> list[str]:
 
 
 def test_one_dockerfile_builds_cpu_and_cuda_variants(dockerfile) -> None:
-    assert {"build", "runtime"} <= set(dockerfile)
+    assert {"build", "runtime", "cpu", "cuda"} <= set(dockerfile)
+    # the targets add only the device on top of the shared runtime; cpu is the default
+    assert list(dockerfile)[-1] == "cpu"
+    for target in ("cpu", "cuda"):
+        assert dockerfile[target][0] == ("FROM", f"runtime AS {target}")
+        assert f"OCS_DEVICE={target}" in args_of(dockerfile[target], "ENV")
+        assert not any(w in ("USER", "COPY", "ENTRYPOINT") for w, _ in dockerfile[target])
+    (check,) = args_of(dockerfile["cuda"], "RUN")  # refuses to build with CPU torch
+    assert "torch.version.cuda is None" in check and "TORCH_INDEX_URL" in check
     assert any(a.startswith("PYTHON_IMAGE=") for a in args_of(dockerfile["<global>"], "ARG"))
     build = dockerfile["build"]
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args_of(build, "ARG")
@@ -102,6 +110,7 @@ def test_runtime_runs_as_a_user_and_checks_health_with_python(dockerfile) -> Non
 def test_image_listens_widely_only_behind_the_existing_guard(dockerfile) -> None:
     env = " ".join(args_of(dockerfile["runtime"], "ENV"))
     assert "OLLAMA_HOST=0.0.0.0:11434" in env
+    env = " ".join(rest for stage in dockerfile.values() for rest in args_of(stage, "ENV"))
     # the image never switches the guard off: that is the deployer's (compose's) choice
     assert "OCS_INSECURE_NO_AUTH" not in env and "OCS_API_KEY" not in env
 
@@ -176,7 +185,7 @@ def service(compose: dict[str, Any], profile: str) -> dict[str, Any]:
 @pytest.mark.parametrize("profile", ["cpu", "cuda"])
 def test_profiles_share_the_safe_defaults(compose: dict[str, Any], profile: str) -> None:
     svc = service(compose, profile)
-    assert svc["build"]["context"] == "." and svc["build"]["target"] == "runtime"
+    assert svc["build"]["context"] == "." and svc["build"]["target"] == profile
     index = svc["build"]["args"]["TORCH_INDEX_URL"]
     assert index.endswith("/cpu") if profile == "cpu" else re.search(r"/cu\d+$", index)
     assert svc["image"].endswith(f":{profile}")
@@ -253,7 +262,7 @@ def test_cuda_profile_reserves_a_gpu(compose: dict[str, Any]) -> None:
     svc = service(compose, "cuda")
     (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert svc["environment"]["OCS_DEVICE"] == "cuda"
+    assert svc["build"]["target"] == "cuda"  # the target sets OCS_DEVICE=cuda
     assert "deploy" not in service(compose, "cpu")
 
 
