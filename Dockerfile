@@ -2,8 +2,8 @@
 #   CPU  (default):  docker build --target cpu -t ollama-compact-server:cpu .
 #   CUDA:            docker build --target cuda -t ollama-compact-server:cuda \
 #                      --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# The build argument picks the torch wheels (the cuda target refuses to build with CPU
-# torch); the CUDA build of torch brings its CUDA libraries as wheels, so both targets run on
+# The build argument picks the torch wheels (a cuda image with CPU torch refuses to start);
+# the CUDA build of torch brings its CUDA libraries as wheels, so both targets run on
 # the same slim Python base; the host needs only the NVIDIA driver and container toolkit
 # (docker-compose.yml's `cuda` profile reserves the GPU).
 
@@ -51,10 +51,10 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["/entrypoint.sh"]
 
 # ---------------------------------------------------------------- targets
+# (no RUN here: the legacy builder builds every stage before the one asked for, and `cpu`
+# comes after this one; a cuda image built with CPU torch says so at start and exits 2)
 FROM runtime AS cuda
 ENV OCS_DEVICE=cuda
-# built with the CUDA torch wheels, or not at all (a CPU torch would only fail at start)
-RUN python -c "import sys, torch; sys.exit(torch.version.cuda is None and 'torch is a CPU build: pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128')"
 
 # last, so a plain `docker build .` gives the CPU image
 FROM runtime AS cpu

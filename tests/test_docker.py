@@ -77,9 +77,8 @@ def test_one_dockerfile_builds_cpu_and_cuda_variants(dockerfile) -> None:
     for target in ("cpu", "cuda"):
         assert dockerfile[target][0] == ("FROM", f"runtime AS {target}")
         assert f"OCS_DEVICE={target}" in args_of(dockerfile[target], "ENV")
-        assert not any(w in ("USER", "COPY", "ENTRYPOINT") for w, _ in dockerfile[target])
-    (check,) = args_of(dockerfile["cuda"], "RUN")  # refuses to build with CPU torch
-    assert "torch.version.cuda is None" in check and "TORCH_INDEX_URL" in check
+        # nothing to build: the legacy builder runs every stage before the target asked for
+        assert [w for w, _ in dockerfile[target]] == ["FROM", "ENV"], target
     assert any(a.startswith("PYTHON_IMAGE=") for a in args_of(dockerfile["<global>"], "ARG"))
     build = dockerfile["build"]
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args_of(build, "ARG")
