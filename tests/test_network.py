@@ -224,7 +224,7 @@ async def test_dead_engine_loop_fails_health_and_requests_at_once(
         client, loop = served.raw, served.engine.device_loop
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/ready")).status_code == 200
-        body = {"model": "tiny", "prompt": "x", "options": {"num_predict": 1500}}
+        body = {"model": "tiny", "prompt": "x", "options": {"num_predict": 1500, "temperature": 0}}
         running = asyncio.create_task(client.post("/api/generate", json=body))
         deadline = time.monotonic() + 30
         while served.engine.stats()["running"] < 1:
