@@ -1,9 +1,10 @@
-# ollama-compact-server images. Two variants from one Dockerfile, chosen by build arguments:
-#   CPU  (default):  docker build -t ollama-compact-server:cpu .
-#   CUDA:            docker build -t ollama-compact-server:cuda \
+# ollama-compact-server images: one Dockerfile, two targets.
+#   CPU  (default):  docker build --target cpu -t ollama-compact-server:cpu .
+#   CUDA:            docker build --target cuda -t ollama-compact-server:cuda \
 #                      --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# The CUDA build of torch brings its CUDA libraries as wheels, so both variants run on the same
-# slim Python base; the host needs only the NVIDIA driver and container toolkit
+# The build argument picks the torch wheels (a cuda image with CPU torch refuses to start);
+# the CUDA build of torch brings its CUDA libraries as wheels, so both targets run on
+# the same slim Python base; the host needs only the NVIDIA driver and container toolkit
 # (docker-compose.yml's `cuda` profile reserves the GPU).
 
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -48,3 +49,13 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
 # SIGTERM: stop accepting, let running streams finish (OCS_SHUTDOWN_TIMEOUT, default 30 s)
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/entrypoint.sh"]
+
+# ---------------------------------------------------------------- targets
+# (no RUN here: the legacy builder builds every stage before the one asked for, and `cpu`
+# comes after this one; a cuda image built with CPU torch says so at start and exits 2)
+FROM runtime AS cuda
+ENV OCS_DEVICE=cuda
+
+# last, so a plain `docker build .` gives the CPU image
+FROM runtime AS cpu
+ENV OCS_DEVICE=cpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,7 @@ from . import __version__
 from .api import health, metrics, ollama, openai
 from .api.auth import APIKeyMiddleware
 from .api.errors import DrainGuard, install_error_handlers
-from .api.guard import LOCAL_ORIGIN, NetworkGuard, is_loopback_host
+from .api.guard import LOCAL_ORIGIN, HostCheck, NetworkGuard, is_loopback_host
 from .engine.protocol import Engine
 from .registry.dropin import register_dropins
 from .registry.store import ProgressFn, Registry
@@ -90,6 +91,19 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
     return LocalEngine(loop)
 
 
+def host_check(settings: Settings) -> HostCheck | None:
+    """The DNS-rebinding check: always while bound to loopback; on a wider address (as in
+    the container) as long as no API key guards the routes, with this machine's own name
+    and any address literal accepted too. Off only for a wider bind with a key."""
+    loopback = is_loopback_host(settings.address.host)
+    if not loopback and settings.api_key is not None:
+        return None
+    names = set(settings.extra_hosts)
+    if not loopback:
+        names.add(socket.gethostname().lower())
+    return HostCheck(frozenset(names), any_ip=not loopback)
+
+
 def create_app(
     settings: Settings, *, registry: Registry | None = None, engine: Engine | None = None
 ) -> FastAPI:
@@ -133,9 +147,7 @@ def create_app(
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
     extra = settings.extra_origins
-    app.add_middleware(
-        NetworkGuard, check_host=is_loopback_host(settings.address.host), extra_origins=extra
-    )
+    app.add_middleware(NetworkGuard, hosts=host_check(settings), extra_origins=extra)
     app.add_middleware(DrainGuard, state=app.state)
     app.add_middleware(metrics.RequestLog, metrics=app.state.metrics)
     app.add_middleware(

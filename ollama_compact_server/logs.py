@@ -19,7 +19,15 @@ def request_id() -> str | None:
     return info.get("id") if info is not None else None
 
 
-def note_request(*, model: str, adapter: str | None, tokens_in: int, tokens_out: int) -> None:
+def note_request(
+    *,
+    model: str,
+    adapter: str | None,
+    tokens_in: int,
+    tokens_out: int,
+    prompt_eval_seconds: float = 0.0,
+    eval_seconds: float = 0.0,
+) -> None:
     """Adds one engine request's figures to the current HTTP request's log line (several
     engine requests, as with OpenAI's n, add up)."""
     info = REQUEST.get()
@@ -30,6 +38,8 @@ def note_request(*, model: str, adapter: str | None, tokens_in: int, tokens_out:
         info["adapter"] = adapter
     info["tokens_in"] = info.get("tokens_in", 0) + tokens_in
     info["tokens_out"] = info.get("tokens_out", 0) + tokens_out
+    info["prompt_eval_seconds"] = info.get("prompt_eval_seconds", 0.0) + prompt_eval_seconds
+    info["eval_seconds"] = info.get("eval_seconds", 0.0) + eval_seconds
 
 
 class JsonFormatter(logging.Formatter):

@@ -264,6 +264,13 @@ class Settings(BaseSettings):
         description="Extra CORS origins, comma-separated (local origins are always allowed; "
         "OLLAMA_ORIGINS is read too).",
     )
+    allowed_hosts: str = Field(
+        "",
+        description="Extra names the Host header may carry, comma-separated (for a reverse "
+        "proxy or another container's name for this one). Local names are always allowed; "
+        "the check guards against DNS rebinding and is off only for a non-loopback bind with "
+        "OCS_API_KEY.",
+    )
     shutdown_timeout: int = Field(
         30,
         ge=0,
@@ -386,6 +393,10 @@ class Settings(BaseSettings):
     @property
     def extra_origins(self) -> list[str]:
         return [o.strip() for o in self.origins.split(",") if o.strip()]
+
+    @property
+    def extra_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
 
 
 def env_name(field: str) -> str:

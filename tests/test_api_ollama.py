@@ -265,8 +265,53 @@ async def test_metrics_and_request_ids(app_client) -> None:
     text = (await raw.get("/metrics")).text
     assert 'ocs_http_requests_total{route="/api/generate",status="200"} 1.0' in text
     assert 'ocs_http_requests_total{route="/api/generate",status="404"} 1.0' in text
-    assert "ocs_generated_tokens 8.0" in text
+    assert "ocs_generated_tokens_total 8.0" in text
     assert "ocs_time_to_first_token_seconds_count 1.0" in text
     assert "ocs_inter_token_latency_seconds_count 7.0" in text
-    assert 'ocs_finished_requests{reason="length"} 1.0' in text
+    assert 'ocs_finished_requests_total{reason="length"} 1.0' in text
     assert "ocs_resident_models 1.0" in text and "ocs_kv_cache_free_tokens" in text
+
+
+def test_engine_totals_are_prometheus_counters() -> None:
+    """Totals since start are Counters (`*_total`) that only move up as the engine's figures
+    grow, adapter evictions included; levels such as the queue length are Gauges."""
+    from prometheus_client import generate_latest
+
+    from ollama_compact_server.api.metrics import Metrics
+
+    metrics = Metrics()
+
+    def scrape(**stats: object) -> str:
+        metrics.refresh(stats)
+        return generate_latest(metrics.registry).decode()
+
+    text = scrape(queued=3, tokens_generated=5, preemptions=1, evictions=0, finished={"stop": 2})
+    for name in (
+        "generated_tokens",
+        "preemptions",
+        "evictions",
+        "finished_requests",
+        "adapter_loads",
+        "adapter_evictions",
+    ):
+        assert f"# TYPE ocs_{name}_total counter" in text, name
+    assert "# TYPE ocs_queue_length gauge" in text and "ocs_queue_length 3.0" in text
+    assert "ocs_generated_tokens_total 5.0" in text and "ocs_preemptions_total 1.0" in text
+    text = scrape(
+        queued=0,
+        tokens_generated=12,
+        preemptions=1,
+        evictions=2,
+        adapter_loads=4,
+        adapter_device_evictions=3,
+        adapter_host_evictions=1,
+        finished={"stop": 3, "length": 1},
+    )
+    assert "ocs_queue_length 0.0" in text and "ocs_generated_tokens_total 12.0" in text
+    assert "ocs_evictions_total 2.0" in text and "ocs_adapter_loads_total 4.0" in text
+    assert 'ocs_adapter_evictions_total{tier="device"} 3.0' in text
+    assert 'ocs_adapter_evictions_total{tier="host"} 1.0' in text
+    assert 'ocs_finished_requests_total{reason="stop"} 3.0' in text
+    # a new engine starts its figures at zero: the counter keeps its value, then grows again
+    assert "ocs_generated_tokens_total 12.0" in scrape(tokens_generated=0)
+    assert "ocs_generated_tokens_total 14.0" in scrape(tokens_generated=2)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -61,6 +64,35 @@ async def test_bad_requests_are_4xx(client: httpx.AsyncClient) -> None:
         assert "error" in r.json()
 
 
+def walk_routes(routes: Sequence[Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(method, path) of every route, descending into included routers: FastAPI before 0.165
+    copies an included router's routes into `app.routes`, 0.165 keeps one wrapper per
+    `include_router` (`_IncludedRouter`, with `original_router` and its `include_context`)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from walk_routes(inner.routes, prefix + getattr(context, "prefix", ""))
+        elif hasattr(route, "routes"):  # a Mount or a plain sub-router
+            yield from walk_routes(route.routes, prefix + getattr(route, "path", ""))
+        else:
+            for method in getattr(route, "methods", None) or ():
+                yield method, prefix + route.path
+
+
+def test_route_walk_sees_flat_and_wrapped_routers() -> None:
+    from fastapi import APIRouter, FastAPI
+
+    inner = APIRouter()
+    inner.add_api_route("/b", lambda: None, methods=["POST"])
+    outer = APIRouter()
+    outer.include_router(inner, prefix="/in")
+    app = FastAPI()
+    app.include_router(outer, prefix="/out")
+    app.add_api_route("/a", lambda: None, methods=["GET"])
+    assert {("POST", "/out/in/b"), ("GET", "/a")} <= set(walk_routes(app.routes))
+
+
 async def test_api_key_guards_every_route_but_the_probes(tmp_path: Path) -> None:
     from asgi_lifespan import LifespanManager
 
@@ -71,22 +103,27 @@ async def test_api_key_guards_every_route_but_the_probes(tmp_path: Path) -> None
         models=tmp_path / "r", adapters=None, import_default=False, api_key="s3cret"
     )
     app = create_app(settings)
+    public = {("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("HEAD", "/health")}
+    routes = set(walk_routes(app.routes)) - public
+    # the walk can never go quietly empty: every documented path is in it, and the daemon
+    # has more than 20 guarded routes
+    documented = {path for path in app.openapi()["paths"]} - {"/", "/health"}
+    assert documented <= {re.sub(r":[^}]*}", "}", path) for _, path in routes}  # {p:path}
+    assert len(routes) >= 20, sorted(routes)
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-            assert (await c.get("/")).status_code == 200
-            assert (await c.head("/")).status_code == 200
-            routes = {
-                (method, route.path)
-                for route in app.routes
-                for method in getattr(route, "methods", set())
-                if (method, route.path) not in {("GET", "/"), ("HEAD", "/")}
-            }
-            assert routes
-            for method, path in routes:
+            for method, path in sorted(public):
+                assert (await c.request(method, path)).status_code == 200, (method, path)
+            for method, template in sorted(routes):
+                path = re.sub(r"\{[^}]*\}", "x", template)
                 r = await c.request(method, path)
                 assert r.status_code == 401, (method, path)
                 r = await c.request(method, path, headers={"Authorization": "Bearer wrong"})
                 assert r.status_code == 401, (method, path)
+                assert r.headers["www-authenticate"] == "Bearer"
+                if method != "HEAD":  # the dialect's error body
+                    error = r.json()["error"]
+                    assert isinstance(error, dict) == path.startswith("/v1/"), path
             ok = await c.get("/api/tags", headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200

@@ -71,7 +71,14 @@ def args_of(stage: list[tuple[str, str]], word: str) -> list[str]:
 
 
 def test_one_dockerfile_builds_cpu_and_cuda_variants(dockerfile) -> None:
-    assert {"build", "runtime"} <= set(dockerfile)
+    assert {"build", "runtime", "cpu", "cuda"} <= set(dockerfile)
+    # the targets add only the device on top of the shared runtime; cpu is the default
+    assert list(dockerfile)[-1] == "cpu"
+    for target in ("cpu", "cuda"):
+        assert dockerfile[target][0] == ("FROM", f"runtime AS {target}")
+        assert f"OCS_DEVICE={target}" in args_of(dockerfile[target], "ENV")
+        # nothing to build: the legacy builder runs every stage before the target asked for
+        assert [w for w, _ in dockerfile[target]] == ["FROM", "ENV"], target
     assert any(a.startswith("PYTHON_IMAGE=") for a in args_of(dockerfile["<global>"], "ARG"))
     build = dockerfile["build"]
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args_of(build, "ARG")
@@ -102,6 +109,7 @@ def test_runtime_runs_as_a_user_and_checks_health_with_python(dockerfile) -> Non
 def test_image_listens_widely_only_behind_the_existing_guard(dockerfile) -> None:
     env = " ".join(args_of(dockerfile["runtime"], "ENV"))
     assert "OLLAMA_HOST=0.0.0.0:11434" in env
+    env = " ".join(rest for stage in dockerfile.values() for rest in args_of(stage, "ENV"))
     # the image never switches the guard off: that is the deployer's (compose's) choice
     assert "OCS_INSECURE_NO_AUTH" not in env and "OCS_API_KEY" not in env
 
@@ -137,7 +145,16 @@ def test_copied_files_exist_and_pass_dockerignore(dockerfile) -> None:
     for source in copied:
         assert (REPO / source).exists(), source
         assert not ignored(source.rstrip("/")), source
-    for kept_out in (".git", ".venv", ".cache", "models", "adapters", "tests", "docker/.env"):
+    for kept_out in (
+        ".git",
+        ".venv",
+        ".cache",
+        "models",
+        "adapters",
+        "tests",
+        ".env",
+        "docker/.env",
+    ):
         assert ignored(kept_out), kept_out
     assert ignored("ollama_compact_server/__pycache__/x.pyc")
     assert not ignored("ollama_compact_server/data/heldout_en.txt")
@@ -167,7 +184,7 @@ def service(compose: dict[str, Any], profile: str) -> dict[str, Any]:
 @pytest.mark.parametrize("profile", ["cpu", "cuda"])
 def test_profiles_share_the_safe_defaults(compose: dict[str, Any], profile: str) -> None:
     svc = service(compose, profile)
-    assert svc["build"]["context"] == "." and svc["build"]["target"] == "runtime"
+    assert svc["build"]["context"] == "." and svc["build"]["target"] == profile
     index = svc["build"]["args"]["TORCH_INDEX_URL"]
     assert index.endswith("/cpu") if profile == "cpu" else re.search(r"/cu\d+$", index)
     assert svc["image"].endswith(f":{profile}")
@@ -186,6 +203,56 @@ def test_profiles_share_the_safe_defaults(compose: dict[str, Any], profile: str)
     assert svc["restart"] == "unless-stopped"
 
 
+def dotenv() -> dict[str, str]:
+    """The top-level .env that docker compose reads from the project folder."""
+    pairs = {}
+    for line in (REPO / ".env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def started(compose: dict[str, Any], flags: list[str]) -> list[str]:
+    """The services `docker compose up` starts, by the documented profile rules: a service
+    without `profiles` always starts, one with profiles when one of them is active; the
+    active profiles are those of the --profile flags, or else COMPOSE_PROFILES (from .env)."""
+    active = set(flags) or {p.strip() for p in dotenv().get("COMPOSE_PROFILES", "").split(",")}
+    return [
+        name
+        for name, svc in compose["services"].items()
+        if not svc.get("profiles") or active & set(svc["profiles"])
+    ]
+
+
+def test_plain_up_starts_the_cpu_service_and_the_cuda_profile_only_cuda(
+    compose: dict[str, Any],
+) -> None:
+    (plain,) = started(compose, [])
+    assert "cpu" in compose["services"][plain]["profiles"]
+    (cuda,) = started(compose, ["cuda"])
+    assert "cuda" in compose["services"][cuda]["profiles"]
+    assert "deploy" in compose["services"][cuda] and "deploy" not in compose["services"][plain]
+    (cpu,) = started(compose, ["cpu"])
+    assert cpu == plain
+    # .env holds only compose's own variables (the daemon's settings and key go in docker/.env)
+    assert set(dotenv()) == {"COMPOSE_PROFILES"}
+    assert "/.env" not in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_readme_documents_what_compose_does() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "docker compose up -d " in readme and "docker compose --profile cuda up -d" in readme
+
+
+def test_services_answer_to_their_own_name(compose: dict[str, Any]) -> None:
+    """Without a key the daemon checks the Host header; it accepts its own host name, so
+    each service's host name is the name other containers reach it by."""
+    for name, svc in compose["services"].items():
+        assert svc["hostname"] == name
+
+
 def test_models_live_in_a_named_volume(compose: dict[str, Any]) -> None:
     assert "models" in compose["volumes"]
 
@@ -194,7 +261,7 @@ def test_cuda_profile_reserves_a_gpu(compose: dict[str, Any]) -> None:
     svc = service(compose, "cuda")
     (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert svc["environment"]["OCS_DEVICE"] == "cuda"
+    assert svc["build"]["target"] == "cuda"  # the target sets OCS_DEVICE=cuda
     assert "deploy" not in service(compose, "cpu")
 
 

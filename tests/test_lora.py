@@ -71,9 +71,7 @@ def greedy(n: int = 10) -> SamplingParams:
     return SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=n)
 
 
-async def run(
-    engine: LocalEngine, model: str, prompt: list[int], delay: float = 0.0, n: int = 10
-):
+async def run(engine: LocalEngine, model: str, prompt: list[int], delay: float = 0.0, n: int = 10):
     await asyncio.sleep(delay)
     request = GenerateRequest(
         request_id=f"l{next(_ids)}", model=model, prompt_ids=prompt, sampling=greedy(n)

@@ -28,8 +28,9 @@ class APIKeyMiddleware:
                 break
         if not hmac.compare_digest(given, self.expected):
             response = error_response(
-                401, "unauthorized: a valid 'Authorization: Bearer' key is required"
+                401, "unauthorized: a valid 'Authorization: Bearer' key is required", scope["path"]
             )
+            response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -1,9 +1,11 @@
-"""Network guards in front of every route: Host-header check against DNS rebinding while
-bound to loopback, and refusal of state-changing requests from foreign browser origins."""
+"""Network guards in front of every route: Host-header check against DNS rebinding (while
+bound to loopback, or on any address while no API key is set), and refusal of
+state-changing requests from foreign browser origins."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from ipaddress import ip_address
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -18,21 +20,50 @@ LOCAL_ORIGIN = re.compile(
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
-def is_loopback_host(value: str) -> bool:
-    """True for localhost names and loopback addresses, with or without a port."""
+def host_name(value: str) -> str:
+    """The host of a Host header value, lower-case, without port or IPv6 brackets."""
     host = value.strip().lower()
-    if not host:
-        return False
     if host.startswith("["):  # [::1]:port
-        host = host[1 : host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+        return host[1 : host.find("]")] if "]" in host else ""
+    if host.count(":") == 1:
+        return host.rsplit(":", 1)[0]
+    return host
+
+
+def is_ip(host: str) -> bool:
     try:
-        return ip_address(host).is_loopback
+        ip_address(host)
     except ValueError:
         return False
+    return True
+
+
+def is_loopback_host(value: str) -> bool:
+    """True for localhost names and loopback addresses, with or without a port."""
+    host = host_name(value)
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    return is_ip(host) and ip_address(host).is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class HostCheck:
+    """Which Host headers to serve: local names, the configured ``names`` and, with
+    ``any_ip``, any address literal. DNS rebinding needs a name the attacker controls, so
+    an address literal is safe to accept where the daemon listens beyond loopback."""
+
+    names: frozenset[str] = frozenset()
+    any_ip: bool = False
+
+    def allows(self, value: str) -> bool:
+        host = host_name(value)
+        if not host:
+            return False
+        return (
+            is_loopback_host(host)
+            or host.rstrip(".") in self.names
+            or (self.any_ip and is_ip(host))
+        )
 
 
 def origin_allowed(origin: str, extra: list[str]) -> bool:
@@ -40,9 +71,9 @@ def origin_allowed(origin: str, extra: list[str]) -> bool:
 
 
 class NetworkGuard:
-    def __init__(self, app: ASGIApp, *, check_host: bool, extra_origins: list[str]) -> None:
+    def __init__(self, app: ASGIApp, *, hosts: HostCheck | None, extra_origins: list[str]) -> None:
         self.app = app
-        self.check_host = check_host
+        self.hosts = hosts  # None: no Host check
         self.extra_origins = extra_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -52,7 +83,7 @@ class NetworkGuard:
         headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
         }
-        if self.check_host and not is_loopback_host(headers.get("host", "")):
+        if self.hosts is not None and not self.hosts.allows(headers.get("host", "")):
             await error_response(403, "forbidden: unexpected Host header", scope["path"])(
                 scope, receive, send
             )

@@ -53,15 +53,24 @@ class Metrics:
         self.kv_free = Gauge("ocs_kv_cache_free_tokens", "KV cache tokens free", registry=r)
         self.resident = Gauge("ocs_resident_models", "Models loaded on the device", registry=r)
         self.adapters = Gauge("ocs_resident_adapters", "LoRA adapters in device slots", registry=r)
-        self.adapter_loads = Gauge(
-            "ocs_adapter_loads", "LoRA adapter loads by the resident models", registry=r
+        # engine totals since start: Counters (exposed as *_total), advanced by the change
+        # since the last scrape
+        self.adapter_loads = Counter(
+            "ocs_adapter_loads", "LoRA adapter loads from disk", registry=r
         )
-        self.tokens = Gauge("ocs_generated_tokens", "Tokens generated since start", registry=r)
-        self.preemptions = Gauge("ocs_preemptions", "Requests preempted since start", registry=r)
-        self.evictions = Gauge("ocs_evictions", "Models evicted since start", registry=r)
-        self.finished = Gauge(
+        self.adapter_evictions = Counter(
+            "ocs_adapter_evictions",
+            "LoRA adapters evicted, from device slots or from host memory",
+            ["tier"],
+            registry=r,
+        )
+        self.tokens = Counter("ocs_generated_tokens", "Tokens generated", registry=r)
+        self.preemptions = Counter("ocs_preemptions", "Sequences preempted", registry=r)
+        self.evictions = Counter("ocs_evictions", "Models evicted (unloaded)", registry=r)
+        self.finished = Counter(
             "ocs_finished_requests", "Requests finished, by reason", ["reason"], registry=r
         )
+        self.seen: dict[str, float] = {}  # engine totals at the last scrape
         self.ttft = Histogram(
             "ocs_time_to_first_token_seconds",
             "Time to first token",
@@ -82,16 +91,29 @@ class Metrics:
         self.kv_free.set(stats.get("kv_tokens_free", 0))
         self.resident.set(stats.get("resident_models", 0))
         self.adapters.set(stats.get("resident_adapters", 0))
-        self.adapter_loads.set(stats.get("adapter_loads", 0))
-        self.tokens.set(stats.get("tokens_generated", 0))
-        self.preemptions.set(stats.get("preemptions", 0))
-        self.evictions.set(stats.get("evictions", 0))
+        for key, counter in (
+            ("adapter_loads", self.adapter_loads),
+            ("adapter_device_evictions", self.adapter_evictions.labels("device")),
+            ("adapter_host_evictions", self.adapter_evictions.labels("host")),
+            ("tokens_generated", self.tokens),
+            ("preemptions", self.preemptions),
+            ("evictions", self.evictions),
+        ):
+            self.advance(key, counter, stats.get(key, 0))
         for reason, count in stats.get("finished", {}).items():
-            self.finished.labels(reason).set(count)
+            self.advance(f"finished:{reason}", self.finished.labels(reason), count)
         for value in stats.get("ttft", []):
             self.ttft.observe(value)
         for value in stats.get("itl", []):
             self.itl.observe(value)
+
+    def advance(self, key: str, counter: Any, total: float) -> None:
+        """Moves ``counter`` up to the engine's running ``total`` for ``key`` (a total that
+        went down, from a new engine, starts over without going back)."""
+        last = self.seen.get(key, 0.0)
+        if total > last:
+            counter.inc(total - last)
+        self.seen[key] = total
 
 
 @router.get("/metrics")
@@ -105,8 +127,8 @@ async def metrics(request: Request) -> Response:
 
 class RequestLog:
     """Counts every request by route template and status, times it, and writes one log line
-    (id, method, route, status, seconds, and for model requests the model, adapter and
-    tokens in and out) when the response ends."""
+    (id, method, route, status, seconds, and for model requests the model, adapter, tokens
+    in and out, prompt-eval and eval seconds) when the response ends."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -145,6 +167,8 @@ class RequestLog:
                 figures += f" tokens_out={info.get('tokens_out', 0)}"
                 if info.get("adapter"):
                     figures += f" adapter={info['adapter']}"
+                figures += f" prompt_eval={info.get('prompt_eval_seconds', 0.0):.3f}s"
+                figures += f" eval={info.get('eval_seconds', 0.0):.3f}s"
             log.info(
                 "%s %s %s %d %.3fs%s",
                 request_id,
@@ -158,6 +182,10 @@ class RequestLog:
                     "ocs_route": path,
                     "ocs_status": status,
                     "ocs_seconds": round(seconds, 4),
-                    **{f"ocs_{k}": v for k, v in info.items() if k != "id"},
+                    **{
+                        f"ocs_{k}": round(v, 4) if isinstance(v, float) else v
+                        for k, v in info.items()
+                        if k != "id"
+                    },
                 },
             )

@@ -235,6 +235,8 @@ class ChatService:
                     adapter=view.name if view.record.is_adapter else None,
                     tokens_in=event.prompt_tokens,
                     tokens_out=event.completion_tokens,
+                    prompt_eval_seconds=event.prompt_time,
+                    eval_seconds=event.decode_time,
                 )
             yield event, totals
 

@@ -19,6 +19,10 @@ def resolve_device(setting: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda":
+        if torch.version.cuda is None:  # e.g. a CUDA image built without the CUDA wheels
+            raise EngineError(
+                f"OCS_DEVICE={setting}: no CUDA device (torch {torch.__version__} is a CPU build)"
+            )
         if not torch.cuda.is_available():
             raise EngineError(f"OCS_DEVICE={setting}: no CUDA device is available")
         if device.index is not None and device.index >= torch.cuda.device_count():

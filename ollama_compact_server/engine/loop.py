@@ -27,6 +27,7 @@ from .types import (
     DEFAULT,
     EmbedRequest,
     EngineBusy,
+    EngineDown,
     EngineError,
     FinishReason,
     GenerateRequest,
@@ -153,10 +154,39 @@ class DeviceLoop:
                     item.mailbox.put(error_event("the server is shutting down", 503))
             for worker in self.workers.values():
                 worker.fail_waits("the server is shutting down", 503)
+            self._fail_inbox("the server is shutting down")
             self.notifier.flush()
-        except BaseException as exc:  # pragma: no cover - the loop itself must not die
+        except BaseException as exc:  # the loop itself must not die; if it does, say so
             self.crashed = exc
             log.exception("engine loop died")
+            self._fail_everything("the engine stopped after an internal error")
+
+    def _fail_everything(self, message: str) -> None:
+        """After a crash: ends every request the loop holds with a 503 error event, without
+        touching the (possibly broken) workers' caches, so no client waits forever."""
+        try:
+            for worker in list(self.workers.values()):
+                for seq in worker.sequences():
+                    seq.mailbox.put(error_event(message, 503))
+                worker.fail_waits(message, 503)
+            for queue in list(self.pending.values()):
+                for item in queue:
+                    item.mailbox.put(error_event(message, 503))
+        except Exception:
+            log.exception("could not end every request after the engine loop died")
+        self._fail_inbox(message)
+        self.notifier.flush()
+
+    def _fail_inbox(self, message: str) -> None:
+        """Answers submissions that no step will take any more (either thread may call it:
+        each item is popped once)."""
+        while True:
+            try:
+                kind, payload = self.inbox.popleft()
+            except IndexError:
+                return
+            if kind == "submit":
+                payload.mailbox.put(error_event(message, 503))
 
     def step(self) -> bool:
         """schedule -> run -> postprocess for every resident model, plus housekeeping."""
@@ -312,6 +342,10 @@ class DeviceLoop:
     def _evict(self, worker: ModelWorker, why: str) -> None:
         del self.workers[worker.name]
         self.stats.evictions += 1
+        if worker.adapters is not None:  # keep its adapter counts: /metrics counters only grow
+            self.stats.adapter_loads += worker.adapters.stats.loads
+            self.stats.adapter_device_evictions += worker.adapters.stats.device_evictions
+            self.stats.adapter_host_evictions += worker.adapters.stats.host_evictions
         release_memory(self.device)
         log.info("unloaded %s (%s)", worker.name, why)
 
@@ -496,15 +530,18 @@ class DeviceLoop:
     # ------------------------------------------------------------ event-loop side
 
     def submit(self, item: Pending) -> None:
+        if self.crashed is not None or self.stopping:
+            raise EngineDown("the engine is not running")
         if len(self.inbox) + self.queued() >= self.max_queue:
             raise EngineBusy("server busy, please try again.  maximum pending requests exceeded")
         self.inbox.append(("submit", item))
         self.wakeup.set()
+        if self.crashed is not None or self.stopping:  # it ended while this was appended
+            self._fail_inbox("the engine is not running")
+            self.notifier.flush()
 
     def queued(self) -> int:
-        waiting = sum(
-            len(w.waiting) + len(w.adapter_waits) for w in list(self.workers.values())
-        )
+        waiting = sum(len(w.waiting) + len(w.adapter_waits) for w in list(self.workers.values()))
         return waiting + sum(len(q) for q in list(self.pending.values()))
 
     def abort(self, request_id: str) -> None:
@@ -527,16 +564,19 @@ class DeviceLoop:
         workers = list(self.workers.values())
         kv_used = sum(w.runner.cache.used * w.runner.cache.capacity for w in workers)
         kv_total = sum(w.runner.cache.slots * w.runner.cache.capacity for w in workers)
+        banks = [w.adapters for w in workers if w.adapters is not None]
         return {
             "queued": self.queued(),
             "running": sum(len(w.running) + (w.prefilling is not None) for w in workers),
             "kv_tokens_used": kv_used,
             "kv_tokens_free": kv_total - kv_used,
             "resident_models": len(workers),
-            "resident_adapters": sum(
-                len(w.adapters.resident()) for w in workers if w.adapters is not None
-            ),
-            "adapter_loads": sum(w.adapters.stats.loads for w in workers if w.adapters is not None),
+            "resident_adapters": sum(len(a.resident()) for a in banks),
+            "adapter_loads": self.stats.adapter_loads + sum(a.stats.loads for a in banks),
+            "adapter_device_evictions": self.stats.adapter_device_evictions
+            + sum(a.stats.device_evictions for a in banks),
+            "adapter_host_evictions": self.stats.adapter_host_evictions
+            + sum(a.stats.host_evictions for a in banks),
             "tokens_generated": self.stats.tokens_generated,
             "preemptions": self.stats.preemptions,
             "evictions": self.stats.evictions,

@@ -61,9 +61,7 @@ class RegistryProvider:
                 str(record.config.base_digest)[:12],
                 base.digest[:12],
             )
-        return Target(
-            base.name.display(), AdapterRef(record.name.display(), record.digest, files)
-        )
+        return Target(base.name.display(), AdapterRef(record.name.display(), record.digest, files))
 
     def load_adapter(self, ref: AdapterRef) -> LoraWeights:
         """Reads an adapter's files (each checked against its digest) into host memory."""

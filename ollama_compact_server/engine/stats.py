@@ -13,6 +13,10 @@ class EngineStats:
     tokens_generated: int = 0
     preemptions: int = 0
     evictions: int = 0
+    # adapter figures of models already unloaded (their workers' own counts went with them)
+    adapter_loads: int = 0
+    adapter_device_evictions: int = 0
+    adapter_host_evictions: int = 0
     finished: Counter[str] = field(default_factory=Counter)  # by finish reason
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
     itl: deque[float] = field(default_factory=lambda: deque(maxlen=1_000_000))

@@ -31,6 +31,12 @@ class EngineBusy(EngineError):
     status = 503
 
 
+class EngineDown(EngineError):
+    """The device loop has stopped or died: nothing can be served until a restart."""
+
+    status = 503
+
+
 class ModelLoadError(EngineError):
     status = 500
 
