@@ -89,6 +89,14 @@ def test_malformed_requests_never_5xx(daemon: Daemon) -> None:
         b'{"model": "tiny", "prompt": "x", "options": {"num_predict": 1e300}}',
         b'{"model": "tiny", "prompt": "x", "keep_alive": {"a": 1}}',
         b'{"model": "' + b"a" * 5000 + b'", "prompt": "x"}',
+        b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],'
+        b' "stream": true, "stream_options": "x"}',
+        b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],'
+        b' "stream": true, "n": 2, "stream_options": [1]}',
+        b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],'
+        b' "stream": "yes", "options": {"num_ctx": "big"}}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": "x"}',
+        b'{"model": "tiny", "input": "x", "options": "x", "prompt": [1]}',
     ]
     paths = [
         "/api/generate",

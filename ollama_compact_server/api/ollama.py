@@ -28,7 +28,14 @@ from ..chat.service import (
 )
 from ..chat.templates import TemplateError
 from ..chat.thinking import ThinkSplitter, split_thinking
-from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
+from ..chat.tools import (
+    ToolCall,
+    ToolError,
+    ToolStream,
+    check_tools,
+    parse_tool_calls,
+    template_tool_calls,
+)
 from ..compress.schemes import SchemeError
 from ..compress.schemes import resolve as resolve_scheme
 from ..engine.types import (
@@ -49,7 +56,7 @@ from ..registry.evals import read_eval
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from ..settings import parse_duration
-from .common import chat_service, json_body, registry_of, stream_json
+from .common import chat_service, check_fields, json_body, registry_of, stream_json
 from .errors import APIError
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,54 @@ def list_entry(record: ModelRecord) -> dict[str, Any]:
         "details": details(record),
         "context_length": record.config.context_length,
     }
+
+
+# the JSON types of each route's known fields (model / name are checked by model_field)
+KEEP_ALIVE = ("string", "number")
+GENERATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt": ("string",),
+    "suffix": ("string",),
+    "system": ("string",),
+    "template": ("string",),
+    "images": ("array",),
+    "format": ("string", "object"),
+    "options": ("object",),
+    "context": ("array",),
+    "stream": ("boolean",),
+    "raw": ("boolean",),
+    "keep_alive": KEEP_ALIVE,
+    "think": ("boolean", "string"),
+    "logprobs": ("boolean",),
+    "top_logprobs": ("integer",),
+    "truncate": ("boolean",),
+    "shift": ("boolean",),
+}
+CHAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("array",),
+    "tools": ("array",),
+    "format": ("string", "object"),
+    "options": ("object",),
+    "stream": ("boolean",),
+    "keep_alive": KEEP_ALIVE,
+    "think": ("boolean", "string"),
+    "logprobs": ("boolean",),
+    "top_logprobs": ("integer",),
+    "truncate": ("boolean",),
+    "shift": ("boolean",),
+}
+EMBED_FIELDS: dict[str, tuple[str, ...]] = {
+    "input": ("string", "array"),
+    "truncate": ("boolean",),
+    "options": ("object",),
+    "keep_alive": KEEP_ALIVE,
+    "dimensions": ("integer",),
+}
+EMBEDDINGS_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt": ("string",),
+    "options": ("object",),
+    "keep_alive": KEEP_ALIVE,
+}
+JOB_FIELDS: dict[str, tuple[str, ...]] = {"stream": ("boolean",), "insecure": ("boolean",)}
 
 
 def model_field(body: dict[str, Any], *keys: str) -> str:
@@ -247,7 +302,7 @@ def model_view(service: ChatService, body: dict[str, Any]) -> ModelView:
 def think_flag(body: dict[str, Any], view: ModelView) -> bool | None:
     """Ollama's think: for a thinking model on unless false; refused for other models."""
     think = body.get("think")
-    if think not in (None, False) and think not in (True, "low", "medium", "high", "max"):
+    if not (think is None or isinstance(think, bool) or think in ("low", "medium", "high", "max")):
         raise APIError(400, f"invalid think value: {str(think)[:20]}")
     capable = "thinking" in view.record.config.capabilities
     if think not in (None, False) and not capable:
@@ -423,12 +478,11 @@ async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[An
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, GENERATE_FIELDS)
     service = chat_service(request)
     view = model_view(service, body)
     keep_alive = keep_alive_of(body)
     prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string")
     if not prompt and not body.get("images"):
         return await load_or_unload(service, view, keep_alive, {"response": ""})
     check_common(body, view)
@@ -477,10 +531,15 @@ async def generate(request: Request) -> Response:
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, CHAT_FIELDS)
     service = chat_service(request)
     view = model_view(service, body)
     keep_alive = keep_alive_of(body)
     messages = body.get("messages")
+    try:
+        tools = check_tools(body.get("tools"))
+    except ToolError as exc:
+        raise APIError(400, str(exc)) from None
     if not messages:
         return await load_or_unload(
             service, view, keep_alive, {"message": {"role": "assistant", "content": ""}}
@@ -492,7 +551,6 @@ async def chat(request: Request) -> Response:
         isinstance(m, dict) and m.get("images") for m in messages
     ):
         raise APIError(400, f'"{view.name}" does not support vision')
-    tools = body.get("tools") or None
     if tools and "tools" not in view.record.config.capabilities:
         raise APIError(400, f'"{view.name}" does not support tools')
     try:
@@ -503,7 +561,7 @@ async def chat(request: Request) -> Response:
         )
         think = think_flag(body, view)
         prompt_ids = await service.chat_prompt(view, normalized, tools, think)
-    except (ChatError, TemplateError) as exc:
+    except (ChatError, TemplateError, ToolError) as exc:
         raise APIError(400, str(exc)) from None
 
     def frame(text: str) -> dict[str, Any]:
@@ -850,6 +908,7 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
 @router.post("/api/create")
 async def create(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, JOB_FIELDS)
     spec = create_spec(body)
     registry = registry_of(request)
     if not spec.files and not spec.from_:
@@ -879,6 +938,7 @@ async def create(request: Request) -> Response:
 @router.post("/api/push")
 async def push(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, JOB_FIELDS)
     name = model_field(body)
     raise APIError(
         400, f"pushing models is not supported: '{name[:100]}' stays in the local registry"
@@ -886,6 +946,14 @@ async def push(request: Request) -> Response:
 
 
 # ------------------------------------------------------------------------------ embeddings
+
+
+def check_options(body: dict[str, Any]) -> None:
+    """Embedding requests sample nothing, but their options are typed all the same."""
+    try:
+        merge_options(body.get("options"))
+    except OptionError as exc:
+        raise APIError(400, str(exc)) from None
 
 
 def _texts(value: Any, key: str) -> list[str]:
@@ -918,6 +986,8 @@ async def _embed(
 @router.post("/api/embed")
 async def embed(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, EMBED_FIELDS)
+    check_options(body)
     texts = (
         _texts(body.get("input", []), "input") if body.get("input") not in (None, "", []) else []
     )
@@ -943,9 +1013,9 @@ async def embed(request: Request) -> Response:
 @router.post("/api/embeddings")
 async def embeddings_legacy(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, EMBEDDINGS_FIELDS)
+    check_options(body)
     prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string")
     if not prompt:
         service = chat_service(request)
         view = model_view(service, body)
@@ -975,6 +1045,7 @@ def _dimensions(vectors: list[list[float]], dimensions: Any) -> list[list[float]
 @router.post("/api/pull")
 async def pull(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, JOB_FIELDS)
     name = parse_name(model_field(body))
     try:
         hub_repo(name)

@@ -63,5 +63,5 @@ def render(source: str, **context: Any) -> str:
 
 def plain_chat(messages: list[dict[str, Any]]) -> str:
     """Fallback for models without a template: role-labelled lines and an open answer."""
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    lines = [f"{m['role'].capitalize()}: {m.get('content', '')}" for m in messages]
     return "\n".join([*lines, "Assistant:"])
