@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from ..chat.service import (
     embed_inputs,
 )
 from ..chat.templates import TemplateError
+from ..chat.templates import check as check_template
 from ..chat.thinking import ThinkSplitter, split_thinking
 from ..chat.tools import (
     ToolCall,
@@ -838,6 +840,32 @@ def _text_field(body: dict[str, Any], key: str) -> str | None:
     return value
 
 
+MAX_TEMPLATE_CHARS = 1 << 20
+GO_TEMPLATE = re.compile(r"\{\{-?\s*(?:\.[A-Za-z]|(?:if|range|with|end|else|template)\b)")
+
+
+def _checked_template(template: str | None) -> str | None:
+    """A template given to create must compile as a Jinja chat template: refused now
+    rather than failing on every chat with the model later."""
+    if template is None or not template.strip():
+        return template
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise APIError(400, f"template is longer than {MAX_TEMPLATE_CHARS >> 10} KiB")
+    try:
+        check_template(template)
+    except TemplateError as exc:
+        if GO_TEMPLATE.search(template):
+            raise APIError(
+                400,
+                "template looks like Ollama's Go template syntax ({{ .Prompt }}, {{ if .System }}"
+                "); templates here must be Jinja chat templates, as in a Hugging Face "
+                "tokenizer_config.json (for example {% for m in messages %}{{ m['role'] }}: "
+                "{{ m['content'] }}{% endfor %})",
+            ) from None
+        raise APIError(400, f"template: {exc}") from None
+    return template
+
+
 def create_spec(body: dict[str, Any]) -> CreateSpec:
     name = parse_name(model_field(body))
     quantize = body.get("quantize") or body.get("quantization") or None
@@ -892,7 +920,7 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             from_=source or None,
             files=check_file_map(body.get("files"), "files"),
             adapters=check_file_map(body.get("adapters"), "adapters"),
-            template=_text_field(body, "template"),
+            template=_checked_template(_text_field(body, "template")),
             system=_text_field(body, "system"),
             parameters=parameters,
             messages=messages,
