@@ -270,3 +270,72 @@ async def test_metrics_and_request_ids(app_client) -> None:
     assert "ocs_inter_token_latency_seconds_count 7.0" in text
     assert 'ocs_finished_requests{reason="length"} 1.0' in text
     assert "ocs_resident_models 1.0" in text and "ocs_kv_cache_free_tokens" in text
+
+
+async def wait_unloaded(engine, name: str, seconds: float = 10.0) -> bool:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if name not in [r.name for r in engine.resident()]:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_exact_go_cli_requests(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """Byte-for-byte what the Go CLI's structs marshal to (api/types.go: prompt, suffix,
+    system and template are sent empty, options null, keep_alive as a Go duration string)
+    for `ollama run` (load through generate and through chat), `ollama stop`, `ollama rm`."""
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    async with serve_app(registry, dtype="float32") as served:
+        raw, engine = served.raw, served.engine
+        empty = {"prompt": "", "suffix": "", "system": "", "template": "", "options": None}
+        assert (await raw.head("/")).status_code == 200
+        assert (await raw.post("/api/show", json={"model": "tiny"})).status_code == 200
+        loaded = await raw.post("/api/generate", json={"model": "tiny", **empty})
+        assert loaded.status_code == 200 and loaded.json()["done_reason"] == "load"
+        assert [r.name for r in engine.resident()] == ["tiny:latest"]
+        turn = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hey"}],
+            "options": {"num_predict": 3},
+        }
+        async with raw.stream("POST", "/api/chat", json=turn) as r:
+            items = await ndjson_lines(r)
+        assert items[-1]["done"] and items[-1]["eval_count"] == 3
+        reloaded = await raw.post("/api/chat", json={"model": "tiny", "messages": []})
+        assert reloaded.json()["done_reason"] == "load"
+        assert reloaded.json()["message"] == {"role": "assistant", "content": ""}
+        # ollama stop tiny
+        show = await raw.post("/api/show", json={"name": "tiny", "model": ""})
+        assert show.status_code == 200
+        stop = {"model": "tiny", **empty, "keep_alive": "0s"}
+        stopped = await raw.post("/api/generate", json=stop)
+        assert stopped.status_code == 200 and stopped.json()["done_reason"] == "unload"
+        assert await wait_unloaded(engine, "tiny:latest")
+        # ollama rm tiny: the stop sequence, then the delete
+        assert (await raw.post("/api/generate", json=stop)).json()["done_reason"] == "unload"
+        deleted = await raw.request("DELETE", "/api/delete", json={"name": "tiny", "model": ""})
+        assert deleted.status_code == 200
+        assert (await raw.get("/api/tags")).json() == {"models": []}
+        gone = await raw.request("DELETE", "/api/delete", json={"name": "tiny", "model": ""})
+        assert gone.status_code == 404 and "not found" in gone.json()["error"]
+
+
+async def test_delete_unloads_a_resident_model(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    async with serve_app(registry, dtype="float32") as served:
+        raw, engine = served.raw, served.engine
+        loaded = await raw.post("/api/generate", json={"model": "tiny", "keep_alive": "5m"})
+        assert loaded.json()["done_reason"] == "load"
+        assert [r.name for r in engine.resident()] == ["tiny:latest"]
+        r = await raw.request("DELETE", "/api/delete", json={"model": "tiny"})
+        assert r.status_code == 200
+        assert await wait_unloaded(engine, "tiny:latest")
+        assert (await raw.get("/api/ps")).json() == {"models": []}

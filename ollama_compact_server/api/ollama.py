@@ -208,6 +208,9 @@ async def delete(request: Request) -> Response:
     if not registry.exists(name):
         raise APIError(404, f"model '{name.display()}' not found")
     registry.delete(name)
+    # A resident copy goes too, as soon as no request uses it (the engine's unload waits
+    # for idle); a later model of the same name then loads its own weights.
+    chat_service(request).engine.unload(name.display())
     return Response(status_code=200)
 
 
