@@ -4,7 +4,9 @@ requests shaped like the Ollama CLI's, on a tiny model and the real engine."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,7 @@ from ollama_compact_server.registry.store import Registry
 from tests.conftest import serve_app
 
 GREEDY = {"temperature": 0, "num_predict": 8}
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 
 
 @pytest.fixture
@@ -100,6 +103,11 @@ async def test_cli_run_sequence_and_stop(app_client) -> None:
     assert loaded["done_reason"] == "load" and loaded["done"] is True
     ps = (await client.ps()).models
     assert [m.model for m in ps] == ["tiny:latest"] and ps[0].size > 0 and ps[0].context_length > 0
+    entry = (await raw.get("/api/ps")).json()["models"][0]
+    assert re.fullmatch(r"[0-9a-f]{64}", entry["digest"]) and entry["size_vram"] >= 0
+    expires = datetime.fromisoformat(entry["expires_at"].replace("Z", "+00:00"))
+    assert RFC3339.fullmatch(entry["expires_at"]) and expires > datetime.now(timezone.utc)
+    assert {"families", "parameter_size", "parent_model"} <= set(entry["details"])
     chat = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "hey"}],
@@ -180,6 +188,13 @@ async def test_options_null_name_alias_and_unknown_options(app_client) -> None:
     raw, _ = app_client
     body = {"name": "tiny", "model": "", "prompt": "x", "stream": False, "options": None}
     assert (await raw.post("/api/generate", json=body)).status_code == 200
+    short = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    for extra in ({"keep_alive": 300}, {"keep_alive": "5m"}, {"format": ""}, {"format": None}):
+        r = await raw.post("/api/generate", json={**short, **extra})
+        assert r.status_code == 200 and r.json()["done"], (extra, r.text)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False}
+    r = await raw.post("/api/chat", json={**chat, "format": "", "keep_alive": 300})
+    assert r.status_code == 200
     body = {
         "model": "tiny",
         "prompt": "x",

@@ -135,9 +135,9 @@ def test_malformed_requests_never_5xx(daemon: Daemon) -> None:
         b'{"model": "tiny", "prompt": "x", "keep_alive": {"a": 1}}',
         b'{"model": "' + b"a" * 5000 + b'", "prompt": "x"}',
         b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],'
-        b' "stream": true, "stream_options": "x"}',
+        b' "stream": true, "stream_options": "x", "max_tokens": 1, "options": {"num_predict": 1}}',
         b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],'
-        b' "stream": true, "n": 2, "stream_options": [1]}',
+        b' "stream": true, "n": 2, "stream_options": [1], "options": {"num_predict": 1}}',
         b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],'
         b' "stream": "yes", "options": {"num_ctx": "big"}}',
         b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": "x"}',
