@@ -203,7 +203,19 @@ OPENAI_EMBEDDINGS: dict[str, list[Any]] = {
     "user": NOT_STR,
 }
 
+SHOW: dict[str, list[Any]] = {
+    "model": [1, True, [], {}],
+    "system": NOT_STR,
+    "template": NOT_STR,
+    "options": NOT_OBJ,
+    "verbose": NOT_BOOL,
+}
+
 ROUTES: list[tuple[str, dict[str, Any], dict[str, list[Any]]]] = [
+    ("/api/show", {"model": "m"}, SHOW),
+    # an empty prompt or messages only loads the model: its fields are checked all the same
+    ("/api/generate", {"model": "m"}, {"options": OPTIONS_BAD, "think": THINK_BAD}),
+    ("/api/chat", {"model": "m"}, {"options": OPTIONS_BAD, "tools": TOOLS_BAD, "think": THINK_BAD}),
     ("/api/generate", {"model": "m", "prompt": "hi"}, GENERATE),
     ("/api/chat", {"model": "m", "messages": USER, "tools": [TOOL]}, CHAT),
     ("/api/embed", {"model": "m", "input": "hi"}, EMBED),

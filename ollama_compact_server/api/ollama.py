@@ -147,6 +147,12 @@ EMBEDDINGS_FIELDS: dict[str, tuple[str, ...]] = {
     "options": ("object",),
     "keep_alive": KEEP_ALIVE,
 }
+SHOW_FIELDS: dict[str, tuple[str, ...]] = {
+    "system": ("string",),
+    "template": ("string",),
+    "options": ("object",),
+    "verbose": ("boolean",),
+}
 JOB_FIELDS: dict[str, tuple[str, ...]] = {"stream": ("boolean",), "insecure": ("boolean",)}
 
 
@@ -340,7 +346,8 @@ def ndjson(items: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 async def load_or_unload(
     service: ChatService, view: ModelView, keep_alive: KeepAlive, shape: dict[str, Any]
 ) -> JSONResponse:
-    """Empty prompt or messages: load the model, or with keep_alive 0 unload it."""
+    """Empty prompt or messages: load the model, or with keep_alive 0 unload it (before
+    any think check, as Ollama does)."""
     if keep_alive == 0:
         service.engine.unload(view.name)
         reason = "unload"
@@ -484,11 +491,14 @@ async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[An
 async def generate(request: Request) -> Response:
     body = await json_body(request)
     check_fields(body, GENERATE_FIELDS)
+    check_options(body)
     service = chat_service(request)
     view = model_view(service, body)
     keep_alive = keep_alive_of(body)
     prompt = body.get("prompt") or ""
     if not prompt and not body.get("images"):
+        if keep_alive != 0:
+            think_flag(body, view)
         return await load_or_unload(service, view, keep_alive, {"response": ""})
     check_common(body, view)
     if "completion" not in view.record.config.capabilities:
@@ -537,6 +547,7 @@ async def generate(request: Request) -> Response:
 async def chat(request: Request) -> Response:
     body = await json_body(request)
     check_fields(body, CHAT_FIELDS)
+    check_options(body)
     service = chat_service(request)
     view = model_view(service, body)
     keep_alive = keep_alive_of(body)
@@ -546,6 +557,8 @@ async def chat(request: Request) -> Response:
     except ToolError as exc:
         raise APIError(400, str(exc)) from None
     if not messages:
+        if keep_alive != 0:
+            think_flag(body, view)
         return await load_or_unload(
             service, view, keep_alive, {"message": {"role": "assistant", "content": ""}}
         )
@@ -682,6 +695,7 @@ def modelfile_text(view: ModelView) -> str:
 @router.post("/api/show")
 async def show(request: Request) -> dict[str, Any]:
     body = await json_body(request)
+    check_fields(body, SHOW_FIELDS)
     service = chat_service(request)
     name = parse_name(model_field(body))
     try:
@@ -980,7 +994,8 @@ async def push(request: Request) -> Response:
 
 
 def check_options(body: dict[str, Any]) -> None:
-    """Embedding requests sample nothing, but their options are typed all the same."""
+    """Options are typed before anything else, also where nothing is sampled (a load, an
+    embedding)."""
     try:
         merge_options(body.get("options"))
     except OptionError as exc:
