@@ -230,10 +230,9 @@ def _logit_bias(value: Any) -> dict[int, float]:
         raise APIError(400, "logit_bias must map at most 300 token ids to numbers")
     bias: dict[int, float] = {}
     for key, amount in value.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise APIError(400, f"logit_bias key {str(key)[:20]!r} is not a token id") from None
+        if not (key.isascii() and key.isdigit() and len(key) <= 12):
+            raise APIError(400, f"logit_bias key {str(key)[:20]!r} is not a token id")
+        token = int(key)
         if token < 0 or isinstance(amount, bool) or not isinstance(amount, (int, float)):
             raise APIError(400, "logit_bias values must be numbers for non-negative token ids")
         if not -100 <= amount <= 100:
@@ -678,6 +677,7 @@ async def chat_completions(request: Request) -> Response:
     messages = _messages(body.get("messages"))
     tools = _tools(body, view)
     sampling = _sampling(service, view, body, ("max_tokens", "max_completion_tokens"))
+    await _check_bias_vocab(service, view, sampling)
     think = None
     if "thinking" in view.record.config.capabilities:
         think = body.get("reasoning_effort") not in ("none", "minimal")
@@ -732,6 +732,7 @@ async def completions(request: Request) -> Response:
     if body.get("suffix"):
         raise APIError(400, "suffix (infill) is not supported by this model")
     sampling = _sampling(service, view, body, ("max_tokens",))
+    await _check_bias_vocab(service, view, sampling)
     if body.get("max_tokens") is None:
         sampling.max_tokens = 16  # OpenAI's default for completions
     tokenized = [
@@ -821,6 +822,15 @@ async def embeddings(request: Request) -> Response:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )
+
+
+async def _check_bias_vocab(
+    service: ChatService, view: ModelView, sampling: SamplingParams
+) -> None:
+    if sampling.logit_bias:
+        vocab = await _vocab_size(service, view)
+        if max(sampling.logit_bias) >= vocab:
+            raise APIError(400, "logit_bias holds token ids outside the vocabulary")
 
 
 async def _vocab_size(service: ChatService, view: ModelView) -> int:
