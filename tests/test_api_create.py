@@ -185,3 +185,34 @@ async def test_push_is_refused_clearly(env) -> None:
     raw, _, _ = env
     r = await raw.post("/api/push", json={"model": "tiny"})
     assert r.status_code == 400 and "not supported" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [
+        ("{{ .System }} {{ .Prompt }}", "Go template syntax"),
+        ("{{ if .System }}<sys>{{ .System }}{{ end }}{{ .Prompt }}", "Go template syntax"),
+        ("{% for m in messages %}{{ m.content }}", "does not compile"),
+        ("{{ messages[0]['content'] ", "does not compile"),
+        ("x" * ((1 << 20) + 1), "longer than"),
+    ],
+)
+async def test_create_refuses_templates_that_cannot_run(env, template: str, says: str) -> None:
+    raw, _, registry = env
+    before = tree_hash(registry.root)
+    body = {"model": "t", "from": "tiny", "template": template, "stream": False}
+    r = await raw.post("/api/create", json=body)
+    assert r.status_code == 400 and says in r.json()["error"], r.text[:300]
+    assert tree_hash(registry.root) == before and not registry.exists("t")
+
+
+async def test_create_with_a_jinja_template(env) -> None:
+    raw, client, registry = env
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    await client.create(model="t", from_="tiny", template=template)
+    assert registry.template(registry.get("t")) == template
+    r = await raw.post(
+        "/api/chat",
+        json={"model": "t", "messages": [{"role": "user", "content": "x"}], "stream": False},
+    )
+    assert r.status_code == 200

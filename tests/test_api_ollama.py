@@ -4,7 +4,9 @@ requests shaped like the Ollama CLI's, on a tiny model and the real engine."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,7 @@ from ollama_compact_server.registry.store import Registry
 from tests.conftest import serve_app
 
 GREEDY = {"temperature": 0, "num_predict": 8}
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 
 
 @pytest.fixture
@@ -100,6 +103,11 @@ async def test_cli_run_sequence_and_stop(app_client) -> None:
     assert loaded["done_reason"] == "load" and loaded["done"] is True
     ps = (await client.ps()).models
     assert [m.model for m in ps] == ["tiny:latest"] and ps[0].size > 0 and ps[0].context_length > 0
+    entry = (await raw.get("/api/ps")).json()["models"][0]
+    assert re.fullmatch(r"[0-9a-f]{64}", entry["digest"]) and entry["size_vram"] >= 0
+    expires = datetime.fromisoformat(entry["expires_at"].replace("Z", "+00:00"))
+    assert RFC3339.fullmatch(entry["expires_at"]) and expires > datetime.now(timezone.utc)
+    assert {"families", "parameter_size", "parent_model"} <= set(entry["details"])
     chat = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "hey"}],
@@ -180,6 +188,13 @@ async def test_options_null_name_alias_and_unknown_options(app_client) -> None:
     raw, _ = app_client
     body = {"name": "tiny", "model": "", "prompt": "x", "stream": False, "options": None}
     assert (await raw.post("/api/generate", json=body)).status_code == 200
+    short = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    for extra in ({"keep_alive": 300}, {"keep_alive": "5m"}, {"format": ""}, {"format": None}):
+        r = await raw.post("/api/generate", json={**short, **extra})
+        assert r.status_code == 200 and r.json()["done"], (extra, r.text)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False}
+    r = await raw.post("/api/chat", json={**chat, "format": "", "keep_alive": 300})
+    assert r.status_code == 200
     body = {
         "model": "tiny",
         "prompt": "x",
@@ -315,3 +330,72 @@ def test_engine_totals_are_prometheus_counters() -> None:
     # a new engine starts its figures at zero: the counter keeps its value, then grows again
     assert "ocs_generated_tokens_total 12.0" in scrape(tokens_generated=0)
     assert "ocs_generated_tokens_total 14.0" in scrape(tokens_generated=2)
+
+
+async def wait_unloaded(engine, name: str, seconds: float = 10.0) -> bool:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if name not in [r.name for r in engine.resident()]:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_exact_go_cli_requests(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """Byte-for-byte what the Go CLI's structs marshal to (api/types.go: prompt, suffix,
+    system and template are sent empty, options null, keep_alive as a Go duration string)
+    for `ollama run` (load through generate and through chat), `ollama stop`, `ollama rm`."""
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    async with serve_app(registry, dtype="float32") as served:
+        raw, engine = served.raw, served.engine
+        empty = {"prompt": "", "suffix": "", "system": "", "template": "", "options": None}
+        assert (await raw.head("/")).status_code == 200
+        assert (await raw.post("/api/show", json={"model": "tiny"})).status_code == 200
+        loaded = await raw.post("/api/generate", json={"model": "tiny", **empty})
+        assert loaded.status_code == 200 and loaded.json()["done_reason"] == "load"
+        assert [r.name for r in engine.resident()] == ["tiny:latest"]
+        turn = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hey"}],
+            "options": {"num_predict": 3},
+        }
+        async with raw.stream("POST", "/api/chat", json=turn) as r:
+            items = await ndjson_lines(r)
+        assert items[-1]["done"] and items[-1]["eval_count"] == 3
+        reloaded = await raw.post("/api/chat", json={"model": "tiny", "messages": []})
+        assert reloaded.json()["done_reason"] == "load"
+        assert reloaded.json()["message"] == {"role": "assistant", "content": ""}
+        # ollama stop tiny
+        show = await raw.post("/api/show", json={"name": "tiny", "model": ""})
+        assert show.status_code == 200
+        stop = {"model": "tiny", **empty, "keep_alive": "0s"}
+        stopped = await raw.post("/api/generate", json=stop)
+        assert stopped.status_code == 200 and stopped.json()["done_reason"] == "unload"
+        assert await wait_unloaded(engine, "tiny:latest")
+        # ollama rm tiny: the stop sequence, then the delete
+        assert (await raw.post("/api/generate", json=stop)).json()["done_reason"] == "unload"
+        deleted = await raw.request("DELETE", "/api/delete", json={"name": "tiny", "model": ""})
+        assert deleted.status_code == 200
+        assert (await raw.get("/api/tags")).json() == {"models": []}
+        gone = await raw.request("DELETE", "/api/delete", json={"name": "tiny", "model": ""})
+        assert gone.status_code == 404 and "not found" in gone.json()["error"]
+
+
+async def test_delete_unloads_a_resident_model(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    async with serve_app(registry, dtype="float32") as served:
+        raw, engine = served.raw, served.engine
+        loaded = await raw.post("/api/generate", json={"model": "tiny", "keep_alive": "5m"})
+        assert loaded.json()["done_reason"] == "load"
+        assert [r.name for r in engine.resident()] == ["tiny:latest"]
+        r = await raw.request("DELETE", "/api/delete", json={"model": "tiny"})
+        assert r.status_code == 200
+        assert await wait_unloaded(engine, "tiny:latest")
+        assert (await raw.get("/api/ps")).json() == {"models": []}

@@ -129,17 +129,36 @@ async def test_errors_have_openai_shape(clients) -> None:
         {"model": "tiny", "messages": MESSAGES, "stop": ["x"] * 50},
         {"model": "tiny", "messages": MESSAGES, "logit_bias": {"abc": 1}},
         {"model": "tiny", "messages": MESSAGES, "logit_bias": {"5": 500}},
+        {"model": "tiny", "messages": MESSAGES, "logit_bias": {"999999999": 5}},
+        {"model": "tiny", "messages": MESSAGES, "logit_bias": {"\uff11": 5}},
+        {"model": "tiny", "messages": MESSAGES, "logit_bias": {"9" * 5000: 5}},
         {"model": "tiny", "messages": MESSAGES, "top_logprobs": 50, "logprobs": True},
         {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "json_schema"}},
         {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "yaml"}},
         {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         {"model": "tiny", "messages": MESSAGES, "max_tokens": 10**9},
+        {"model": "tiny", "messages": MESSAGES, "stream": True, "stream_options": "x"},
+        {"model": "tiny", "messages": MESSAGES, "stream": True, "stream_options": [1]},
+        {"model": "tiny", "messages": MESSAGES, "stream": True, "n": 2, "stream_options": "x"},
+        {"model": "tiny", "messages": MESSAGES, "stream": "yes"},
+        {"model": "tiny", "messages": [1]},
+        {"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function", "function": 1}]},
+        {"model": "tiny", "messages": MESSAGES, "response_format": "json_object"},
     ]
     for body in cases:
         r = await raw.post("/v1/chat/completions", json=body)
         assert 400 <= r.status_code < 500, (body, r.status_code)
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
+    for options in ("x", [1]):
+        body = {"model": "tiny", "prompt": "x", "stream": True, "stream_options": options}
+        r = await raw.post("/v1/completions", json=body)
+        assert r.status_code == 400 and set(r.json()["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
 
 
 async def test_logit_bias_steers_greedy_output(clients) -> None:

@@ -80,3 +80,31 @@ def test_stream_lines_survive_splitlines() -> None:
     line = stream_json(item)
     assert line.splitlines() == [line]
     assert json_module.loads(line) == item
+
+
+async def test_a_failed_choice_aborts_the_other_choices(fake) -> None:
+    """n=2 without streaming: the first choice fails, so the answer is a 500 and the
+    second choice, already started, is aborted rather than left to the garbage collector."""
+    client, engine = fake
+    engine.fail_after = 1
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["message"] == "injected failure"
+    assert len(engine.requests) == 2
+    assert engine.requests[1].request_id in engine.aborted
+
+
+async def test_stream_options_of_the_wrong_type_start_nothing(fake) -> None:
+    """Once a 500 (AttributeError) after the engine streams had started."""
+    client, engine = fake
+    user = [{"role": "user", "content": "x"}]
+    for path, base in (
+        ("/v1/chat/completions", {"messages": user}),
+        ("/v1/completions", {"prompt": "x"}),
+    ):
+        for options in ("x", [1], 1, {"include_usage": "yes"}):
+            body = {"model": "tiny", **base, "stream": True, "stream_options": options, "n": 2}
+            r = await client.post(path, json=body)
+            assert r.status_code == 400, (path, options, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert engine.requests == []

@@ -58,6 +58,17 @@ async def test_thinking_in_chat_and_generate(env) -> None:
     assert out.thinking == "Two plus two is four." and out.response == "The answer is 4."
     off = await client.chat(model="thinker", messages=ASK, think=False)
     assert off.message.thinking is None and "<think>" in off.message.content
+    for level in ("high", "low", True):
+        body = {"model": "thinker", "messages": ASK, "think": level, "stream": False}
+        r = await raw.post("/api/chat", json=body)
+        assert r.status_code == 200 and r.json()["message"]["thinking"] == "Two plus two is four."
+    r = await raw.post("/api/generate", json={"model": "thinker", "prompt": "x", "think": "high"})
+    assert r.status_code == 200
+    load = {"model": "plain", "think": True}
+    r = await raw.post("/api/generate", json=load)  # a load checks think too
+    assert r.status_code == 400 and "does not support thinking" in r.json()["error"]
+    r = await raw.post("/api/generate", json={**load, "keep_alive": 0})  # an unload does not
+    assert r.status_code == 200 and r.json()["done_reason"] == "unload"
     r = await raw.post("/api/chat", json={"model": "plain", "messages": ASK, "think": True})
     assert r.status_code == 400 and "does not support thinking" in r.json()["error"]
     reply = await client.chat(model="plain", messages=ASK)  # no thinking: text as is

@@ -34,6 +34,10 @@ async def test_tags_copy_delete(
     assert entry["modified_at"].endswith("Z")
     assert entry["details"]["family"] == "llama" and entry["details"]["format"] == "safetensors"
     assert entry["details"]["quantization_level"] == "F32"
+    assert re.fullmatch(r"[0-9a-f]{64}", entry["digest"])
+    details = entry["details"]
+    assert details["families"] == ["llama"] and "parent_model" in details
+    assert re.fullmatch(r"\d+(\.\d)?[KMB]", details["parameter_size"])
     r = await client.post("/api/copy", json={"source": "tiny", "destination": "copy:v1"})
     assert r.status_code == 200 and r.content == b""
     assert {m["name"] for m in (await client.get("/api/tags")).json()["models"]} == {

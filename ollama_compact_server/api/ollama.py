@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,8 +28,16 @@ from ..chat.service import (
     embed_inputs,
 )
 from ..chat.templates import TemplateError
+from ..chat.templates import check as check_template
 from ..chat.thinking import ThinkSplitter, split_thinking
-from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
+from ..chat.tools import (
+    ToolCall,
+    ToolError,
+    ToolStream,
+    check_tools,
+    parse_tool_calls,
+    template_tool_calls,
+)
 from ..compress.schemes import SchemeError
 from ..compress.schemes import resolve as resolve_scheme
 from ..engine.types import (
@@ -49,7 +58,7 @@ from ..registry.evals import read_eval
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from ..settings import parse_duration
-from .common import chat_service, json_body, registry_of, stream_json
+from .common import chat_service, check_fields, json_body, registry_of, stream_json
 from .errors import APIError
 
 log = logging.getLogger(__name__)
@@ -91,6 +100,60 @@ def list_entry(record: ModelRecord) -> dict[str, Any]:
         "details": details(record),
         "context_length": record.config.context_length,
     }
+
+
+# the JSON types of each route's known fields (model / name are checked by model_field)
+KEEP_ALIVE = ("string", "number")
+GENERATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt": ("string",),
+    "suffix": ("string",),
+    "system": ("string",),
+    "template": ("string",),
+    "images": ("array",),
+    "format": ("string", "object"),
+    "options": ("object",),
+    "context": ("array",),
+    "stream": ("boolean",),
+    "raw": ("boolean",),
+    "keep_alive": KEEP_ALIVE,
+    "think": ("boolean", "string"),
+    "logprobs": ("boolean",),
+    "top_logprobs": ("integer",),
+    "truncate": ("boolean",),
+    "shift": ("boolean",),
+}
+CHAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("array",),
+    "tools": ("array",),
+    "format": ("string", "object"),
+    "options": ("object",),
+    "stream": ("boolean",),
+    "keep_alive": KEEP_ALIVE,
+    "think": ("boolean", "string"),
+    "logprobs": ("boolean",),
+    "top_logprobs": ("integer",),
+    "truncate": ("boolean",),
+    "shift": ("boolean",),
+}
+EMBED_FIELDS: dict[str, tuple[str, ...]] = {
+    "input": ("string", "array"),
+    "truncate": ("boolean",),
+    "options": ("object",),
+    "keep_alive": KEEP_ALIVE,
+    "dimensions": ("integer",),
+}
+EMBEDDINGS_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt": ("string",),
+    "options": ("object",),
+    "keep_alive": KEEP_ALIVE,
+}
+SHOW_FIELDS: dict[str, tuple[str, ...]] = {
+    "system": ("string",),
+    "template": ("string",),
+    "options": ("object",),
+    "verbose": ("boolean",),
+}
+JOB_FIELDS: dict[str, tuple[str, ...]] = {"stream": ("boolean",), "insecure": ("boolean",)}
 
 
 def model_field(body: dict[str, Any], *keys: str) -> str:
@@ -151,6 +214,9 @@ async def delete(request: Request) -> Response:
     if not registry.exists(name):
         raise APIError(404, f"model '{name.display()}' not found")
     registry.delete(name)
+    # A resident copy goes too, as soon as no request uses it (the engine's unload waits
+    # for idle); a later model of the same name then loads its own weights.
+    chat_service(request).engine.unload(name.display())
     return Response(status_code=200)
 
 
@@ -247,7 +313,7 @@ def model_view(service: ChatService, body: dict[str, Any]) -> ModelView:
 def think_flag(body: dict[str, Any], view: ModelView) -> bool | None:
     """Ollama's think: for a thinking model on unless false; refused for other models."""
     think = body.get("think")
-    if think not in (None, False) and think not in (True, "low", "medium", "high", "max"):
+    if not (think is None or isinstance(think, bool) or think in ("low", "medium", "high", "max")):
         raise APIError(400, f"invalid think value: {str(think)[:20]}")
     capable = "thinking" in view.record.config.capabilities
     if think not in (None, False) and not capable:
@@ -280,7 +346,8 @@ def ndjson(items: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 async def load_or_unload(
     service: ChatService, view: ModelView, keep_alive: KeepAlive, shape: dict[str, Any]
 ) -> JSONResponse:
-    """Empty prompt or messages: load the model, or with keep_alive 0 unload it."""
+    """Empty prompt or messages: load the model, or with keep_alive 0 unload it (before
+    any think check, as Ollama does)."""
     if keep_alive == 0:
         service.engine.unload(view.name)
         reason = "unload"
@@ -423,13 +490,15 @@ async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[An
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, GENERATE_FIELDS)
+    check_options(body)
     service = chat_service(request)
     view = model_view(service, body)
     keep_alive = keep_alive_of(body)
     prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string")
     if not prompt and not body.get("images"):
+        if keep_alive != 0:
+            think_flag(body, view)
         return await load_or_unload(service, view, keep_alive, {"response": ""})
     check_common(body, view)
     if "completion" not in view.record.config.capabilities:
@@ -477,11 +546,19 @@ async def generate(request: Request) -> Response:
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, CHAT_FIELDS)
+    check_options(body)
     service = chat_service(request)
     view = model_view(service, body)
     keep_alive = keep_alive_of(body)
     messages = body.get("messages")
+    try:
+        tools = check_tools(body.get("tools"))
+    except ToolError as exc:
+        raise APIError(400, str(exc)) from None
     if not messages:
+        if keep_alive != 0:
+            think_flag(body, view)
         return await load_or_unload(
             service, view, keep_alive, {"message": {"role": "assistant", "content": ""}}
         )
@@ -492,7 +569,6 @@ async def chat(request: Request) -> Response:
         isinstance(m, dict) and m.get("images") for m in messages
     ):
         raise APIError(400, f'"{view.name}" does not support vision')
-    tools = body.get("tools") or None
     if tools and "tools" not in view.record.config.capabilities:
         raise APIError(400, f'"{view.name}" does not support tools')
     try:
@@ -503,7 +579,7 @@ async def chat(request: Request) -> Response:
         )
         think = think_flag(body, view)
         prompt_ids = await service.chat_prompt(view, normalized, tools, think)
-    except (ChatError, TemplateError) as exc:
+    except (ChatError, TemplateError, ToolError) as exc:
         raise APIError(400, str(exc)) from None
 
     def frame(text: str) -> dict[str, Any]:
@@ -619,6 +695,7 @@ def modelfile_text(view: ModelView) -> str:
 @router.post("/api/show")
 async def show(request: Request) -> dict[str, Any]:
     body = await json_body(request)
+    check_fields(body, SHOW_FIELDS)
     service = chat_service(request)
     name = parse_name(model_field(body))
     try:
@@ -780,6 +857,32 @@ def _text_field(body: dict[str, Any], key: str) -> str | None:
     return value
 
 
+MAX_TEMPLATE_CHARS = 1 << 20
+GO_TEMPLATE = re.compile(r"\{\{-?\s*(?:\.[A-Za-z]|(?:if|range|with|end|else|template)\b)")
+
+
+def _checked_template(template: str | None) -> str | None:
+    """A template given to create must compile as a Jinja chat template: refused now
+    rather than failing on every chat with the model later."""
+    if template is None or not template.strip():
+        return template
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise APIError(400, f"template is longer than {MAX_TEMPLATE_CHARS >> 10} KiB")
+    try:
+        check_template(template)
+    except TemplateError as exc:
+        if GO_TEMPLATE.search(template):
+            raise APIError(
+                400,
+                "template looks like Ollama's Go template syntax ({{ .Prompt }}, {{ if .System }}"
+                "); templates here must be Jinja chat templates, as in a Hugging Face "
+                "tokenizer_config.json (for example {% for m in messages %}{{ m['role'] }}: "
+                "{{ m['content'] }}{% endfor %})",
+            ) from None
+        raise APIError(400, f"template: {exc}") from None
+    return template
+
+
 def create_spec(body: dict[str, Any]) -> CreateSpec:
     name = parse_name(model_field(body))
     quantize = body.get("quantize") or body.get("quantization") or None
@@ -834,7 +937,7 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             from_=source or None,
             files=check_file_map(body.get("files"), "files"),
             adapters=check_file_map(body.get("adapters"), "adapters"),
-            template=_text_field(body, "template"),
+            template=_checked_template(_text_field(body, "template")),
             system=_text_field(body, "system"),
             parameters=parameters,
             messages=messages,
@@ -850,6 +953,7 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
 @router.post("/api/create")
 async def create(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, JOB_FIELDS)
     spec = create_spec(body)
     registry = registry_of(request)
     if not spec.files and not spec.from_:
@@ -879,6 +983,7 @@ async def create(request: Request) -> Response:
 @router.post("/api/push")
 async def push(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, JOB_FIELDS)
     name = model_field(body)
     raise APIError(
         400, f"pushing models is not supported: '{name[:100]}' stays in the local registry"
@@ -886,6 +991,15 @@ async def push(request: Request) -> Response:
 
 
 # ------------------------------------------------------------------------------ embeddings
+
+
+def check_options(body: dict[str, Any]) -> None:
+    """Options are typed before anything else, also where nothing is sampled (a load, an
+    embedding)."""
+    try:
+        merge_options(body.get("options"))
+    except OptionError as exc:
+        raise APIError(400, str(exc)) from None
 
 
 def _texts(value: Any, key: str) -> list[str]:
@@ -918,6 +1032,8 @@ async def _embed(
 @router.post("/api/embed")
 async def embed(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, EMBED_FIELDS)
+    check_options(body)
     texts = (
         _texts(body.get("input", []), "input") if body.get("input") not in (None, "", []) else []
     )
@@ -943,9 +1059,9 @@ async def embed(request: Request) -> Response:
 @router.post("/api/embeddings")
 async def embeddings_legacy(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, EMBEDDINGS_FIELDS)
+    check_options(body)
     prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string")
     if not prompt:
         service = chat_service(request)
         view = model_view(service, body)
@@ -975,6 +1091,7 @@ def _dimensions(vectors: list[list[float]], dimensions: Any) -> list[list[float]
 @router.post("/api/pull")
 async def pull(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, JOB_FIELDS)
     name = parse_name(model_field(body))
     try:
         hub_repo(name)

@@ -22,7 +22,14 @@ from ..chat.options import OptionError, stop_list
 from ..chat.service import ChatError, ChatService, Completion, ModelView, embed_inputs
 from ..chat.templates import TemplateError
 from ..chat.thinking import ThinkSplitter, split_thinking
-from ..chat.tools import ToolCall, ToolStream, parse_tool_calls, template_tool_calls
+from ..chat.tools import (
+    ToolCall,
+    ToolError,
+    ToolStream,
+    check_tools,
+    parse_tool_calls,
+    template_tool_calls,
+)
 from ..engine.types import (
     ANY_JSON_OBJECT,
     EmbedRequest,
@@ -34,7 +41,7 @@ from ..engine.types import (
 )
 from ..registry.errors import InvalidName
 from ..registry.names import ModelName
-from .common import chat_service, json_body, registry_of, stream_json
+from .common import chat_service, check_fields, json_body, registry_of, stream_json
 from .errors import APIError, error_response
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,76 @@ router = APIRouter(prefix="/v1")
 
 MAX_N = 8
 MAX_PROMPTS = 64
+
+# the JSON types of each route's known fields, checked before anything else; ranges and
+# nested shapes are checked where each field is read, still before any engine work
+SAMPLING_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("string",),
+    "max_tokens": ("integer",),
+    "temperature": ("number",),
+    "top_p": ("number",),
+    "n": ("integer",),
+    "stop": ("string", "array"),
+    "seed": ("integer",),
+    "presence_penalty": ("number",),
+    "frequency_penalty": ("number",),
+    "logit_bias": ("object",),
+    "user": ("string",),
+    "stream": ("boolean",),
+    "stream_options": ("object",),
+}
+CHAT_FIELDS: dict[str, tuple[str, ...]] = {
+    **SAMPLING_FIELDS,
+    "messages": ("array",),
+    "max_completion_tokens": ("integer",),
+    "logprobs": ("boolean",),
+    "top_logprobs": ("integer",),
+    "response_format": ("object",),
+    "tools": ("array",),
+    "tool_choice": ("string", "object"),
+    "parallel_tool_calls": ("boolean",),
+    "reasoning_effort": ("string",),
+}
+COMPLETION_FIELDS: dict[str, tuple[str, ...]] = {
+    **SAMPLING_FIELDS,
+    "prompt": ("string", "array"),
+    "logprobs": ("integer",),
+    "echo": ("boolean",),
+    "suffix": ("string",),
+    "best_of": ("integer",),
+}
+EMBEDDING_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("string",),
+    "input": ("string", "array"),
+    "encoding_format": ("string",),
+    "dimensions": ("integer",),
+    "user": ("string",),
+}
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _checked(body: dict[str, Any], fields: dict[str, tuple[str, ...]]) -> None:
+    """Types first (any field), then the small shapes the streaming code reads."""
+    check_fields(body, fields)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "stream_options.include_usage must be true or false")
+    _integer(body, "n", 1, MAX_N)
+    if "best_of" in fields:
+        _integer(body, "best_of", 1, MAX_N)
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise APIError(400, "reasoning_effort must be one of " + ", ".join(REASONING_EFFORTS))
+    choice = body.get("tool_choice")
+    if isinstance(choice, str) and choice not in TOOL_CHOICES:
+        raise APIError(400, "tool_choice must be none, auto, required or a function")
+    if isinstance(choice, dict) and (
+        choice.get("type") != "function"
+        or not isinstance(choice.get("function"), dict)
+        or not isinstance(choice["function"].get("name"), str)
+    ):
+        raise APIError(400, 'tool_choice must be {"type": "function", "function": {"name": ...}}')
 
 
 def _number(
@@ -153,10 +230,9 @@ def _logit_bias(value: Any) -> dict[int, float]:
         raise APIError(400, "logit_bias must map at most 300 token ids to numbers")
     bias: dict[int, float] = {}
     for key, amount in value.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise APIError(400, f"logit_bias key {str(key)[:20]!r} is not a token id") from None
+        if not (key.isascii() and key.isdigit() and len(key) <= 12):
+            raise APIError(400, f"logit_bias key {str(key)[:20]!r} is not a token id")
+        token = int(key)
         if token < 0 or isinstance(amount, bool) or not isinstance(amount, (int, float)):
             raise APIError(400, "logit_bias values must be numbers for non-negative token ids")
         if not -100 <= amount <= 100:
@@ -195,11 +271,19 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(content, str):
             raise APIError(400, "message content must be a string or an array of parts")
         entry: dict[str, Any] = {"role": role, "content": content}
-        if message.get("tool_calls"):
-            entry["tool_calls"] = template_tool_calls(message["tool_calls"])
+        if message.get("tool_calls") is not None:
+            try:
+                calls = template_tool_calls(message["tool_calls"])
+            except ToolError as exc:
+                raise APIError(400, str(exc)) from None
+            if calls:
+                entry["tool_calls"] = calls
         for key in ("tool_call_id", "name"):
-            if isinstance(message.get(key), str):
-                entry[key] = message[key]
+            if message.get(key) is None:
+                continue
+            if not isinstance(message[key], str):
+                raise APIError(400, f"message {key} must be a string")
+            entry[key] = message[key]
         out.append(entry)
     return out
 
@@ -383,8 +467,46 @@ async def _complete(
     """``thinking``: None for models that do not think; otherwise whether the prompt
     already opened the <think> block. Reasoning then goes to reasoning_content."""
     n = _integer(body, "n", 1, MAX_N) or 1
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     service = chat_service(request)
     choices = await _run_choices(service, view, prompts, sampling, n)
+    try:
+        return await _respond(
+            service,
+            body,
+            view,
+            prompts,
+            sampling,
+            choices,
+            n,
+            include_usage,
+            chat,
+            echo,
+            tools,
+            thinking,
+        )
+    except BaseException:
+        for _, stream in choices:  # none of them reached a response that owns it
+            await stream.aclose()
+        raise
+
+
+async def _respond(
+    service: ChatService,
+    body: dict[str, Any],
+    view: ModelView,
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    choices: list[tuple[Any, AsyncGenerator[Any, None]]],
+    n: int,
+    include_usage: bool,
+    chat: bool,
+    echo: list[str] | None,
+    tools: bool,
+    thinking: bool | None,
+) -> Response:
+    """The whole answer (``stream`` false) or the SSE response that takes over the choice
+    streams; until one of them returns, the caller closes the streams on any error."""
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
@@ -458,7 +580,6 @@ async def _complete(
             }
         )
 
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(
@@ -480,11 +601,16 @@ async def _complete(
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         finals: list[Completion] = []
-        for index in range(len(choices)):
-            if chat:
-                yield chunk(index, {"role": "assistant", "content": ""}, None)
-            elif echo:
-                yield chunk(index, echo[index // n], None)
+        try:
+            for index in range(len(choices)):
+                if chat:
+                    yield chunk(index, {"role": "assistant", "content": ""}, None)
+                elif echo:
+                    yield chunk(index, echo[index // n], None)
+        except BaseException:  # gone before _merged took the streams over: abort them here
+            for _, stream in choices:
+                await stream.aclose()
+            raise
         offsets = [0] * len(choices)
         held = [ToolStream() for _ in choices] if tools else None
         splitters = (
@@ -545,11 +671,13 @@ async def _complete(
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     body = await json_body(request)
+    _checked(body, CHAT_FIELDS)
     service = chat_service(request)
     view = _generative(_model(service, body))
     messages = _messages(body.get("messages"))
     tools = _tools(body, view)
     sampling = _sampling(service, view, body, ("max_tokens", "max_completion_tokens"))
+    await _check_bias_vocab(service, view, sampling)
     think = None
     if "thinking" in view.record.config.capabilities:
         think = body.get("reasoning_effort") not in ("none", "minimal")
@@ -564,24 +692,15 @@ async def chat_completions(request: Request) -> Response:
 
 
 def _tools(body: dict[str, Any], view: ModelView) -> list[dict[str, Any]] | None:
-    tools = body.get("tools")
-    if tools in (None, []) or body.get("tool_choice") == "none":
+    try:
+        tools = check_tools(body.get("tools"))
+    except ToolError as exc:
+        raise APIError(400, str(exc)) from None
+    if tools is None or body.get("tool_choice") == "none":
         return None
-    if (
-        not isinstance(tools, list)
-        or len(tools) > 128
-        or not all(
-            isinstance(t, dict)
-            and t.get("type") == "function"
-            and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str)
-            for t in tools
-        )
-    ):
-        raise APIError(400, "tools must be a list of at most 128 function definitions")
     if "tools" not in view.record.config.capabilities:
         raise APIError(400, f"model `{view.name}` does not support tools")
-    return list(tools)
+    return tools
 
 
 def _openai_tool_calls(calls: list[ToolCall], streaming: bool = False) -> list[dict[str, Any]]:
@@ -601,6 +720,7 @@ def _openai_tool_calls(calls: list[ToolCall], streaming: bool = False) -> list[d
 @router.post("/completions")
 async def completions(request: Request) -> Response:
     body = await json_body(request)
+    _checked(body, COMPLETION_FIELDS)
     service = chat_service(request)
     view = _generative(_model(service, body))
     prompt = body.get("prompt")
@@ -612,6 +732,7 @@ async def completions(request: Request) -> Response:
     if body.get("suffix"):
         raise APIError(400, "suffix (infill) is not supported by this model")
     sampling = _sampling(service, view, body, ("max_tokens",))
+    await _check_bias_vocab(service, view, sampling)
     if body.get("max_tokens") is None:
         sampling.max_tokens = 16  # OpenAI's default for completions
     tokenized = [
@@ -650,6 +771,8 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
 @router.post("/embeddings")
 async def embeddings(request: Request) -> Response:
     body = await json_body(request)
+    check_fields(body, EMBEDDING_FIELDS)
+    _integer(body, "dimensions", 1, 1 << 16)
     service = chat_service(request)
     view = _model(service, body)
     value = body.get("input")
@@ -699,6 +822,15 @@ async def embeddings(request: Request) -> Response:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )
+
+
+async def _check_bias_vocab(
+    service: ChatService, view: ModelView, sampling: SamplingParams
+) -> None:
+    if sampling.logit_bias:
+        vocab = await _vocab_size(service, view)
+        if max(sampling.logit_bias) >= vocab:
+            raise APIError(400, "logit_bias holds token ids outside the vocabulary")
 
 
 async def _vocab_size(service: ChatService, view: ModelView) -> int:

@@ -37,29 +37,30 @@ FLOATS = {
     "frequency_penalty",
 }
 INTS = {"top_k", "repeat_last_n", "seed", "num_predict"}
-# accepted and ignored: load-time or removed knobs real clients still send
-IGNORED = {
+# accepted and ignored (type-checked all the same): load-time or removed knobs real
+# clients still send
+IGNORED_INTS = {
     "num_ctx",
     "num_batch",
     "num_gpu",
     "main_gpu",
-    "use_mmap",
-    "use_mlock",
     "num_thread",
     "num_keep",
-    "typical_p",
     "mirostat",
-    "mirostat_tau",
-    "mirostat_eta",
-    "tfs_z",
+    "draft_num_predict",
+}
+IGNORED_FLOATS = {"typical_p", "mirostat_tau", "mirostat_eta", "tfs_z"}
+IGNORED_BOOLS = {
+    "use_mmap",
+    "use_mlock",
     "penalize_newline",
     "low_vram",
     "f16_kv",
     "logits_all",
     "vocab_only",
     "numa",
-    "draft_num_predict",
 }
+IGNORED = IGNORED_INTS | IGNORED_FLOATS | IGNORED_BOOLS
 
 
 class OptionError(ValueError):
@@ -89,14 +90,21 @@ def merge_options(*layers: dict[str, Any] | None) -> dict[str, Any]:
         if not isinstance(layer, dict):
             raise OptionError("options must be an object")
         for key, value in layer.items():
+            if value is None:
+                continue  # null is absent: the layer below (or the default) stays
             if key in FLOATS:
                 merged[key] = _number(key, value, float)
             elif key in INTS:
                 merged[key] = _number(key, value, int)
             elif key == "stop":
                 merged["stop"] = stop_list(value)
-            elif key in IGNORED:
-                continue
+            elif key in IGNORED_INTS:
+                _number(key, value, int)
+            elif key in IGNORED_FLOATS:
+                _number(key, value, float)
+            elif key in IGNORED_BOOLS:
+                if not isinstance(value, bool):
+                    raise OptionError(f'option "{key}" must be of type boolean')
             else:
                 log.info("ignoring unknown option %r", key[:40])
     return merged

@@ -215,30 +215,39 @@ class ChatService:
             keep_alive=keep_alive,
         )
         totals = Completion(prompt_ids=prompt_ids)
-        async for event in self.engine.generate(request):
-            totals.text += event.text
-            totals.token_ids += event.token_ids
-            totals.logprobs += event.logprobs
-            if event.prompt_logprobs is not None:
-                totals.prompt_logprobs = event.prompt_logprobs
-            if event.finished:
-                totals.finish_reason = event.finish_reason
-                totals.error = event.error
-                totals.prompt_tokens = event.prompt_tokens
-                totals.completion_tokens = event.completion_tokens
-                totals.load_time = event.load_time
-                totals.prompt_time = event.prompt_time
-                totals.decode_time = event.decode_time
-                totals.total_time = event.total_time
-                note_request(
-                    model=view.name,
-                    adapter=view.name if view.record.is_adapter else None,
-                    tokens_in=event.prompt_tokens,
-                    tokens_out=event.completion_tokens,
-                    prompt_eval_seconds=event.prompt_time,
-                    eval_seconds=event.decode_time,
-                )
-            yield event, totals
+        events = self.engine.generate(request)
+        try:
+            async for event in events:
+                totals.text += event.text
+                totals.token_ids += event.token_ids
+                totals.logprobs += event.logprobs
+                if event.prompt_logprobs is not None:
+                    totals.prompt_logprobs = event.prompt_logprobs
+                if event.finished:
+                    totals.finish_reason = event.finish_reason
+                    totals.error = event.error
+                    totals.prompt_tokens = event.prompt_tokens
+                    totals.completion_tokens = event.completion_tokens
+                    totals.load_time = event.load_time
+                    totals.prompt_time = event.prompt_time
+                    totals.decode_time = event.decode_time
+                    totals.total_time = event.total_time
+                    note_request(
+                        model=view.name,
+                        adapter=view.name if view.record.is_adapter else None,
+                        tokens_in=event.prompt_tokens,
+                        tokens_out=event.completion_tokens,
+                        prompt_eval_seconds=event.prompt_time,
+                        eval_seconds=event.decode_time,
+                    )
+                yield event, totals
+        finally:
+            # Closing this generator does not close the engine's: `async for` leaves it
+            # suspended until the garbage collector finalises it. Close it now, so the
+            # engine aborts the request at once.
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def check_messages(messages: Any) -> None:
@@ -254,6 +263,16 @@ def check_messages(messages: Any) -> None:
             raise ChatError(f"invalid message role {str(role)[:20]!r}")
         if not isinstance(message.get("content", ""), str):
             raise ChatError("message content must be a string")
+        for key in ("name", "tool_call_id", "tool_name", "thinking"):
+            if not isinstance(message.get(key, ""), (str, type(None))):
+                raise ChatError(f"message {key} must be a string")
+        images = message.get("images")
+        if images is not None and (
+            not isinstance(images, list) or not all(isinstance(i, str) for i in images)
+        ):
+            raise ChatError("message images must be a list of base64 strings")
+        if not isinstance(message.get("tool_calls", []), (list, type(None))):
+            raise ChatError("message tool_calls must be a list")
 
 
 MAX_EMBED_INPUTS = 256
