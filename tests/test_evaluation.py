@@ -281,3 +281,22 @@ def test_show_command_prints_the_report(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "Evaluation" in out and "12.346 (+4.1% vs base:latest)" in out
     assert "2.5 GB" in out and "900.0 MB" in out and "190.25" in out
+
+
+def test_held_out_texts_share_nothing_with_the_calibration_text() -> None:
+    """Perplexity on text the compressor calibrated on would flatter it: no sequence of eight
+    words of the calibration text may appear in the shipped held-out text or in the
+    benchmark's."""
+    import re
+    from importlib import resources
+
+    def grams(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        return {tuple(words[i : i + 8]) for i in range(len(words) - 7)}
+
+    data = resources.files("ollama_compact_server") / "data"
+    calibration = grams((data / "calibration.txt").read_text(encoding="utf-8"))
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "heldout.txt"
+    for text in ((data / "heldout_en.txt").read_text(encoding="utf-8"), bench.read_text()):
+        shared = calibration & grams(text)
+        assert not shared, sorted(" ".join(g) for g in shared)[:5]
