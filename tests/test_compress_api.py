@@ -81,10 +81,48 @@ async def test_bad_quantize_is_400_and_changes_nothing(env, body: dict, message:
     assert tree_hash(registry.root) == before
 
 
-async def test_quantize_needs_from(env) -> None:
+async def test_quantize_needs_a_source(env) -> None:
     raw, _ = env
-    r = await raw.post("/api/create", json={"model": "x", "files": {}, "quantize": "int8"})
-    assert r.status_code == 400 and "from" in r.json()["error"]
+    r = await raw.post("/api/create", json={"model": "x", "quantize": "int8"})
+    assert r.status_code == 400 and "'from'" in r.json()["error"]
+    assert "'files'" in r.json()["error"]
+
+
+async def test_create_from_uploaded_files_with_quantize(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """What `ollama create -q q8_0 -f Modelfile` sends when FROM names a local safetensors
+    folder: uploaded blobs plus quantize. Only the compressed model is left under a name; the
+    uploaded blobs stay (a retry needs no upload); a failure leaves no staging model behind."""
+    from tests.test_api_create import upload_dir
+
+    registry = Registry(tmp_path / "registry")
+    async with serve_app(registry, FakeEngine()) as served:
+        files = await upload_dir(served.ollama, tiny_models["llama"])
+        bad = await served.raw.post(
+            "/api/create",
+            json={"model": "bad", "files": files, "quantize": "int4",
+                  "quantize_options": {"group_size": 256}, "stream": False},
+        )  # fmt: skip
+        assert bad.status_code == 400 and "group sizes" in bad.json()["error"]
+        assert registry.names() == []
+        r = await served.raw.post(
+            "/api/create",
+            json={"model": "small", "files": files, "quantize": "q8_0", "system": "terse"},
+        )
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1]) == {
+            "status": "success"
+        }
+        assert [n.display() for n in registry.names()] == ["small:latest"]
+        record = registry.get("small")
+        assert record.config.quantization is not None
+        assert record.config.quantization.scheme == "int8"
+        assert record.config.parent_model == ""
+        assert registry.system(record) == "terse"
+        for digest in files.values():
+            assert (await served.raw.head(f"/api/blobs/{digest}")).status_code == 200
+        shown = (await served.raw.post("/api/show", json={"model": "small"})).json()
+        assert shown["details"]["quantization_level"]
 
 
 async def test_engine_serves_a_compressed_model(

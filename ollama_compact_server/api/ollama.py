@@ -892,8 +892,10 @@ def create_spec(body: dict[str, Any]) -> CreateSpec:
             resolve_scheme(quantize, quantize_options)
         except SchemeError as exc:
             raise APIError(400, str(exc)) from None
-        if not body.get("from"):
-            raise APIError(400, "quantize needs 'from': the registry model to compress")
+        if not body.get("from") and not body.get("files"):
+            raise APIError(
+                400, "quantize needs 'from' (a registry model) or 'files' (uploaded weights)"
+            )
     for forbidden in ("path", "modelfile"):
         if body.get(forbidden):
             raise APIError(

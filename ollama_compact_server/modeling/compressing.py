@@ -65,11 +65,14 @@ def compress_registry_model(
     scheme_name: str,
     options: dict[str, Any] | None = None,
     progress: ProgressFn = _noop,
+    parent: str | None = None,
 ) -> ModelRecord:
     """Compresses ``source`` into a new model ``name``; a bad request raises InvalidModel
-    (400) listing what is supported, and any failure leaves the registry unchanged."""
+    (400) listing what is supported, and any failure leaves the registry unchanged.
+    ``parent`` overrides the parent recorded in the manifest ("" for none: ``source`` is a
+    staging copy that will not stay)."""
     try:
-        return _compress(registry, source, name, scheme_name, options, progress)
+        return _compress(registry, source, name, scheme_name, options, progress, parent)
     except SchemeError as exc:
         raise InvalidModel(str(exc)) from None
 
@@ -81,6 +84,7 @@ def _compress(
     scheme_name: str,
     options: dict[str, Any] | None,
     progress: ProgressFn,
+    parent_override: str | None = None,
 ) -> ModelRecord:
     import torch
 
@@ -100,7 +104,7 @@ def _compress(
         progress(f"warning: {warning}", None, None)
     from safetensors.torch import save_file
 
-    parent = record.name.display()
+    parent = record.name.display() if parent_override is None else parent_override
     config = record.config.model_copy(deep=True)
     config.quantization = Quantization(scheme=scheme.name, options=checked)
     if scheme_name.lower() != scheme.name:
@@ -108,7 +112,11 @@ def _compress(
     if result.choices:
         config.quantization.layers = result.choices  # type: ignore[attr-defined]
     config.parent_model = parent
-    config.source = {"kind": "compress", "ref": parent, "digest": record.digest}
+    config.source = (
+        {"kind": "compress", "ref": parent, "digest": record.digest}
+        if parent
+        else {"kind": "create", "ref": target.display()}
+    )
     metadata = {
         FORMAT_KEY: FORMAT_VERSION,
         MODULES_KEY: specs_to(result.specs),

@@ -1,12 +1,14 @@
 """`/api/create`: a new registry model from an existing one (`from`), from uploaded blobs
 (`files`: a Hugging Face model or a GGUF file), or an adapter on a base (`adapters`), with
-template, system prompt, parameters, messages and license. Never from a server-side path."""
+template, system prompt, parameters, messages and license, compressed on the way when asked
+(`quantize`). Never from a server-side path."""
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +72,13 @@ def create_model(registry: Registry, spec: CreateSpec, progress: ProgressFn) -> 
         raise InvalidModel("give either 'from' or 'files', not both")
     if not spec.files and not spec.from_:
         raise InvalidModel("neither 'from' or 'files' was specified")
-    if spec.quantize and (spec.files or spec.adapters):
+    if spec.quantize and spec.adapters:
         raise InvalidModel(
-            "quantize compresses a registry model: create it first, then use 'from' with "
-            "'quantize' (adapters go on the compressed model afterwards)"
+            "quantize compresses a model, not an adapter: compress the base, then put the "
+            "adapter on the compressed model"
         )
+    if spec.quantize and spec.files:
+        return _imported_then_compressed(registry, spec, progress)
     if spec.files:
         with tempfile.TemporaryDirectory(prefix="ocs-create-") as scratch:
             directory = Path(scratch)
@@ -140,8 +144,30 @@ def create_model(registry: Registry, spec: CreateSpec, progress: ProgressFn) -> 
     return _derive(registry, base, spec, inherit=base)
 
 
+def _imported_then_compressed(
+    registry: Registry, spec: CreateSpec, progress: ProgressFn
+) -> ModelRecord:
+    """`ollama create -q SCHEME` from uploaded files (a Modelfile whose FROM is a local
+    folder): the files are imported under a staging name, compressed into the asked name,
+    and the staging model is removed whatever happens; the uploaded blobs stay, so a retry
+    needs no new upload, and only the compressed model is left under a name."""
+    staging = ModelName.parse(f"ocs-staging-{uuid.uuid4().hex[:12]}")
+    uploaded = frozenset(spec.files.values())
+    imported = replace(spec, name=staging, quantize=None, quantize_options=None)
+    try:
+        record = create_model(registry, imported, progress)
+        return _compressed(registry, record, spec, progress, parent="")
+    finally:
+        if registry.exists(staging):
+            registry.delete(staging, keep=uploaded)
+
+
 def _compressed(
-    registry: Registry, base: ModelRecord, spec: CreateSpec, progress: ProgressFn
+    registry: Registry,
+    base: ModelRecord,
+    spec: CreateSpec,
+    progress: ProgressFn,
+    parent: str | None = None,
 ) -> ModelRecord:
     from .compressing import compress_registry_model
 
@@ -152,6 +178,7 @@ def _compressed(
         spec.quantize or "",
         spec.quantize_options,
         progress,
+        parent,
     )
     text = CreateSpec(
         spec.name,

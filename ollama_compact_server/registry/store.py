@@ -256,15 +256,15 @@ class Registry:
             record = self.get(source)
             return self.write_manifest(destination, record.manifest)
 
-    def delete(self, name: str | ModelName) -> None:
-        """Removes a name; blobs no other model uses are deleted too."""
+    def delete(self, name: str | ModelName, keep: frozenset[str] = frozenset()) -> None:
+        """Removes a name; blobs no other model uses are deleted too, except ``keep``."""
         with self.locked():
             record = self.get(name)
             path = self._manifest_path(record.name)
             path.unlink()
             fsync_dir(path.parent)
             self._prune_empty_dirs(path.parent)
-            self._collect(record.manifest.digests())
+            self._collect(record.manifest.digests() - keep)
 
     def _referenced(self) -> set[str]:
         used: set[str] = set()
