@@ -298,7 +298,7 @@ class ModelWorker:
             )
         except Exception as exc:
             if is_oom(exc) and self.running:
-                self.preempt(max(self.running, key=lambda s: s.submitted))
+                self.preempt(self._youngest_running())
                 for seq in reversed(batch):  # they wait again, in order
                     self._release(seq)
                     self.waiting.appendleft(seq)
@@ -356,7 +356,7 @@ class ModelWorker:
                 logits = self.runner.prefill(seq.slot, chunk, seq.prefilled, lora=seq.lora)
         except Exception as exc:  # a failing request fails alone
             if is_oom(exc) and self.running:
-                self.preempt(max(self.running, key=lambda s: s.submitted))
+                self.preempt(self._youngest_running())
                 return
             log.exception("prefill failed for %s", seq.request.request_id)
             self.finish(seq, FinishReason.ERROR, error=error_text("prefill failed", exc))
@@ -392,9 +392,15 @@ class ModelWorker:
             )
         except Exception as exc:
             if is_oom(exc) and len(batch) > 1:
-                # out of memory: the youngest request steps back and resumes later
-                self.preempt(max(batch, key=lambda s: s.submitted))
-                return
+                # out of memory: running requests step back, youngest first, to resume
+                # later, until this batch is a row smaller. The youngest may have been
+                # prefilled this step, outside this batch: preempting it alone would let it
+                # come straight back while the same batch fails again.
+                while True:
+                    victim = self._youngest_running()
+                    self.preempt(victim)
+                    if victim in batch:
+                        return
             log.exception("decode step failed; retrying its %d rows one by one", len(batch))
             self._decode_rows_alone(batch)
             return
@@ -560,6 +566,10 @@ class ModelWorker:
                 total_time=now - seq.submitted,
             )
         )
+
+    def _youngest_running(self) -> Sequence:
+        """The running request that arrived last: the one preemption picks."""
+        return max(self.running, key=lambda s: s.submitted)
 
     def preempt(self, seq: Sequence) -> None:
         """Gives up a running sequence's cache; it waits at the head of the queue and is
