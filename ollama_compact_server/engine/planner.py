@@ -406,7 +406,7 @@ def serving_plan(
     dtype). The context is ``context_length`` capped by the model's own, halved down to
     512 tokens when not one sequence fits."""
     context = min(context_length, model_context(config) or context_length)
-    return plan_memory(
+    plan = plan_memory(
         config,
         budget=max(budget, 0),
         kv_dtype=dtype,
@@ -418,6 +418,8 @@ def serving_plan(
         adapter_rank=adapter_rank,
         activation_reserve=0,
     )
+    plan.notes.append("the budget holds weights, adapters and KV; activations need room beyond it")
+    return plan
 
 
 def default_budget(
