@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapters",
         dest="plan_adapters",
         type=int,
-        default=0,
-        help="LoRA adapters resident beside it",
+        default=None,
+        help="LoRA adapters resident beside it [default: the OCS_MAX_LORAS slots the "
+        "engine reserves when the registry holds adapters for the model, else none]",
     )
     plan.add_argument("--adapter-rank", type=int, default=16)
     plan.add_argument(

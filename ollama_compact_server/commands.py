@@ -455,24 +455,42 @@ def merge_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def plan_command(settings: Settings, args: argparse.Namespace) -> int:
-    """`ollama-compact plan`: the memory planner for a registry model or a config.json."""
-    from .engine.planner import PlanError, default_budget, format_plan, plan_memory
+    """`ollama-compact plan`: the memory planner for a registry model or a config.json, with
+    the inputs the engine uses when it loads the model (:func:`serving_plan`)."""
+    from .engine.device import planned_dtype
+    from .engine.planner import PlanError, default_budget, format_plan, serving_plan
     from .registry.store import Registry
     from .settings import parse_size
 
     try:
+        dtype = planned_dtype(settings.dtype, args.plan_device)
+        num_parallel = args.plan_parallel or settings.num_parallel
+        context_length = args.context or settings.context_length
+        adapters, rank = args.plan_adapters or 0, args.adapter_rank
+        weight_format = args.quantize
         path = Path(args.model)
         if path.suffix == ".json" and path.is_file():
             config = json.loads(path.read_text())
             name = path.parent.name or path.name
         else:
+            from .engine.provider import RegistrySizing
+
             registry = Registry(settings.models)
             record = registry.get(args.model)
-            if record.is_adapter and record.config.base_model:
+            if record.is_adapter and record.config.base_model:  # it runs on its base
                 record = registry.get(record.config.base_model)
-            layer = record.manifest.files()["config.json"]
-            config = json.loads(registry.blobs.read_bytes(layer.digest))
+            sizing = RegistrySizing(
+                registry,
+                dtype=dtype,
+                num_parallel=num_parallel,
+                context_length=context_length,
+                max_loras=settings.max_loras,
+            )
             name = record.name.display()
+            config = sizing.hf_config(name)
+            weight_format = weight_format or sizing.weight_format(name)
+            if args.plan_adapters is None:  # the adapter slots the engine would reserve
+                adapters, rank = sizing.adapters_of(name)
         if args.budget:
             budget = parse_size(args.budget)
         elif settings.memory_budget_bytes:
@@ -481,16 +499,15 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
             budget = default_budget("cuda", total_device_memory=16 * 10**9)
         else:
             budget = default_budget("cpu")
-        fmt = args.quantize or ("bfloat16" if args.plan_device.startswith("cuda") else "float32")
-        plan = plan_memory(
+        plan = serving_plan(
             config,
             budget=budget,
-            kv_dtype="bfloat16" if fmt not in ("float32",) else "float32",
-            weight_format=fmt,
-            num_parallel=args.plan_parallel or settings.num_parallel,
-            context=args.context or settings.context_length,
-            adapters=args.plan_adapters,
-            adapter_rank=args.adapter_rank,
+            dtype=dtype,
+            weight_format=weight_format,
+            num_parallel=num_parallel,
+            context_length=context_length,
+            adapters=adapters,
+            adapter_rank=rank,
         )
     except (RegistryError, PlanError, ValueError, OSError, KeyError) as exc:
         print(f"Error: {exc}", file=sys.stderr)

@@ -327,3 +327,53 @@ async def test_scoring_only_with_no_new_tokens(engine: LocalEngine) -> None:
     scores = next(e.prompt_logprobs for e in events if e.prompt_logprobs is not None)
     assert len(scores) == len(PROMPTS[0]) and events[-1].finish_reason == FinishReason.LENGTH
     assert not [t for e in events for t in e.token_ids]
+
+
+async def test_a_long_prompt_delays_a_running_stream_by_one_chunk_at_most(
+    engine: LocalEngine,
+) -> None:
+    """Between two decode steps of a running stream, at most one prefill chunk of at most
+    prefill_chunk prompt tokens runs, however long the prompt that arrives meanwhile."""
+    await collect(engine, request("llama", [1, 2], greedy(1)))  # load the model
+    runner = engine.device_loop.workers["llama"].runner
+    chunk = engine.device_loop.prefill_chunk
+    junk = runner.cache.capacity - 1  # the position of batched prefill's pad columns
+    stream = PROMPTS[0]  # 20 tokens: its decode steps feed positions 20..79
+    long_prompt = list(range(300, 300 + 5 * chunk + 8))  # six chunks, none of one token
+    real = runner.forward
+    steps: list[tuple[str, int]] = []  # ("decode", 1 if the stream is in it) / ("prefill", n)
+
+    def forward(slots, input_ids, positions, length, keep=1, loras=None):
+        if positions.shape[1] == 1:
+            mine = any(len(stream) <= int(p) < len(long_prompt) for p in positions.view(-1))
+            steps.append(("decode", int(mine)))
+        else:
+            steps.append(("prefill", int((positions != junk).sum())))
+        return real(slots, input_ids, positions, length, keep, loras)
+
+    runner.forward = forward  # type: ignore[method-assign]
+    try:
+        events = engine.generate(request("llama", stream, greedy(60)))
+        tokens = 0
+        async for event in events:
+            tokens += len(event.token_ids)
+            if tokens >= 3:
+                break
+        late = asyncio.ensure_future(collect(engine, request("llama", long_prompt, greedy(4))))
+        async for event in events:
+            tokens += len(event.token_ids)
+        long_tokens, _, final = await late
+    finally:
+        runner.forward = real  # type: ignore[method-assign]
+    assert tokens == 60 and len(long_tokens) == 4 and final.error is None
+    between: list[int] | None = None  # prompt tokens of each prefill since its last decode
+    interleaved = 0
+    for kind, value in steps:
+        if kind == "prefill" and between is not None:
+            between.append(value)
+        elif kind == "decode" and value:  # a decode step of the stream
+            if between is not None:
+                assert len(between) <= 1 and sum(between) <= chunk, steps
+                interleaved += bool(between)
+            between = []
+    assert interleaved >= 5, steps  # the long prompt went in between the stream's steps

@@ -119,3 +119,34 @@ def test_plan_command(
     )
     assert "8192 tokens" in capsys.readouterr().out
     assert main(["plan", str(path), "--budget", "8GiB"]) == 3  # bf16 8B on 8 GiB: does not fit
+
+
+async def test_plan_command_prints_what_the_engine_allocates(
+    registry: Registry, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`ollama-compact plan` and the engine's load share one planner call with the same
+    inputs: the sequences x context it prints are the cache the engine then allocates."""
+    import re
+
+    from ollama_compact_server.cli import main
+
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    config = json.loads((tiny_models["llama"] / "config.json").read_text())
+    weights = weight_bytes(config, "float32")
+    per_token = kv_bytes_per_token(config, "float32")
+    budget = weights + 5 * 256 * per_token + 200 * per_token  # 5 sequences and some spare
+    for key, value in {"DTYPE": "float32", "CONTEXT_LENGTH": "256", "NUM_PARALLEL": "16"}.items():
+        monkeypatch.setenv(f"OCS_{key}", value)
+    argv = ["plan", "tiny", "--models", str(registry.root), "--budget", str(budget)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    printed = re.search(r"(\d+) sequences × (\d+) tokens", capsys.readouterr().out)
+    assert printed is not None
+    sequences, context = int(printed[1]), int(printed[2])
+    assert (sequences, context) == (5, 256)
+    engine = engine_for(registry, budget, context=256, parallel=16)
+    try:
+        await collect(engine, request("tiny", PROMPTS[0], greedy(2)))
+        cache = engine.device_loop.workers["tiny"].runner.cache
+        assert (cache.slots, cache.capacity) == (sequences, context)
+    finally:
+        engine.close()

@@ -151,7 +151,8 @@ async def test_out_of_memory_preempts_the_youngest_and_resumes_it(
     engine = make_engine(tiny_models, slots=4)
     try:
         solo = [(await collect(engine, request("llama", p, greedy(24))))[0] for p in PROMPTS[:4]]
-        runner = engine.device_loop.workers["llama"].runner
+        worker = engine.device_loop.workers["llama"]
+        runner = worker.runner
         real = runner.decode
         state = {"ooms": 0}
 
@@ -161,12 +162,27 @@ async def test_out_of_memory_preempts_the_youngest_and_resumes_it(
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             return real(slots, tokens, positions, loras)
 
+        real_preempt = worker.preempt
+        victims: list[tuple[str, list[str]]] = []  # (preempted, running youngest first)
+
+        def preempt(seq) -> None:
+            youngest_first = sorted(worker.running, key=lambda s: -s.submitted)
+            victims.append((seq.request.request_id, [s.request.request_id for s in youngest_first]))
+            real_preempt(seq)
+
         runner.decode = decode  # type: ignore[method-assign]
-        results = await asyncio.gather(
-            *(collect(engine, request("llama", p, greedy(24))) for p in PROMPTS[:4])
+        worker.preempt = preempt  # type: ignore[method-assign]
+        results = await asyncio.wait_for(  # a preemption livelock fails, not hangs
+            asyncio.gather(
+                *(collect(engine, request("llama", p, greedy(24))) for p in PROMPTS[:4])
+            ),
+            120,
         )
         runner.decode = real  # type: ignore[method-assign]
-        assert state["ooms"] > 0
+        worker.preempt = real_preempt  # type: ignore[method-assign]
+        assert state["ooms"] > 0 and victims
+        for victim, running in victims:  # always the youngest of the running requests
+            assert victim == running[0], victims
         for (tokens, _, final), expected in zip(results, solo):
             assert final.finish_reason == FinishReason.LENGTH
             assert tokens == expected  # resumed by recompute: same greedy output

@@ -19,6 +19,7 @@ from ollama_compact_server.engine.planner import (
     format_plan,
     kv_bytes_per_token,
     plan_memory,
+    serving_plan,
     weight_bytes,
 )
 
@@ -156,6 +157,32 @@ def test_llama3_8b_int4_fits_16gib_with_nine_full_contexts() -> None:
     assert plan.sequences == 9
     assert plan.kv_bytes == 9 * 8192 * 131072 == 9 * GiB
     assert plan.weight_bytes + plan.kv_bytes + plan.activation_reserve <= plan.budget
+
+
+def test_serving_plan_takes_no_activation_reserve_from_the_budget() -> None:
+    """What the engine allocates and `plan` prints: OCS_MEMORY_BUDGET counts weights and KV
+    only, KV in the serving dtype. Llama-3-8B in int4 on 14 GiB holds eight 8k sequences
+    (the CLI used to take a 1.4 GiB reserve and print seven)."""
+    plan = serving_plan(
+        LLAMA3_8B,
+        budget=14 * GiB,
+        dtype="bfloat16",
+        weight_format="int4",
+        num_parallel=16,
+        context_length=8192,
+    )
+    assert plan.activation_reserve == 0 and plan.kv_dtype == "bfloat16"
+    assert (plan.sequences, plan.context) == (8, 8192)
+    assert plan.weight_bytes + plan.kv_bytes <= 14 * GiB
+    small = serving_plan(
+        LLAMA3_8B,
+        budget=6 * GiB,
+        dtype="bfloat16",
+        weight_format="int4",
+        num_parallel=16,
+        context_length=8192,
+    )
+    assert small.fits and small.context < 8192  # shrunk to fit, not below 512
 
 
 def test_adapters_reduce_sequences() -> None:

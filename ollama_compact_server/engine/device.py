@@ -59,3 +59,14 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def planned_dtype(setting: str, device: str) -> str:
+    """The serving dtype's name for a plan made away from the device: the setting, or what
+    auto would pick there (bfloat16 on CUDA, as on any card since Ampere; on the CPU what
+    :func:`resolve_dtype` picks on this machine)."""
+    if setting != "auto":
+        return setting
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return dtype_name(resolve_dtype("auto", torch.device("cpu")))

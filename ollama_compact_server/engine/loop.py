@@ -193,9 +193,33 @@ class DeviceLoop:
         worked = self._drain_inbox()
         worked = self._service_loads() or worked
         for worker in list(self.workers.values()):
-            worked = worker.step() or worked
+            try:
+                worked = worker.step() or worked
+            except Exception as exc:  # one model's fault must not stop the others
+                self._worker_failed(worker, exc)
+                worked = True
         self._expire()
         return worked
+
+    def _worker_failed(self, worker: ModelWorker, exc: Exception) -> None:
+        """A fault the worker could not pin on one request: every request of that model
+        ends with an error event, and the model is unloaded (its slots and caches may no
+        longer agree), so the next request for it starts from a fresh load."""
+        log.error(
+            "step of %s failed; ending its requests and unloading it",
+            worker.name,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        message = f"generation failed: {exc.__class__.__name__}"
+        seqs = {id(s): s for s in [*worker.sequences(), *worker.by_slot.values()]}
+        for seq in seqs.values():
+            if not seq.finished:
+                seq.finished = True
+                self.stats.finished[FinishReason.ERROR.value] += 1
+                seq.mailbox.put(error_event(message, 500))
+        worker.fail_waits(message, 500)
+        if self.workers.get(worker.name) is worker:
+            self._evict(worker, "after a failed step")
 
     def _drain_inbox(self) -> bool:
         worked = False

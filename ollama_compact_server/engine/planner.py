@@ -378,6 +378,50 @@ def plan_memory(
     )
 
 
+SERVING_MIN_CONTEXT = 512  # the engine shrinks the context down to this before giving up
+
+
+def model_context(config: dict[str, Any]) -> int:
+    """The model's own context length from its config (0 when it names none)."""
+    return _arch(config).max_positions
+
+
+def serving_plan(
+    config: dict[str, Any],
+    *,
+    budget: int,
+    dtype: str,
+    weight_format: str | None = None,
+    num_parallel: int,
+    context_length: int,
+    adapters: int = 0,
+    adapter_rank: int = 16,
+) -> Plan:
+    """The plan the engine allocates when it loads a model, and what `ollama-compact plan`
+    prints: the one place that turns settings into planner inputs.
+
+    ``budget`` counts weights, adapters and KV only (OCS_MEMORY_BUDGET; its CUDA default
+    leaves the room for activations), so no activation reserve is taken from it. The KV
+    cache is kept in the serving ``dtype``; weights in ``weight_format`` (default: that
+    dtype). The context is ``context_length`` capped by the model's own, halved down to
+    512 tokens when not one sequence fits."""
+    context = min(context_length, model_context(config) or context_length)
+    plan = plan_memory(
+        config,
+        budget=max(budget, 0),
+        kv_dtype=dtype,
+        weight_format=weight_format or dtype,
+        num_parallel=num_parallel,
+        context=context,
+        min_context=min(SERVING_MIN_CONTEXT, context),
+        adapters=adapters,
+        adapter_rank=adapter_rank,
+        activation_reserve=0,
+    )
+    plan.notes.append("the budget holds weights, adapters and KV; activations need room beyond it")
+    return plan
+
+
 def default_budget(
     device: str, *, total_device_memory: int | None = None, total_ram: int | None = None
 ) -> int:

@@ -13,7 +13,7 @@ from ..modeling.lora import LoraWeights, read_peft_adapter
 from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import ModelRecord, Registry
 from .adapters import AdapterRef, Target
-from .planner import format_plan, plan_memory
+from .planner import Plan, format_plan, plan_memory, serving_plan
 from .types import EngineError
 from .worker import LoadedModel
 
@@ -101,18 +101,22 @@ class RegistrySizing:
         self,
         registry: Registry,
         *,
-        dtype: torch.dtype,
+        dtype: torch.dtype | str,
         num_parallel: int,
         context_length: int,
         max_loras: int = 0,
     ) -> None:
         self.registry = registry
         self.max_loras = max_loras
-        self.dtype_name = {
-            torch.float32: "float32",
-            torch.bfloat16: "bfloat16",
-            torch.float16: "float16",
-        }[dtype]
+        self.dtype_name = (
+            dtype
+            if isinstance(dtype, str)
+            else {
+                torch.float32: "float32",
+                torch.bfloat16: "bfloat16",
+                torch.float16: "float16",
+            }[dtype]
+        )
         self.num_parallel = num_parallel
         self.context_length = context_length
 
@@ -169,24 +173,26 @@ class RegistrySizing:
         )
         return plan.weight_bytes + plan.kv_bytes
 
-    def plan(self, name: str, loaded: LoadedModel, available: int | None) -> tuple[int, int]:
-        config = loaded.model.config.to_dict()
-        context = self.context_for(config)
-        if available is None:
-            return self.num_parallel, context
+    def plan_for(self, name: str, config: dict[str, Any], budget: int) -> Plan:
+        """The plan for registry model ``name`` (``config``: its config.json) in ``budget``
+        bytes: what the engine allocates and `ollama-compact plan` prints."""
         adapters, rank = self.adapters_of(name)
-        plan = plan_memory(
+        return serving_plan(
             config,
-            budget=max(available, 0),
-            kv_dtype=self.dtype_name,
+            budget=budget,
+            dtype=self.dtype_name,
             weight_format=self.weight_format(name),
             num_parallel=self.num_parallel,
-            context=context,
-            min_context=min(512, context),
+            context_length=self.context_length,
             adapters=adapters,
             adapter_rank=rank,
-            activation_reserve=0,
         )
+
+    def plan(self, name: str, loaded: LoadedModel, available: int | None) -> tuple[int, int]:
+        config = loaded.model.config.to_dict()
+        if available is None:
+            return self.num_parallel, self.context_for(config)
+        plan = self.plan_for(name, config, available)
         log.info("memory plan for %s:\n%s", name, format_plan(plan, name))
         if not plan.fits:
             raise EngineError(

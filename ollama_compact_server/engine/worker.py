@@ -298,16 +298,33 @@ class ModelWorker:
             )
         except Exception as exc:
             if is_oom(exc) and self.running:
-                self.preempt(max(self.running, key=lambda s: s.submitted))
+                self.preempt(self._youngest_running())
                 for seq in reversed(batch):  # they wait again, in order
                     self._release(seq)
                     self.waiting.appendleft(seq)
                 return
-            log.exception("prefill failed for %d requests", len(batch))
+            if len(batch) == 1:
+                self._fail(batch[0], "prefill failed", exc)
+                return
+            log.warning(
+                "prefill of %d prompts failed (%s); retrying them one by one",
+                len(batch),
+                exc.__class__.__name__,
+            )
             for seq in batch:
-                self.finish(seq, FinishReason.ERROR, error=error_text("prefill failed", exc))
+                started = time.perf_counter()
+                try:
+                    logits = self.runner.prefill_batch([seq.slot], [seq.prefill_ids], [seq.lora])
+                except Exception as alone:
+                    self._fail(seq, "prefill failed", alone)
+                    continue
+                self._prefilled([seq], logits, time.perf_counter() - started)
             return
-        elapsed = time.perf_counter() - started
+        self._prefilled(batch, logits, time.perf_counter() - started)
+
+    def _prefilled(self, batch: list[Sequence], logits: torch.Tensor, elapsed: float) -> None:
+        """After whole prompts went in (logits: [B, V], one row per sequence): resumed
+        sequences run again; fresh ones take their first token."""
         fresh = []
         for row, seq in enumerate(batch):
             seq.prefilled = seq.cached = len(seq.prefill_ids)
@@ -318,16 +335,9 @@ class ModelWorker:
                 fresh.append((row, seq))
         if fresh:
             rows = [row for row, _ in fresh]
-            chosen = constrain(logits[rows], [s for _, s in fresh])
-            tokens = sample(
-                chosen, [s.request.sampling for _, s in fresh], [s.state for _, s in fresh]
-            )
-            scores = self._scores(logits[rows], [s for _, s in fresh], tokens)
-            now = time.perf_counter()
-            for (_, seq), token, score in zip(fresh, tokens, scores):
-                seq.first_token = now
-                if not self.accept(seq, token, score):
-                    self.running.append(seq)
+            seqs = [s for _, s in fresh]
+            self._postprocess(logits[rows], seqs)
+            self.running.extend(s for s in seqs if not s.finished)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         started = time.perf_counter()
@@ -346,7 +356,7 @@ class ModelWorker:
                 logits = self.runner.prefill(seq.slot, chunk, seq.prefilled, lora=seq.lora)
         except Exception as exc:  # a failing request fails alone
             if is_oom(exc) and self.running:
-                self.preempt(max(self.running, key=lambda s: s.submitted))
+                self.preempt(self._youngest_running())
                 return
             log.exception("prefill failed for %s", seq.request.request_id)
             self.finish(seq, FinishReason.ERROR, error=error_text("prefill failed", exc))
@@ -365,10 +375,8 @@ class ModelWorker:
             seq.prompt_scores = None
             self.finish(seq, FinishReason.LENGTH)
             return
-        token = sample(constrain(logits, [seq]), [seq.request.sampling], [seq.state])[0]
-        seq.first_token = time.perf_counter()
-        score = self._scores(logits, [seq], [token])[0]
-        if not self.accept(seq, token, score):
+        self._postprocess(logits, [seq])
+        if not seq.finished:
             self.running.append(seq)
 
     def _decode_step(self, batch: list[Sequence]) -> None:
@@ -382,24 +390,23 @@ class ModelWorker:
                 [s.position for s in batch],
                 [s.lora for s in batch],
             )
-            tokens = sample(
-                constrain(logits, batch),
-                [s.request.sampling for s in batch],
-                [s.state for s in batch],
-            )
         except Exception as exc:
             if is_oom(exc) and len(batch) > 1:
-                # out of memory: the youngest request steps back and resumes later
-                self.preempt(max(batch, key=lambda s: s.submitted))
-                return
+                # out of memory: running requests step back, youngest first, to resume
+                # later, until this batch is a row smaller. The youngest may have been
+                # prefilled this step, outside this batch: preempting it alone would let it
+                # come straight back while the same batch fails again.
+                while True:
+                    victim = self._youngest_running()
+                    self.preempt(victim)
+                    if victim in batch:
+                        return
             log.exception("decode step failed; retrying its %d rows one by one", len(batch))
             self._decode_rows_alone(batch)
             return
         for seq in batch:
             seq.cached = seq.position + 1
-        scores = self._scores(logits, batch, tokens)
-        for seq, token, score in zip(batch, tokens, scores):
-            self.accept(seq, token, score)
+        self._postprocess(logits, batch)
 
     def _decode_rows_alone(self, batch: list[Sequence]) -> None:
         for seq in batch:
@@ -407,14 +414,51 @@ class ModelWorker:
                 logits = self.runner.decode(
                     [seq.slot], [seq.generated[-1]], [seq.position], [seq.lora]
                 )
-                token = sample(constrain(logits, [seq]), [seq.request.sampling], [seq.state])[0]
             except Exception as exc:
-                self.finish(
-                    seq, FinishReason.ERROR, error=f"generation failed: {exc.__class__.__name__}"
-                )
+                self._fail(seq, "generation failed", exc)
                 continue
             seq.cached = seq.position + 1
-            self.accept(seq, token)
+            self._postprocess(logits, [seq])
+
+    def _postprocess(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Samples, scores and accepts one new token per row (logits: [B, V]). A row whose
+        sampling, detokenizing, stop matching or constraint fails ends alone with an error
+        event (and frees its slot); a failure of the batched sampling is retried row by row,
+        so it is pinned on the rows that cause it."""
+        try:
+            tokens = sample(
+                constrain(logits, seqs),
+                [s.request.sampling for s in seqs],
+                [s.state for s in seqs],
+            )
+            scores = self._scores(logits, seqs, tokens)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail(seqs[0], "sampling failed", exc)
+                return
+            log.warning(
+                "sampling %d rows failed (%s); retrying them one by one",
+                len(seqs),
+                exc.__class__.__name__,
+            )
+            for row, seq in enumerate(seqs):
+                self._postprocess(logits[row : row + 1], [seq])
+            return
+        now = time.perf_counter()
+        for seq, token, score in zip(seqs, tokens, scores):
+            if not seq.first_token:
+                seq.first_token = now
+            try:
+                self.accept(seq, token, score)
+            except Exception as exc:
+                self._fail(seq, "postprocessing the new token failed", exc)
+
+    def _fail(self, seq: Sequence, what: str, exc: BaseException) -> None:
+        """Ends one request with an error event after a fault that is its own."""
+        log.error(
+            "%s for %s", what, seq.request.request_id, exc_info=(type(exc), exc, exc.__traceback__)
+        )
+        self.finish(seq, FinishReason.ERROR, error=error_text(what, exc))
 
     def accept(self, seq: Sequence, token: int, score: TokenLogprob | None = None) -> bool:
         """Postprocess one new token; returns True when the sequence finished."""
@@ -492,11 +536,19 @@ class ModelWorker:
         if seq.finished:
             return
         seq.finished = True
-        self.stats.finished[reason.value] += 1
         tail = ""
         if flush:
-            held, stopped = seq.stops.feed(seq.detok.flush())
-            tail = held + ("" if stopped else seq.stops.flush())
+            try:
+                held, stopped = seq.stops.feed(seq.detok.flush())
+                tail = held + ("" if stopped else seq.stops.flush())
+            except Exception as exc:  # the request still ends, and frees its slot
+                log.error(
+                    "detokenizing the end of %s failed",
+                    seq.request.request_id,
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
+                reason, error = FinishReason.ERROR, error_text("detokenizing failed", exc)
+        self.stats.finished[reason.value] += 1
         self._release(seq)
         now = time.perf_counter()
         counted = [t for t in seq.generated if reason != FinishReason.STOP or t not in seq.stop_ids]
@@ -514,6 +566,10 @@ class ModelWorker:
                 total_time=now - seq.submitted,
             )
         )
+
+    def _youngest_running(self) -> Sequence:
+        """The running request that arrived last: the one preemption picks."""
+        return max(self.running, key=lambda s: s.submitted)
 
     def preempt(self, seq: Sequence) -> None:
         """Gives up a running sequence's cache; it waits at the head of the queue and is

@@ -1,0 +1,149 @@
+"""The sampler on small logits, checked against hand computations: min_p, repeat_penalty
+with repeat_last_n, presence and frequency penalties; rows of NaN or -inf logits give valid
+token ids."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ollama_compact_server.engine.sampler import RowState, apply_penalties, sample
+from ollama_compact_server.engine.types import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+def params(**values) -> SamplingParams:
+    """Neutral settings (no penalty, no truncation) except what the test names."""
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=1)
+    return SamplingParams(**{**base, **values})
+
+
+def state(p: SamplingParams, history: list[int], generated: list[int] = ()) -> RowState:
+    row = RowState(p, history, CPU)
+    for token in generated:
+        row.append(token)
+    return row
+
+
+def drawn_distribution(
+    monkeypatch: pytest.MonkeyPatch, logits: list[float], p: SamplingParams, row: RowState
+) -> list[float]:
+    """The (normalised) distribution the sampler draws from for one row."""
+    seen: list[torch.Tensor] = []
+    real = torch.multinomial
+
+    def spy(probs: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
+        seen.append(probs.clone())
+        return real(probs, n, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    sample(torch.tensor([logits]), [p], [row])
+    assert len(seen) == 1
+    return seen[0].tolist()
+
+
+def softmax(values: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_best(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logits = [2.0, 1.0, 0.0, -3.0]
+    probs = softmax(logits)  # 0.662, 0.244, 0.090, 0.004
+    p = params(min_p=0.3)  # threshold 0.3 * 0.662 = 0.199: tokens 0 and 1 survive
+    kept = probs[0] + probs[1]
+    expected = [probs[0] / kept, probs[1] / kept, 0.0, 0.0]
+    got = drawn_distribution(monkeypatch, logits, p, state(p, [9]))
+    assert got == pytest.approx(expected, abs=1e-6)
+    # with temperature 2 the distribution flattens: token 2 now passes the threshold
+    p = params(min_p=0.3, temperature=2.0)
+    probs = softmax([v / 2 for v in logits])  # 0.506, 0.307, 0.186, 0.041
+    kept = sum(probs[:3])
+    expected = [probs[0] / kept, probs[1] / kept, probs[2] / kept, 0.0]
+    got = drawn_distribution(monkeypatch, logits, p, state(p, [9]))
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_repeat_penalty_reads_the_last_n_tokens() -> None:
+    logits = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0])
+    history = [0, 1, 4, 2, 3, 1]  # prompt and generated tokens, oldest first
+    p = params(repeat_penalty=2.0, repeat_last_n=3)  # window [2, 3, 1]
+    got = apply_penalties(logits.clone(), p, state(p, history)).tolist()
+    # positive logits are divided by the penalty, negative ones multiplied
+    assert got == pytest.approx([1.0, 2.0 / 2, -1.0 * 2, 0.5 / 2, 3.0])
+    p = params(repeat_penalty=2.0, repeat_last_n=-1)  # -1: the whole history
+    got = apply_penalties(logits.clone(), p, state(p, history)).tolist()
+    assert got == pytest.approx([1.0 / 2, 2.0 / 2, -1.0 * 2, 0.5 / 2, 3.0 / 2])
+    p = params(repeat_penalty=2.0, repeat_last_n=0)  # 0: off
+    assert apply_penalties(logits.clone(), p, state(p, history)).tolist() == logits.tolist()
+    # a generated token enters the window too
+    p = params(repeat_penalty=2.0, repeat_last_n=1)
+    got = apply_penalties(logits.clone(), p, state(p, history, generated=[4])).tolist()
+    assert got == pytest.approx([1.0, 2.0, -1.0, 0.5, 3.0 / 2])
+
+
+def test_repeat_penalty_changes_the_greedy_choice() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.0]])
+    p = params(temperature=0.0, repeat_penalty=2.0, repeat_last_n=1)
+    assert sample(logits, [p], [state(p, [1])]) == [2]  # 3 / 2 = 1.5 < 2
+    assert sample(logits, [p], [state(p, [1, 0])]) == [1]  # token 1 left the window
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens() -> None:
+    logits = torch.zeros(5)
+    p = params(presence_penalty=0.5, frequency_penalty=0.25)
+    row = state(p, [4, 4], generated=[1, 1, 2])  # the prompt's 4 is not counted
+    got = apply_penalties(logits.clone(), p, row).tolist()
+    # logit - presence * [count > 0] - frequency * count
+    assert got == pytest.approx([0.0, -0.5 - 2 * 0.25, -0.5 - 1 * 0.25, 0.0, 0.0])
+    # negative values encourage repetition
+    p = params(presence_penalty=-1.0, frequency_penalty=-0.5)
+    got = apply_penalties(logits.clone(), p, state(p, [], generated=[3, 3])).tolist()
+    assert got == pytest.approx([0.0, 0.0, 0.0, 1.0 + 2 * 0.5, 0.0])
+
+
+def test_penalties_combine_in_the_drawn_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = [1.0, 1.0, 1.0]
+    p = params(repeat_penalty=2.0, repeat_last_n=64, presence_penalty=0.5, frequency_penalty=0.5)
+    row = state(p, [0], generated=[1])  # history [0, 1]; token 1 generated once
+    # token 0: 1 / 2; token 1: 1 / 2 - 0.5 - 0.5; token 2: 1
+    expected = softmax([0.5, -0.5, 1.0])
+    got = drawn_distribution(monkeypatch, logits, p, row)
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+BAD_ROWS = {
+    "nan": [float("nan")] * 6,
+    "-inf": [float("-inf")] * 6,
+    "+inf": [float("inf")] * 6,
+    "mixed": [float("nan"), float("-inf"), float("inf"), float("nan"), 1.0, float("-inf")],
+}
+SETTINGS = {
+    "greedy": dict(temperature=0.0),
+    "greedy penalised": dict(temperature=0.0, repeat_penalty=1.5, presence_penalty=1.0),
+    "sampled": dict(temperature=0.7, top_k=3, top_p=0.9, min_p=0.1),
+    "sampled penalised": dict(
+        temperature=0.7, repeat_penalty=1.3, frequency_penalty=2.0, logit_bias={2: 5.0}
+    ),
+    "tiny temperature": dict(temperature=1e-30, top_k=0),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_ROWS)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_bad_logit_rows_give_valid_tokens(bad: str, setting: str) -> None:
+    """A row of NaN / infinite logits beside a healthy row: a valid id for the bad row,
+    the healthy row's greedy choice unchanged."""
+    p = params(**SETTINGS[setting])
+    healthy = params(temperature=0.0)
+    logits = torch.tensor([BAD_ROWS[bad], [0.0, 0.1, 0.2, 5.0, 0.3, 0.4]])
+    rows = [state(p, [1, 2], generated=[2, 3]), state(healthy, [1])]
+    tokens = sample(logits, [p, healthy], rows)
+    assert 0 <= tokens[0] < 6 and tokens[1] == 3
+    if bad == "mixed" and p.greedy and not p.penalised:
+        assert tokens[0] == 2  # +inf is the best score
