@@ -147,3 +147,13 @@ def test_bad_logit_rows_give_valid_tokens(bad: str, setting: str) -> None:
     assert 0 <= tokens[0] < 6 and tokens[1] == 3
     if bad == "mixed" and p.greedy and not p.penalised:
         assert tokens[0] == 2  # +inf is the best score
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_a_nan_row_still_obeys_its_grammar_mask(setting: str) -> None:
+    """Structured output masks forbidden tokens with -inf; if the model's scores went NaN,
+    the fallback must still pick an allowed token, not whatever sits at index 0."""
+    p = params(**SETTINGS[setting])
+    row = torch.full((6,), float("nan"))
+    row[[0, 1, 2, 3, 5]] = float("-inf")  # only token 4 is allowed
+    assert sample(row.view(1, -1), [p], [state(p, [1, 2], generated=[2, 3])]) == [4]

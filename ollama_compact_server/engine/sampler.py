@@ -63,6 +63,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, state: RowState) ->
         logits = apply_penalties(logits.clone(), params, state)
     if params.greedy:
         return int(torch.argmax(logits))
+    scores = logits  # before the temperature, which can overflow them all to -inf
     logits = logits / params.temperature
     ids: torch.Tensor | None = None
     if 0 < params.top_k < logits.shape[-1]:
@@ -80,9 +81,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, state: RowState) ->
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     total = probs.sum()
     if not torch.isfinite(total) or total <= 0:
-        pick = int(torch.argmax(logits))
-    else:
-        pick = int(torch.multinomial(probs.cpu() / total.cpu(), 1, generator=state.generator))
+        return int(torch.argmax(scores))  # nothing left to draw from: the best score
+    pick = int(torch.multinomial(probs.cpu() / total.cpu(), 1, generator=state.generator))
     return int(ids[pick]) if ids is not None else pick
 
 
@@ -97,7 +97,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[RowS
         if not bool(torch.isnan(values).any()):
             return [int(t) for t in picks.tolist()]
     logits = logits.float()
-    logits = torch.nan_to_num(logits, nan=-1e30, posinf=1e30, neginf=-1e30)
+    # NaN ranks just above -inf: a structured-output mask writes -inf, so a row that went
+    # NaN still picks a token its grammar allows
+    logits = torch.nan_to_num(logits, nan=-1e29, posinf=1e30, neginf=-1e30)
     chosen: list[int] = [0] * len(params)
     if fast:
         picks = torch.argmax(logits[fast], dim=-1)
