@@ -225,3 +225,30 @@ async def test_adapters_that_do_not_fit_are_refused_at_create_time(
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert tree_hash(registry.root) == before
+
+
+async def test_deleting_an_adapter_model_frees_its_slot(registry: Registry) -> None:
+    """`ollama rm` of an adapter model: its weights leave the base's device slot at once
+    (the base and the other adapters stay); /api/ps no longer lists it."""
+    import asyncio
+
+    async with serve_app(registry, dtype="float32") as served:
+        raw = served.raw
+        await generate(raw, "pirate")
+        await generate(raw, "poet")
+        names = {m["name"] for m in (await raw.get("/api/ps")).json()["models"]}
+        assert {"pirate:latest", "poet:latest"} <= names
+        worker = served.engine.device_loop.workers["tiny:latest"]
+        key = worker.adapters.current["pirate:latest"]
+        r = await raw.request("DELETE", "/api/delete", json={"model": "pirate"})
+        assert r.status_code == 200
+        for _ in range(100):
+            resident = {name for name, _, _ in worker.adapters.resident()}
+            if "pirate:latest" not in resident:
+                break
+            await asyncio.sleep(0.05)
+        assert resident == {"poet:latest"}
+        assert worker.adapters.slot_of(key) < 0 and key not in worker.adapters.host
+        names = {m["name"] for m in (await raw.get("/api/ps")).json()["models"]}
+        assert names == {"tiny:latest", "poet:latest"}
+        assert await generate(raw, "poet")  # the other adapter still serves

@@ -245,6 +245,13 @@ class AdapterSlots:
             self.stats.host_evictions += 1
         self._forget()
 
+    def forget(self, name: str) -> None:
+        """``name`` left the registry: the weights it named go as soon as nothing uses them
+        (unless another adapter model shares them)."""
+        if name in self.current:
+            self.current[name] = ""  # names no weights, so what it named is stale
+            self._purge(set())
+
     def drop(self, key: str) -> None:
         """Forgets an adapter (an unload request): its idle device slot and host copy."""
         index = self.slot_of(key)

@@ -384,8 +384,11 @@ class DeviceLoop:
         if self.resolver is not None:
             try:
                 target = self.resolver(name)
-            except Exception:
-                target = Target(name)
+            except Exception:  # gone from the registry (deleted): an adapter model's
+                target = Target(name)  # weights leave their base once idle
+                for resident in self.workers.values():
+                    if resident.adapters is not None:
+                        resident.adapters.forget(name)
             if target.adapter is not None:
                 worker = self.workers.get(target.model)
                 if worker is not None and worker.adapters is not None:
