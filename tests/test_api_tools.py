@@ -137,3 +137,71 @@ async def test_openai_tool_calls(env) -> None:
     assert plain.choices[0].message.content == SCRIPT  # no tools offered: text is text
     with pytest.raises(openai.BadRequestError):
         await oai.chat.completions.create(model="plain", messages=ASK, tools=[WEATHER])
+
+
+CITY = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {  # no free-form arguments: a random-weight model would fill them until max_tokens
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+
+
+async def test_tool_choice_forces_a_call_on_the_real_engine(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """tool_choice "required" or a named function: even a random-weight model answers with
+    a well-formed call (the grammar allows nothing else); "auto" leaves it free."""
+    registry = Registry(tmp_path / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "agent", template=TEMPLATE)
+    async with serve_app(registry, dtype="float32") as served:
+        client = served.openai
+        for choice, names in (
+            ("required", {"get_weather", "get_time"}),
+            ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+        ):
+            for seed in (1, 2):
+                r = await client.chat.completions.create(
+                    model="agent", messages=ASK, tools=[CITY, TIME], tool_choice=choice,
+                    max_tokens=200, temperature=1.0, seed=seed,
+                )  # fmt: skip
+                call = r.choices[0].message.tool_calls[0]
+                assert r.choices[0].finish_reason == "tool_calls"
+                assert call.function.name in names
+                arguments = json.loads(call.function.arguments)
+                if call.function.name == "get_weather":
+                    assert arguments["city"] in ("Paris", "Rome")
+        stream = await client.chat.completions.create(
+            model="agent", messages=ASK, tools=[CITY], tool_choice="required",
+            max_tokens=200, stream=True,
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        assert calls and calls[0].function.name == "get_weather"
+        for bad, message in (
+            ({"type": "function", "function": {"name": "nope"}}, "not among the tools"),
+            ("required", "requires tools"),
+        ):
+            with pytest.raises(openai.BadRequestError, match=message):
+                await client.chat.completions.create(
+                    model="agent", messages=ASK, tool_choice=bad, max_tokens=5,
+                    tools=[CITY] if message != "requires tools" else openai.NOT_GIVEN,
+                )  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            await client.chat.completions.create(
+                model="agent", messages=ASK, tools=[CITY], tool_choice="required",
+                response_format={"type": "json_object"}, max_tokens=5,
+            )  # fmt: skip

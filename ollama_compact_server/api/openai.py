@@ -27,6 +27,7 @@ from ..chat.tools import (
     ToolError,
     ToolStream,
     check_tools,
+    forced_call,
     parse_tool_calls,
     template_tool_calls,
 )
@@ -677,6 +678,13 @@ async def chat_completions(request: Request) -> Response:
     messages = _messages(body.get("messages"))
     tools = _tools(body, view)
     sampling = _sampling(service, view, body, ("max_tokens", "max_completion_tokens"))
+    forced = _forced_call(body, tools)
+    if forced is not None:
+        if sampling.json_schema is not None:
+            raise APIError(
+                400, "response_format cannot be combined with a tool_choice that forces a call"
+            )
+        sampling.json_schema, sampling.json_wrap = forced
     await _check_bias_vocab(service, view, sampling)
     think = None
     if "thinking" in view.record.config.capabilities:
@@ -701,6 +709,23 @@ def _tools(body: dict[str, Any], view: ModelView) -> list[dict[str, Any]] | None
     if "tools" not in view.record.config.capabilities:
         raise APIError(400, f"model `{view.name}` does not support tools")
     return tools
+
+
+def _forced_call(
+    body: dict[str, Any], tools: list[dict[str, Any]] | None
+) -> tuple[str, tuple[str, str]] | None:
+    """tool_choice "required" or a named function: the grammar that makes the model call
+    (one of) them; None where the model chooses."""
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("none", "auto"):
+        return None
+    if not tools:
+        raise APIError(400, "tool_choice requires tools")
+    name = choice["function"]["name"] if isinstance(choice, dict) else None
+    try:
+        return forced_call(tools, name)
+    except ToolError as exc:
+        raise APIError(400, str(exc)) from None
 
 
 def _openai_tool_calls(calls: list[ToolCall], streaming: bool = False) -> list[dict[str, Any]]:

@@ -143,3 +143,26 @@ def template_tool_calls(calls: Any) -> list[dict[str, Any]]:
             {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
         )
     return out
+
+
+def forced_call(tools: list[dict[str, Any]], name: str | None) -> tuple[str, tuple[str, str]]:
+    """The JSON schema (as text) and the wrapping tags that force one call, in the Hermes
+    form, of the tool ``name`` or of any of ``tools`` (OpenAI's tool_choice "required").
+    Compact JSON: a forced call has no use for the whitespace a grammar would allow."""
+    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
+    if not chosen:
+        raise ToolError(f"tool_choice names '{name}', which is not among the tools")
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in chosen
+    ]
+    schema = {"anyOf": options, "x-guidance": {"whitespace_flexible": False}}
+    return json.dumps(schema), (OPEN, CLOSE)

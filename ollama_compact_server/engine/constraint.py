@@ -1,5 +1,6 @@
-"""Structured output: JSON (any object, or a JSON schema) enforced token by token with
-llguidance, by masking the logits of tokens that cannot continue valid output."""
+"""Structured output: JSON (any object, or a JSON schema, optionally between fixed texts such
+as a forced tool call's tags) enforced token by token with llguidance, by masking the logits
+of tokens that cannot continue valid output."""
 
 from __future__ import annotations
 
@@ -12,15 +13,21 @@ import torch
 from .types import EngineError
 
 
-def grammar_for(schema: str) -> str:
-    """An llguidance grammar for a JSON schema given as text; raises EngineError (400)."""
+def grammar_for(schema: str, wrap: tuple[str, str] | None = None) -> str:
+    """An llguidance grammar for a JSON schema given as text, optionally between fixed
+    texts (``wrap``: before, after; a forced tool call's tags); raises EngineError (400)."""
     import llguidance
 
     try:
         json.loads(schema)
     except json.JSONDecodeError:
         raise EngineError("the JSON schema is not valid JSON") from None
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+    if wrap is None:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+    else:
+        before, after = (json.dumps(text) for text in wrap)  # Lark string literals
+        lark = f"start: {before} value {after}\nvalue: %json {schema}"
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     problem = llguidance.LLMatcher.validate_grammar(grammar)
     if problem:
         raise EngineError(f"unsupported JSON schema: {problem[:300]}")

@@ -459,7 +459,8 @@ class DeviceLoop:
         if params.json_schema is not None:
             try:
                 seq.constraint = JsonConstraint(
-                    worker.loaded.guided_tokenizer(), grammar_for(params.json_schema)
+                    worker.loaded.guided_tokenizer(),
+                    grammar_for(params.json_schema, params.json_wrap),
                 )
             except EngineError as exc:
                 item.mailbox.put(error_event(str(exc), 400))

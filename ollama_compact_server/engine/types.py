@@ -71,6 +71,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
     prompt_logprobs: bool = False  # also score every prompt token (echo, perplexity)
     json_schema: str | None = None  # structured output: JSON text of a schema
+    json_wrap: tuple[str, str] | None = None  # text forced before and after that JSON value
 
     def validate(self) -> None:
         """Raises :class:`EngineError` naming the first out-of-range or non-finite value."""
