@@ -75,6 +75,12 @@ class Mailbox:
                     events, self.pending = self.pending, []
                     self.ready.clear()
                     return merge(events)
+                # A wake can arrive after its events were taken (the consumer was already
+                # awake): the flag is then set with nothing pending. Clear it, or wait()
+                # returns at once, forever, without yielding: a spin that freezes the
+                # whole event loop until this request's next event. A put() after this
+                # point schedules a new wake, so none is lost.
+                self.ready.clear()
             await self.ready.wait()
 
 
