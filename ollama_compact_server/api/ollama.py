@@ -104,17 +104,11 @@ def list_entry(record: ModelRecord) -> dict[str, Any]:
 
 # the JSON types of each route's known fields (model / name are checked by model_field)
 KEEP_ALIVE = ("string", "number")
-GENERATE_FIELDS: dict[str, tuple[str, ...]] = {
-    "prompt": ("string",),
-    "suffix": ("string",),
-    "system": ("string",),
-    "template": ("string",),
-    "images": ("array",),
+# what /api/generate and /api/chat both take
+_RUN_FIELDS: dict[str, tuple[str, ...]] = {
     "format": ("string", "object"),
     "options": ("object",),
-    "context": ("array",),
     "stream": ("boolean",),
-    "raw": ("boolean",),
     "keep_alive": KEEP_ALIVE,
     "think": ("boolean", "string"),
     "logprobs": ("boolean",),
@@ -122,18 +116,20 @@ GENERATE_FIELDS: dict[str, tuple[str, ...]] = {
     "truncate": ("boolean",),
     "shift": ("boolean",),
 }
+GENERATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt": ("string",),
+    "suffix": ("string",),
+    "system": ("string",),
+    "template": ("string",),
+    "images": ("array",),
+    "context": ("array",),
+    "raw": ("boolean",),
+    **_RUN_FIELDS,
+}
 CHAT_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("array",),
     "tools": ("array",),
-    "format": ("string", "object"),
-    "options": ("object",),
-    "stream": ("boolean",),
-    "keep_alive": KEEP_ALIVE,
-    "think": ("boolean", "string"),
-    "logprobs": ("boolean",),
-    "top_logprobs": ("integer",),
-    "truncate": ("boolean",),
-    "shift": ("boolean",),
+    **_RUN_FIELDS,
 }
 EMBED_FIELDS: dict[str, tuple[str, ...]] = {
     "input": ("string", "array"),

@@ -98,10 +98,10 @@ def _group_params_chunk(
     best_q = torch.zeros(wg.shape, dtype=torch.int32)
     best_s = torch.zeros(lo.shape)
     best_z = torch.zeros(lo.shape)
-    for ratio in CLIP_RATIOS:
-        cl, ch = lo * ratio, hi * ratio
-        scale = _bf16(((ch - cl) / (levels - 1)).clamp(min=1e-10))
-        zero = _bf16(cl + mid * scale)
+
+    def consider(scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Rounds every group with this scale / zero and keeps it where the error falls."""
+        nonlocal best_err, best_q, best_s, best_z
         q = torch.clamp(torch.round((wg - zero[..., None]) / scale[..., None]) + mid, 0, levels - 1)
         err = (((q - mid) * scale[..., None] + zero[..., None] - wg) ** 2 * weight).sum(-1)
         better = err < best_err
@@ -109,6 +109,11 @@ def _group_params_chunk(
         best_q = torch.where(better[..., None], q.to(torch.int32), best_q)
         best_s = torch.where(better, scale, best_s)
         best_z = torch.where(better, zero, best_z)
+
+    for ratio in CLIP_RATIOS:
+        cl, ch = lo * ratio, hi * ratio
+        scale = _bf16(((ch - cl) / (levels - 1)).clamp(min=1e-10))
+        consider(scale, _bf16(cl + mid * scale))
     for _ in range(REFIT_STEPS):
         # Given the codes, the (weighted) least-squares scale and zero of each group have a
         # closed form; re-round with them and keep whichever is better, group by group.
@@ -121,14 +126,7 @@ def _group_params_chunk(
         scale = (sw * sxy - sx * sy) / torch.where(fit, det, torch.ones_like(det))
         fit &= scale > 0
         scale = _bf16(torch.where(fit, scale, best_s))
-        zero = _bf16(torch.where(fit, (sy - scale * sx) / sw.clamp(min=1e-30), best_z))
-        q = torch.clamp(torch.round((wg - zero[..., None]) / scale[..., None]) + mid, 0, levels - 1)
-        err = (((q - mid) * scale[..., None] + zero[..., None] - wg) ** 2 * weight).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_q = torch.where(better[..., None], q.to(torch.int32), best_q)
-        best_s = torch.where(better, scale, best_s)
-        best_z = torch.where(better, zero, best_z)
+        consider(scale, _bf16(torch.where(fit, (sy - scale * sx) / sw.clamp(min=1e-30), best_z)))
     return best_q.reshape(n, k), best_s, best_z
 
 
