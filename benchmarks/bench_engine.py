@@ -136,11 +136,21 @@ def say(message: str) -> None:
 # ------------------------------------------------------------------------------ setup
 
 
+def on_fresh_thread(fn: Any, *args: Any) -> Any:
+    """Runs torch work on a thread that exits afterwards, as the daemon does: a thread
+    that lives on keeps an OpenMP pool, and with more pooled threads than CPUs libgomp stops
+    spinning in every pool, which slows the engine's device thread (see
+    ollama_compact_server/threads.py). Every system here is measured that way."""
+    from ollama_compact_server.threads import run_on_fresh_thread
+
+    return run_on_fresh_thread(fn, *args).result()
+
+
 def load(registry: Any, model: str, dtype: torch.dtype) -> Any:
     from ollama_compact_server.engine.provider import RegistryProvider
 
     started = time.perf_counter()
-    loaded = RegistryProvider(registry, torch.device("cpu"), dtype)(model)
+    loaded = on_fresh_thread(RegistryProvider(registry, torch.device("cpu"), dtype), model)
     say(
         f"loaded {model} in {str(dtype).removeprefix('torch.')} in "
         f"{time.perf_counter() - started:.1f}s"
@@ -161,7 +171,7 @@ def open_registry(path: Path, model: str) -> Any:
         if model != DEFAULT_NAME:
             raise SystemExit(f"model {model!r} is not in the registry at {path}")
         say(f"{model} is not in {path}; importing it from the bundled package (about a minute)")
-        ensure_default_model(registry)
+        on_fresh_thread(ensure_default_model, registry)
     return registry
 
 
@@ -486,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         capacity,
         args.prefill_chunk,
     )
-    sequential, reference = bench_hf_sequential(loaded, args.dtype, prompts, args.new_tokens)
+    sequential, reference = on_fresh_thread(
+        bench_hf_sequential, loaded, args.dtype, prompts, args.new_tokens
+    )
     sequential.matches_hf_sequential = sequential.requests
     for r in results:
         r.matches_hf_sequential = matches(engine_outputs[r.concurrency], reference)
@@ -494,12 +506,16 @@ def main(argv: list[str] | None = None) -> int:
 
     static: dict[str, Result] = {}
     if args.dtype != "float32":
-        static[args.dtype], outs = bench_hf_static(loaded, args.dtype, texts, args.new_tokens)
+        static[args.dtype], outs = on_fresh_thread(
+            bench_hf_static, loaded, args.dtype, texts, args.new_tokens
+        )
         static[args.dtype].matches_hf_sequential = matches(outs, reference)
     del loaded
     gc.collect()
     fp32 = load(registry, args.model, torch.float32)
-    static["float32"], outs = bench_hf_static(fp32, "float32", texts, args.new_tokens)
+    static["float32"], outs = on_fresh_thread(
+        bench_hf_static, fp32, "float32", texts, args.new_tokens
+    )
     if args.dtype == "float32":
         static["float32"].matches_hf_sequential = matches(outs, reference)
     del fp32

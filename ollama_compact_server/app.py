@@ -21,6 +21,7 @@ from .engine.protocol import Engine
 from .registry.dropin import register_dropins
 from .registry.store import ProgressFn, Registry
 from .settings import Settings
+from .threads import to_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(startup_registry, registry, settings)
+        await to_fresh_thread(startup_registry, registry, settings)  # torch work: threads.py
         owned = engine is None
         app.state.engine = engine if engine is not None else build_engine(settings, registry)
         from .chat.service import ChatService

@@ -58,6 +58,7 @@ from ..registry.evals import read_eval
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from ..settings import parse_duration
+from ..threads import to_fresh_thread
 from .common import chat_service, check_fields, json_body, registry_of, stream_json
 from .errors import APIError
 
@@ -773,7 +774,7 @@ async def progress_response(
 
     async def work() -> None:
         try:
-            await asyncio.to_thread(run, report)
+            await to_fresh_thread(run, report)  # may run torch: threads.py
             await queue.put({"status": "success"})
         except RegistryError as exc:
             await queue.put({"error": str(exc), "_status": exc.status})
@@ -960,7 +961,7 @@ async def create(request: Request) -> Response:
         raise APIError(404, f"base model '{spec.from_}' not found")
     if spec.quantize and spec.from_:
         try:  # refusals that need no weights answer 400 before the stream starts
-            await asyncio.to_thread(
+            await to_fresh_thread(
                 precheck_compression, registry, spec.from_, spec.quantize, spec.quantize_options
             )
         except SchemeError as exc:

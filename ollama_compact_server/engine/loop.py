@@ -10,12 +10,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 
+from ..threads import FreshThreadExecutor
 from .adapters import AdapterLoader, AdapterRef, AdapterSlots, Target
 from .constraint import JsonConstraint, grammar_for
 from .detok import Detokenizer, StopMatcher
@@ -111,9 +112,9 @@ class DeviceLoop:
         self.workers: dict[str, ModelWorker] = {}
         self.pending: dict[str, deque[Pending]] = {}
         self.loads: dict[str, Future[ModelWorker]] = {}
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="ocs-load")
+        self.loader = FreshThreadExecutor("ocs-load")  # fresh threads: see threads.py
         # adapters load on their own thread: never behind a minutes-long model load
-        self.adapter_loader_pool = ThreadPoolExecutor(1, thread_name_prefix="ocs-lora")
+        self.adapter_loader_pool = FreshThreadExecutor("ocs-lora")
         self.inbox: deque[tuple[str, Any]] = deque()
         self.stats = EngineStats()
         self.notifier = Notifier()
