@@ -1,10 +1,14 @@
 """Runtime modules for compressed weights (weight-free stand-ins for nn.Linear / nn.Embedding
 that keep module names and in/out features) and the loader that builds a compressed model.
 
-Kernels (see docs/PERFORMANCE.md): int8 runs ``torch._weight_int8pack_mm`` and int4 / int2
-``torch._weight_int4pack_mm_for_cpu`` on CPU, both with bf16 activations; nf4 runs
-bitsandbytes on CUDA. Dequantizing on every call happens only where no kernel exists: int8 /
-int4 / int2 off CPU, nf4 on CPU. Low-rank runs two dense matmuls; pruned weights are dense.
+Kernels (see docs/PERFORMANCE.md), all with bf16 activations: int8 runs
+``torch._weight_int8pack_mm`` (CPU and CUDA); int4 / int2 run ``_weight_int4pack_mm_for_cpu``
+on CPU and the CUDA tinygemm kernel ``_weight_int4pack_mm`` on CUDA (repacked from the stored
+CPU layout when the module moves to the GPU); nf4 runs bitsandbytes on CUDA. A CUDA kernel is
+used only after a probe at load has matched it against the dequantized weights (it needs
+compute capability 8.0 for int4, and group sizes 32-256); otherwise, and for nf4 on CPU, the
+module dequantizes on every call and logs why. Low-rank runs two dense matmuls; pruned
+weights are dense.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from ..compress.format import FORMAT_KEY, FORMAT_VERSION, MODULES_KEY, ModuleSpe
 
 log = logging.getLogger(__name__)
 
-KERNEL_DTYPE = torch.bfloat16  # the packed CPU kernels are fast with bf16 activations only
+KERNEL_DTYPE = torch.bfloat16  # the packed kernels are fast with bf16 activations only
+KERNEL_TOLERANCE = 0.03  # relative error of a kernel probe (bf16 rounding is about 0.4%)
+INT4_CUDA_GROUPS = (32, 64, 128, 256)  # group sizes the CUDA tinygemm kernel supports
 
 
 class CompressedLinear(nn.Module):
@@ -54,6 +60,48 @@ class CompressedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        result = super()._apply(fn, recurse)
+        device = self.device
+        if device is not None and device.type == "cuda":
+            self.prepare_cuda()
+        return result
+
+    @property
+    def device(self) -> torch.device | None:
+        for tensor in self.buffers():
+            return tensor.device
+        return None
+
+    def prepare_cuda(self) -> None:
+        """Sets up the module's CUDA kernel, if it has one (after a move to the GPU)."""
+
+    def kernel_matches(self, fast: Any, reference_rows: int = 256) -> bool:
+        """True if ``fast`` (x [M, K] -> [M, >= N]) agrees with the dequantized weight on a
+        random probe (first ``reference_rows`` outputs). A kernel that raises, or a packing
+        that disagrees with the stored layout, is caught here instead of serving garbage."""
+        device = self.device or torch.device("cpu")
+        rows = min(reference_rows, self.out_features)
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(4, self.in_features, generator=generator, device=device, dtype=KERNEL_DTYPE)
+        try:
+            weight = self.rows(torch.arange(rows, device=device), torch.float32)
+            expected = x.float() @ weight.t()
+            got = fast(x)[:, :rows].float()
+        except Exception as exc:  # a missing or unsupported kernel
+            log.warning("%s kernel unavailable (%s); dequantizing per call", self.kind, exc)
+            return False
+        error = float((got - expected).norm() / expected.norm().clamp_min(1e-6))
+        if not error < KERNEL_TOLERANCE:
+            log.warning(
+                "%s kernel disagrees with the stored weights (relative error %.3g); "
+                "dequantizing per call",
+                self.kind,
+                error,
+            )
+            return False
+        return True
+
 
 class Int8Linear(CompressedLinear):
     kind = "int8"
@@ -64,13 +112,19 @@ class Int8Linear(CompressedLinear):
         super().__init__(spec.in_features, spec.out_features, bias)
         self.register_buffer("qweight", t["qweight"])  # [N, K] int8
         self.register_buffer("scales", t["scales"].to(KERNEL_DTYPE))  # [N]
+        self.cuda_kernel = False  # set by prepare_cuda once the probe passed
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales)
+
+    def prepare_cuda(self) -> None:
+        if not self.cuda_kernel:
+            self.cuda_kernel = self.kernel_matches(self._kernel)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            return torch._weight_int8pack_mm(
-                x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales
-            )
-        # no int8 weight-only kernel off CPU in torch: dequantize per call
+        if x.device.type == "cpu" or self.cuda_kernel:
+            return self._kernel(x)
+        # the CUDA kernel failed its probe at load: dequantize per call
         return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,12 +137,15 @@ class Int4Linear(CompressedLinear):
     kind = "int4"
     qweight: torch.Tensor
     scales_zeros: torch.Tensor
+    cuda_weight: torch.Tensor | None
 
     def __init__(self, t: dict[str, torch.Tensor], spec: ModuleSpec, bias: torch.Tensor | None):
         super().__init__(spec.in_features, spec.out_features, bias)
         self.group_size = int(spec.group_size)
         self.register_buffer("qweight", t["qweight"])  # [Npad, K/2] uint8
         self.register_buffer("scales_zeros", t["scales_zeros"].to(KERNEL_DTYPE))  # [K/G, Npad, 2]
+        self.register_buffer("cuda_weight", None)  # tinygemm layout, made by prepare_cuda
+        self.serves_rows = False  # an embedding table: keeps the stored layout for lookups
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -96,10 +153,55 @@ class Int4Linear(CompressedLinear):
                 x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.group_size, self.scales_zeros
             )
             return y[:, : self.out_features]
-        # no int4 kernel for this layout off CPU: dequantize per call
+        if self.cuda_weight is not None:
+            return self._cuda_kernel(x, self.cuda_weight)[:, : self.out_features]
+        # no CUDA kernel for this module (see prepare_cuda): dequantize per call
         return F.linear(x, self.rows(torch.arange(self.out_features, device=x.device), x.dtype))
 
+    def _cuda_kernel(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm(
+            x.to(KERNEL_DTYPE).contiguous(), packed, self.group_size, self.scales_zeros
+        )
+
+    def prepare_cuda(self) -> None:
+        """Repacks the stored CPU-kernel layout for CUDA's tinygemm kernel: the codes as
+        [N, K/2] bytes (even column in the high nibble), then the kernel's own tiling. The
+        scales and zeros are already in its [K/G, N, 2] layout with the same dequantization,
+        (code - 8) * scale + zero. The stored layout is dropped afterwards unless the module
+        also serves embedding lookups."""
+        if self.cuda_weight is not None or self.qweight is None:
+            return
+        npad, half = self.qweight.shape
+        k = half * 2
+        if self.group_size not in INT4_CUDA_GROUPS or k % 32 or npad % 8:
+            log.warning(
+                "int4 group size %d or shape [%d, %d] does not fit the CUDA kernel; "
+                "dequantizing per call",
+                self.group_size,
+                npad,
+                k,
+            )
+            return
+        inner = next(tiles for tiles in (8, 4, 2) if k % (tiles * 16) == 0)
+        codes = quant.unpack_int4_rows(
+            self.qweight, torch.arange(npad, device=self.qweight.device)
+        ).to(torch.int32)
+        nibbles = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
+        del codes
+        try:
+            packed = torch._convert_weight_to_int4pack(nibbles, inner)
+        except Exception as exc:
+            log.warning("int4 CUDA packing unavailable (%s); dequantizing per call", exc)
+            return
+        if not self.kernel_matches(lambda x: self._cuda_kernel(x, packed)):
+            return
+        self.cuda_weight = packed
+        if not self.serves_rows:
+            self.qweight = None  # type: ignore[assignment]
+
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.qweight is None:
+            raise RuntimeError("int4 module without its stored layout cannot look up rows")
         flat = ids.reshape(-1)
         codes = quant.unpack_int4_rows(self.qweight, flat).to(dtype)  # [R, K]
         sz = self.scales_zeros[:, flat].to(dtype)  # [K/G, R, 2]
@@ -124,11 +226,15 @@ class NF4Linear(CompressedLinear):
         self.register_buffer("absmax", t["absmax"].float())  # [N, K/G]
         self.bnb: Any = None
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        result = super()._apply(fn, recurse)
-        if self.qweight.device.type == "cuda" and self.bnb is None:
-            self.bnb = _bnb_linear(self)
-        return result
+    def prepare_cuda(self) -> None:
+        if self.bnb is None:
+            try:
+                layer = _bnb_linear(self)
+            except Exception as exc:  # bitsandbytes without a working CUDA backend
+                log.warning("bitsandbytes nf4 unavailable (%s); dequantizing per call", exc)
+                return
+            if layer is not None and self.kernel_matches(layer):
+                self.bnb = layer
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.bnb is not None:
@@ -290,6 +396,8 @@ def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
             scale = float(getattr(original, "scalar_embed_scale", 1.0))
             if not isinstance(module, CompressedLinear):
                 raise ValueError(f"{name}: an embedding cannot be stored as {spec.kind}")
+            if isinstance(module, Int4Linear):
+                module.serves_rows = True
             embedding = QuantEmbedding(module, scale, getattr(original, "padding_idx", None))
             embedding.dtype = dtype
             built[name] = module
