@@ -183,10 +183,8 @@ class Int4Linear(CompressedLinear):
             )
             return
         inner = next(tiles for tiles in (8, 4, 2) if k % (tiles * 16) == 0)
-        codes = quant.unpack_int4_rows(
-            self.qweight, torch.arange(npad, device=self.qweight.device)
-        ).to(torch.int32)
-        nibbles = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
+        codes = quant.unpack_int4_rows(self.qweight, torch.arange(npad, device=self.qweight.device))
+        nibbles = ((codes[:, ::2] << 4) | codes[:, 1::2]).contiguous()  # uint8: codes are 0..15
         del codes
         try:
             packed = torch._convert_weight_to_int4pack(nibbles, inner)
