@@ -95,6 +95,7 @@ def our_server(registry: Path, model: str, dtype: str, slots: int, port: int) ->
         "OCS_DEFAULT_MODEL": model,
         "OCS_IMPORT_DEFAULT": "false",
         "OCS_DTYPE": dtype,
+        "OCS_DEVICE": "cpu",  # transformers serve runs with --device cpu too
         "OCS_NUM_PARALLEL": str(slots),
         "OCS_MAX_QUEUE": str(max(256, 4 * slots)),
         "OCS_LOG_LEVEL": "warning",
@@ -132,7 +133,9 @@ def model_directory(registry: Any, model: str, into: Path) -> Path:
 
 
 def start(server: Server, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **server.env}
+    # our settings come from this run alone, not from OCS_* variables of the calling shell
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("OCS_")}
+    env = {**inherited, **server.env}
     say(f"starting {server.name}: {shlex.join(server.command)}")
     with log.open("wb") as out:
         return subprocess.Popen(

@@ -34,12 +34,13 @@ def _run_into(future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: An
 
 
 def run_on_fresh_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-    """Runs ``fn`` on a new daemon thread that exits when it returns."""
+    """Runs ``fn`` on a new thread that exits when it returns. Like the workers of
+    ``ThreadPoolExecutor``, the thread is not a daemon: interpreter exit waits for a job in
+    flight (a registry write finishes or rolls back instead of being cut off)."""
     future: Future[T] = Future()
     future.set_running_or_notify_cancel()
-    threading.Thread(
-        target=_run_into, args=(future, fn, args, kwargs), name="ocs-job", daemon=True
-    ).start()
+    thread = threading.Thread(target=_run_into, args=(future, fn, args, kwargs), name="ocs-job")
+    thread.start()  # raises if no thread can be started; the caller sees it
     return future
 
 
@@ -78,13 +79,17 @@ class FreshThreadExecutor(Executor):
             if not future.set_running_or_notify_cancel():
                 continue
             self._started += 1
-            self._current = threading.Thread(
+            thread = threading.Thread(
                 target=self._work,
                 args=(future, fn, args, kwargs),
                 name=f"{self._name}-{self._started}",
-                daemon=True,
             )
-            self._current.start()
+            try:
+                thread.start()
+            except BaseException as exc:  # no thread could be started: fail this job alone
+                future.set_exception(exc)
+                continue
+            self._current = thread
             return
 
     def _work(self, future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:

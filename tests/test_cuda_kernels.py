@@ -147,3 +147,48 @@ def test_real_cuda_kernels() -> None:
     capability = torch.cuda.get_device_capability()
     if capability >= (8, 0):
         assert int4.cuda_weight is not None
+
+
+def test_an_untied_embedding_table_is_not_repacked(emulated_cuda: None) -> None:
+    module, _ = int4_module(serves_rows=True)
+    module.serves_matmul = False  # an embedding that no head shares: lookups only
+    module.prepare_cuda()
+    assert module.cuda_weight is None and module.qweight is not None
+
+
+def test_repacking_in_blocks_matches_one_block(
+    emulated_cuda: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole, _ = int4_module()
+    whole.prepare_cuda()
+    monkeypatch.setattr(quantized, "REPACK_ROWS", 16)
+    blocks, _ = int4_module()
+    blocks.prepare_cuda()
+    assert whole.cuda_weight is not None and blocks.cuda_weight is not None
+    assert torch.equal(whole.cuda_weight, blocks.cuda_weight)
+
+
+def test_leaving_the_gpu(emulated_cuda: None) -> None:
+    dropped, _ = int4_module()
+    dropped.prepare_cuda()
+    with pytest.raises(RuntimeError, match="cannot leave the GPU"):
+        dropped.leave_cuda()
+    kept, dense = int4_module(serves_rows=True)
+    kept.prepare_cuda()
+    kept.leave_cuda()
+    assert kept.cuda_weight is None
+    x = torch.randn(3, K)
+    expected = x.to(torch.bfloat16).float() @ dense.t()
+    assert torch.allclose(kept(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_model_wide_dtype_change_keeps_the_kernel_dtypes() -> None:
+    module, _ = int4_module()
+    torch.manual_seed(1)
+    int8 = Int8Linear(quant.quantize_int8(torch.randn(N, K)), ModuleSpec("int8", K, N), None)
+    module.to(torch.float16)
+    int8.to(torch.float32)
+    assert module.scales_zeros.dtype == torch.bfloat16
+    assert int8.scales.dtype == torch.bfloat16
+    x = torch.randn(2, K)
+    assert module(x).shape == (2, N) and int8(x).shape == (2, N)

@@ -103,3 +103,24 @@ def test_executor_skips_a_cancelled_job() -> None:
     gate.set()
     assert last.result(timeout=5) == "last"
     executor.shutdown()
+
+
+def test_executor_fails_a_job_whose_thread_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    executor = FreshThreadExecutor("test")
+    real_start = threading.Thread.start
+    calls = 0
+
+    def start_once_failing(self: threading.Thread) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
+    first = executor.submit(lambda: "first")
+    second = executor.submit(lambda: "second")
+    with pytest.raises(RuntimeError, match="can't start"):
+        first.result(timeout=5)
+    assert second.result(timeout=5) == "second"
+    executor.shutdown(wait=True)

@@ -28,8 +28,13 @@ from ..compress.format import FORMAT_KEY, FORMAT_VERSION, MODULES_KEY, ModuleSpe
 log = logging.getLogger(__name__)
 
 KERNEL_DTYPE = torch.bfloat16  # the packed kernels are fast with bf16 activations only
+# torch's CUDA int8 weight-only kernel computes each output with a plain reduction and reads
+# the weight once per input row: a win for decode of a few rows (a quarter of bf16's bytes
+# per row), not for batches. Not measured here (no GPU); the bound follows the byte count.
+INT8_CUDA_MAX_ROWS = 4
 KERNEL_TOLERANCE = 0.03  # relative error of a kernel probe (bf16 rounding is about 0.4%)
 INT4_CUDA_GROUPS = (32, 64, 128, 256)  # group sizes the CUDA tinygemm kernel supports
+REPACK_ROWS = 8192  # rows unpacked at a time when repacking int4 for CUDA
 
 
 class CompressedLinear(nn.Module):
@@ -39,6 +44,7 @@ class CompressedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.on_cuda = False
         self.in_features = in_features
         self.out_features = out_features
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
@@ -62,10 +68,21 @@ class CompressedLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         result = super()._apply(fn, recurse)
+        self.keep_kernel_dtypes()  # a model-wide .to(float16) must not reach the kernels
         device = self.device
-        if device is not None and device.type == "cuda":
-            self.prepare_cuda()
+        on_cuda = device is not None and device.type == "cuda"
+        if on_cuda and not self.on_cuda:
+            self.prepare_cuda()  # once per arrival on the GPU (a tied table comes twice)
+        elif not on_cuda and self.on_cuda:
+            self.leave_cuda()
+        self.on_cuda = on_cuda
         return result
+
+    def keep_kernel_dtypes(self) -> None:
+        """Casts the kernels' scale tensors back to the dtype the kernels take."""
+
+    def leave_cuda(self) -> None:
+        """Undoes prepare_cuda after a move off the GPU."""
 
     @property
     def device(self) -> torch.device | None:
@@ -117,14 +134,21 @@ class Int8Linear(CompressedLinear):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales)
 
+    def keep_kernel_dtypes(self) -> None:
+        if self.scales.dtype != KERNEL_DTYPE:
+            self.scales = self.scales.to(KERNEL_DTYPE)
+
     def prepare_cuda(self) -> None:
-        if not self.cuda_kernel:
-            self.cuda_kernel = self.kernel_matches(self._kernel)
+        self.cuda_kernel = self.kernel_matches(self._kernel)
+
+    def leave_cuda(self) -> None:
+        self.cuda_kernel = False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" or self.cuda_kernel:
+        if x.device.type == "cpu" or (self.cuda_kernel and x.shape[0] <= INT8_CUDA_MAX_ROWS):
             return self._kernel(x)
-        # the CUDA kernel failed its probe at load: dequantize per call
+        # more rows than the CUDA kernel is made for (it reads the weight once per row), or
+        # it failed its probe: dequantize and let cuBLAS multiply
         return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -146,6 +170,7 @@ class Int4Linear(CompressedLinear):
         self.register_buffer("scales_zeros", t["scales_zeros"].to(KERNEL_DTYPE))  # [K/G, Npad, 2]
         self.register_buffer("cuda_weight", None)  # tinygemm layout, made by prepare_cuda
         self.serves_rows = False  # an embedding table: keeps the stored layout for lookups
+        self.serves_matmul = True  # False for an embedding table that no head shares
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -169,7 +194,7 @@ class Int4Linear(CompressedLinear):
         scales and zeros are already in its [K/G, N, 2] layout with the same dequantization,
         (code - 8) * scale + zero. The stored layout is dropped afterwards unless the module
         also serves embedding lookups."""
-        if self.cuda_weight is not None or self.qweight is None:
+        if self.cuda_weight is not None or self.qweight is None or not self.serves_matmul:
             return
         npad, half = self.qweight.shape
         k = half * 2
@@ -183,9 +208,11 @@ class Int4Linear(CompressedLinear):
             )
             return
         inner = next(tiles for tiles in (8, 4, 2) if k % (tiles * 16) == 0)
-        codes = quant.unpack_int4_rows(self.qweight, torch.arange(npad, device=self.qweight.device))
-        nibbles = ((codes[:, ::2] << 4) | codes[:, 1::2]).contiguous()  # uint8: codes are 0..15
-        del codes
+        nibbles = torch.empty((npad, half), dtype=torch.uint8, device=self.qweight.device)
+        for start in range(0, npad, REPACK_ROWS):  # in blocks: a vocabulary-sized head is big
+            rows = torch.arange(start, min(start + REPACK_ROWS, npad), device=nibbles.device)
+            codes = quant.unpack_int4_rows(self.qweight, rows)  # uint8 0..15
+            nibbles[start : start + len(rows)] = (codes[:, ::2] << 4) | codes[:, 1::2]
         try:
             packed = torch._convert_weight_to_int4pack(nibbles, inner)
         except Exception as exc:
@@ -196,6 +223,19 @@ class Int4Linear(CompressedLinear):
         self.cuda_weight = packed
         if not self.serves_rows:
             self.qweight = None  # type: ignore[assignment]
+
+    def keep_kernel_dtypes(self) -> None:
+        if self.scales_zeros.dtype != KERNEL_DTYPE:
+            self.scales_zeros = self.scales_zeros.to(KERNEL_DTYPE)
+
+    def leave_cuda(self) -> None:
+        if self.cuda_weight is None:
+            return
+        if self.qweight is None:
+            raise RuntimeError(
+                "an int4 module repacked for CUDA cannot leave the GPU; load the model again"
+            )
+        self.cuda_weight = None
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.qweight is None:
@@ -233,6 +273,9 @@ class NF4Linear(CompressedLinear):
                 return
             if layer is not None and self.kernel_matches(layer):
                 self.bnb = layer
+
+    def leave_cuda(self) -> None:
+        self.bnb = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.bnb is not None:
@@ -396,6 +439,7 @@ def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
                 raise ValueError(f"{name}: an embedding cannot be stored as {spec.kind}")
             if isinstance(module, Int4Linear):
                 module.serves_rows = True
+                module.serves_matmul = False  # until a tied head shares it (below)
             embedding = QuantEmbedding(module, scale, getattr(original, "padding_idx", None))
             embedding.dtype = dtype
             built[name] = module
@@ -405,7 +449,10 @@ def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
             _set_module(model, name, module)
     for name, spec in specs.items():
         if spec.kind == "tied":
-            _set_module(model, name, built[spec.source or embed_name])
+            shared = built[spec.source or embed_name]
+            if isinstance(shared, Int4Linear):
+                shared.serves_matmul = True
+            _set_module(model, name, shared)
     rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     if unexpected:
