@@ -215,3 +215,25 @@ async def test_seeded_sampling_survives_preemption(tiny_models: dict[str, Path])
         assert results[1][0] == alone
     finally:
         engine.close()
+
+
+async def test_each_load_runs_on_a_thread_that_exits(tiny_models: dict[str, Path]) -> None:
+    """Loads run torch work beside the device thread; a thread that lived on would keep
+    an OpenMP pool and slow every forward (ollama_compact_server/threads.py). Each load
+    gets a new thread, and that thread is gone once its load is done."""
+    base = provider_for(tiny_models)
+    loaders: list[threading.Thread] = []
+
+    def recording(name: str):
+        loaders.append(threading.current_thread())
+        return base(name)
+
+    engine = make_engine(tiny_models, provider=recording)
+    try:
+        await collect(engine, request("llama", PROMPTS[0], greedy(2)))
+        await collect(engine, request("qwen2", PROMPTS[0], greedy(2)))
+        assert len(loaders) == 2 and loaders[0] is not loaders[1]
+        assert all(t is not threading.main_thread() for t in loaders)
+        await wait_for(lambda: not any(t.is_alive() for t in loaders))
+    finally:
+        engine.close()
