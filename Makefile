@@ -31,6 +31,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check ollama_compact_server tests
+	$(BIN)/ruff format --check ollama_compact_server tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -73,9 +73,7 @@ def make(device: int, host: int) -> tuple[AdapterSlots, FakeBank, list[str]]:
         loads.append(r.key)
         return LoraWeights(r.key, 4, 1.0, {"p": (torch.zeros(4, 2), torch.zeros(2, 4))})
 
-    slots = AdapterSlots(
-        make_bank, loader, InlineExecutor(), device_slots=device, host_slots=host
-    )
+    slots = AdapterSlots(make_bank, loader, InlineExecutor(), device_slots=device, host_slots=host)
     slots._bank()
     return slots, banks[0], loads
 

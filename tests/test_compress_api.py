@@ -110,9 +110,7 @@ async def test_create_from_uploaded_files_with_quantize(
             "/api/create",
             json={"model": "small", "files": files, "quantize": "q8_0", "system": "terse"},
         )
-        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1]) == {
-            "status": "success"
-        }
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1]) == {"status": "success"}
         assert [n.display() for n in registry.names()] == ["small:latest"]
         record = registry.get("small")
         assert record.config.quantization is not None

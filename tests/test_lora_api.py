@@ -146,7 +146,6 @@ async def test_request_log_and_metrics_name_the_adapter(
         assert "ocs_resident_adapters 2.0" in text
 
 
-
 async def test_recreated_adapter_is_listed_once_and_serves_its_new_weights(
     registry: Registry, tmp_path: Path, tiny_models: dict[str, Path]
 ) -> None:
