@@ -49,6 +49,11 @@ async def to_fresh_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwar
     return await asyncio.wrap_future(run_on_fresh_thread(fn, *args, **kwargs))
 
 
+def _fail(failed: list[tuple[Future[Any], BaseException]]) -> None:
+    for future, exc in failed:
+        future.set_exception(exc)
+
+
 class FreshThreadExecutor(Executor):
     """Runs submitted jobs one at a time, in order, each on a new thread that exits after
     it (a one-worker ``ThreadPoolExecutor`` whose worker is never reused)."""
@@ -63,17 +68,22 @@ class FreshThreadExecutor(Executor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: Future[T] = Future()
+        failed: list[tuple[Future[Any], BaseException]] = []
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
             self._queue.append((future, fn, args, kwargs))
             if self._current is None:
-                self._start_next()
+                failed = self._start_next()
+        _fail(failed)
         return future
 
-    def _start_next(self) -> None:
-        """Starts the next job that was not cancelled (the lock is held)."""
+    def _start_next(self) -> list[tuple[Future[Any], BaseException]]:
+        """Starts the next job that was not cancelled (the lock is held). Returns the jobs
+        whose thread could not start, to be failed once the lock is released (a future's
+        callbacks may call back into this executor)."""
         self._current = None
+        failed: list[tuple[Future[Any], BaseException]] = []
         while self._queue:
             future, fn, args, kwargs = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
@@ -87,24 +97,29 @@ class FreshThreadExecutor(Executor):
             try:
                 thread.start()
             except BaseException as exc:  # no thread could be started: fail this job alone
-                future.set_exception(exc)
+                failed.append((future, exc))
                 continue
             self._current = thread
-            return
+            break
+        return failed
 
     def _work(self, future: Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
         try:
             _run_into(future, fn, args, kwargs)
         finally:
             with self._lock:
-                self._start_next()
+                failed = self._start_next()
+            _fail(failed)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        cancelled: list[Future[Any]] = []
         with self._lock:
             self._closed = True
             if cancel_futures:
-                while self._queue:
-                    self._queue.popleft()[0].cancel()
+                cancelled = [item[0] for item in self._queue]
+                self._queue.clear()
+        for future in cancelled:  # outside the lock: callbacks may call back in
+            future.cancel()
         while wait:
             with self._lock:
                 current = self._current

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
@@ -123,4 +124,31 @@ def test_executor_fails_a_job_whose_thread_cannot_start(monkeypatch: pytest.Monk
     with pytest.raises(RuntimeError, match="can't start"):
         first.result(timeout=5)
     assert second.result(timeout=5) == "second"
+    executor.shutdown(wait=True)
+
+
+def test_cancelling_at_shutdown_runs_callbacks_outside_the_lock() -> None:
+    """A done-callback of a cancelled job may call back into the executor (here: submit,
+    which is refused after shutdown) without deadlocking shutdown."""
+    executor = FreshThreadExecutor("test")
+    gate = threading.Event()
+    executor.submit(gate.wait, 5)
+    queued = executor.submit(lambda: "never")
+    refused: list[BaseException] = []
+
+    def submit_again(_: Future[str]) -> None:
+        try:
+            executor.submit(lambda: "again")
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    queued.add_done_callback(submit_again)
+    closer = threading.Thread(
+        target=executor.shutdown, kwargs={"wait": False, "cancel_futures": True}
+    )
+    closer.start()
+    closer.join(timeout=5)
+    assert not closer.is_alive(), "shutdown deadlocked"
+    assert queued.cancelled() and len(refused) == 1
+    gate.set()
     executor.shutdown(wait=True)
