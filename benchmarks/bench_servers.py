@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -42,12 +43,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import STORY_OPENINGS, on_fresh_thread, open_registry, percentile
+
+from ollama_compact_server.modeling.loader import model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 600.0
@@ -104,11 +106,11 @@ def our_server(registry: Path, model: str, dtype: str, slots: int, port: int) ->
     return Server("ours", command, env, model, port)
 
 
-def transformers_server(model_dir: Path, dtype: str, port: int) -> Server:
+def transformers_server(directory: Path, dtype: str, port: int) -> Server:
     command = [
         shutil.which("transformers") or str(Path(sys.executable).parent / "transformers"),
         "serve",
-        str(model_dir),
+        str(directory),
         "--continuous-batching",
         "--dtype",
         dtype,
@@ -119,17 +121,7 @@ def transformers_server(model_dir: Path, dtype: str, port: int) -> Server:
         "--port",
         str(port),
     ]
-    return Server("transformers-cb", command, {}, str(model_dir), port)
-
-
-def model_directory(registry: Any, model: str, into: Path) -> Path:
-    """A directory of links to the registry's verified files, as transformers expects."""
-    from ollama_compact_server.modeling.loader import MT_FILE
-
-    record = registry.get(model)
-    for filename, blob in registry.verified_files(record, MT_FILE).items():
-        (into / filename).symlink_to(blob)
-    return into
+    return Server("transformers-cb", command, {}, str(directory), port)
 
 
 def start(server: Server, log: Path) -> subprocess.Popen[bytes]:
@@ -291,20 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([sys.executable, *(sys.argv if argv is None else ["bench", *argv])])
     registry = on_fresh_thread(open_registry, args.registry, args.model)
     rounds: list[Round] = []
-    with tempfile.TemporaryDirectory(prefix="ocs-bench-") as scratch:
-        scratch_dir = Path(scratch)
+    with contextlib.ExitStack() as stack:
+        scratch_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ocs-bench-")))
         for name in args.servers:
             port = free_port()
             if name == "ours":
                 server = our_server(
                     args.registry, args.model, args.dtype, max(args.concurrency), port
                 )
-            else:
-                model_dir = scratch_dir / "model"
-                if not model_dir.exists():
-                    model_dir.mkdir()
-                    model_directory(registry, args.model, model_dir)
-                server = transformers_server(model_dir, args.dtype, port)
+            else:  # the registry's verified files, linked into a directory
+                view = stack.enter_context(model_dir(registry, registry.get(args.model)))
+                server = transformers_server(view, args.dtype, port)
             log = scratch_dir / f"{name}.log"
             rounds += asyncio.run(
                 bench_server(server, log, args.concurrency, args.requests, args.new_tokens)
