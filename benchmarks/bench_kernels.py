@@ -1,6 +1,7 @@
-"""torch's packed weight-only CPU kernels against float32 F.linear, on gemma3:270m's shapes
-(hidden 640, intermediate 2048, vocab 262144) at batch 1 and 16: why the runtime modules feed
-them bf16 activations.
+"""The weight-only CPU kernels side by side on gemma3:270m's shapes (hidden 640,
+intermediate 2048, vocab 262144) at 1, 4 and 16 rows: float32 F.linear, torch's packed
+kernels (bf16 activations; int4 in the layout torch packs on this CPU) and ours
+(ollama_compact_server/modeling/csrc/ocs_cpu.c, float32 activations), in one run.
 
     .venv/bin/python benchmarks/bench_kernels.py
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ollama_compact_server.compress import quant
+from ollama_compact_server.modeling import cpu_kernels
 
 
 def ms(fn: Callable[..., object], *args: object, repeat: int = 10) -> float:
@@ -31,29 +33,42 @@ def ms(fn: Callable[..., object], *args: object, repeat: int = 10) -> float:
 
 def main() -> int:
     threads = torch.get_num_threads()
-    print(f"command: {' '.join(sys.argv)}  (torch {torch.__version__}, {threads} threads)")
+    lib = cpu_kernels.get()
+    if lib is None:
+        print(f"our kernels are unavailable here: {cpu_kernels.reason()}")
+        return 1
     print(
-        "| N x K | batch | f32 F.linear ms | int8, f32 x | int8, bf16 x "
-        "| int4, f32 x | int4, bf16 x |"
+        f"command: {' '.join(sys.argv)}  (torch {torch.__version__}, {threads} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()})"
     )
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| N x K | rows | f32 F.linear ms | int8 torch ms | int8 ours ms | int8 torch / ours "
+        "| int4 torch ms | int4 ours ms | int4 torch / ours |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     int8_mm, int4_mm = torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu
     for n, k in ((2048, 640), (640, 2048), (262144, 640)):
         w = torch.randn(n, k) * 0.02
         q8, s8 = quant.quantize_int8(w).values()
-        q4, sz4 = quant.quantize_int4(w, 32).values()
-        for batch in (1, 16):
+        s8f = s8.float()
+        t4 = quant.quantize_int4(w, 32)
+        q4, sz4 = t4["qweight"], t4["scales_zeros"]
+        codes = quant.unpack_int4_rows(q4, torch.arange(q4.shape[0])).to(torch.int32)
+        theirs = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        repeat = 3 if n > 100_000 else 20
+        for batch in (1, 4, 16):
             x = torch.randn(batch, k)
             xb = x.bfloat16()
-            row = [
-                ms(F.linear, x, w),
-                ms(int8_mm, x, q8, s8.float()),
-                ms(int8_mm, xb, q8, s8),
-                ms(int4_mm, x, q4, 32, sz4.float()),
-                ms(int4_mm, xb, q4, 32, sz4),
-            ]
-            print(f"| {n} x {k} | {batch} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+            f32 = ms(F.linear, x, w, repeat=repeat)
+            t8 = ms(int8_mm, xb, q8, s8, repeat=repeat)
+            o8 = ms(cpu_kernels.int8_mm, lib, x, q8, s8f, repeat=repeat)
+            t4_ms = ms(int4_mm, xb, theirs, 32, sz4, repeat=repeat)
+            o4 = ms(cpu_kernels.int4_mm, lib, x, q4, sz4, 32, n, repeat=repeat)
+            print(
+                f"| {n} x {k} | {batch} | {f32:.3f} | {t8:.3f} | {o8:.3f} | {t8 / o8:.2f}x "
+                f"| {t4_ms:.3f} | {o4:.3f} | {t4_ms / o4:.2f}x |"
+            )
     return 0
 
 

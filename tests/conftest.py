@@ -27,6 +27,7 @@ from tests.factory import make_lora_adapter, make_tiny_model
 REPO = Path(__file__).resolve().parent.parent
 # End-to-end tests share one import of gemma3:270m. It is kept between local runs (delete
 # .cache/ to redo it); CI starts from a clean clone and imports it once per run.
+KERNEL_CACHE = REPO / ".cache" / "kernels"
 E2E_REGISTRY = Path(os.environ.get("OCS_TEST_REGISTRY", REPO / ".cache" / "test-registry"))
 
 
@@ -38,6 +39,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the compiled CPU kernels are kept for the whole run (and between local runs)
+    monkeypatch.setenv("OCS_KERNEL_CACHE", str(KERNEL_CACHE))
 
 
 @pytest.fixture(scope="session")

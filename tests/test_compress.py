@@ -41,13 +41,16 @@ def test_int8_error_bound(weight: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_layout_matches_torch_kernel(weight: torch.Tensor, group: int) -> None:
+    """The stored layout is torch's 64-row CPU packing (what it makes on AVX512 CPUs; on
+    AVX2 it packs 32-row blocks, and the module repacks for its fallback kernel)."""
     t = quant.quantize_int4(weight, group)
     codes = quant.unpack_int4_rows(t["qweight"], torch.arange(128)).to(torch.int32)
-    assert torch.equal(t["qweight"], torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+    theirs = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(t["qweight"], theirs) == quant.torch_cpu_int4_layout()
     deq = quant.dequantize_int4(t, 128)
     assert rel(deq, weight) < (0.12 if group == 128 else 0.1)
     x = torch.randn(5, 256)
-    y = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), t["qweight"], group, t["scales_zeros"])
+    y = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), theirs, group, t["scales_zeros"])
     assert rel(y, F.linear(x, deq)) < 0.01
 
 

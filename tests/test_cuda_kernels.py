@@ -178,8 +178,9 @@ def test_leaving_the_gpu(emulated_cuda: None) -> None:
     kept.leave_cuda()
     assert kept.cuda_weight is None
     x = torch.randn(3, K)
-    expected = x.to(torch.bfloat16).float() @ dense.t()
-    assert torch.allclose(kept(x).float(), expected, rtol=2e-2, atol=2e-2)
+    # back on the CPU: our kernel (float32 activations) or torch's (bf16 activations)
+    expected = x @ dense.t()
+    assert torch.allclose(kept(x).float(), expected, rtol=2e-2, atol=5e-2)
 
 
 def test_a_model_wide_dtype_change_keeps_the_kernel_dtypes() -> None:

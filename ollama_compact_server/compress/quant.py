@@ -141,6 +141,23 @@ def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
     return packed.contiguous().to(torch.uint8).reshape(npad, k // 2)
 
 
+_TORCH_LAYOUT: list[bool] = []
+
+
+def torch_cpu_int4_layout() -> bool:
+    """True when torch's CPU int4 kernel on this CPU reads the stored layout (it packs 64-row
+    blocks with AVX512 and 32-row blocks with AVX2: the kernel follows the CPU)."""
+    if not _TORCH_LAYOUT:
+        codes = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0))
+        codes = codes.to(torch.int32)
+        try:
+            theirs = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            _TORCH_LAYOUT.append(bool(torch.equal(theirs, pack_int4_cpu(codes))))
+        except Exception:  # no CPU int4 kernel in this torch build
+            _TORCH_LAYOUT.append(False)
+    return _TORCH_LAYOUT[0]
+
+
 def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The codes of ``rows`` (int64 [R]) from a kernel-layout tensor -> uint8 [R, K]."""
     npad, half = packed.shape

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..compress import quant
 from ..compress.format import FORMAT_KEY, FORMAT_VERSION, MODULES_KEY, ModuleSpec, specs_from
+from . import cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,19 @@ class Int8Linear(CompressedLinear):
         self.register_buffer("qweight", t["qweight"])  # [N, K] int8
         self.register_buffer("scales", t["scales"].to(KERNEL_DTYPE))  # [N]
         self.cuda_kernel = False  # set by prepare_cuda once the probe passed
+        self._scales_f32: torch.Tensor | None = None  # for our CPU kernel, made on first use
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales)
+
+    def _cpu(self, x: torch.Tensor) -> torch.Tensor:
+        lib = cpu_kernels.get()
+        if lib is None:
+            return self._kernel(x)
+        scales = self._scales_f32
+        if scales is None or scales.device != self.scales.device:
+            scales = self._scales_f32 = self.scales.float().contiguous()
+        return cpu_kernels.int8_mm(lib, x.float().contiguous(), self.qweight, scales)
 
     def keep_kernel_dtypes(self) -> None:
         if self.scales.dtype != KERNEL_DTYPE:
@@ -145,7 +156,9 @@ class Int8Linear(CompressedLinear):
         self.cuda_kernel = False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" or (self.cuda_kernel and x.shape[0] <= INT8_CUDA_MAX_ROWS):
+        if x.device.type == "cpu":
+            return self._cpu(x)
+        if self.cuda_kernel and x.shape[0] <= INT8_CUDA_MAX_ROWS:
             return self._kernel(x)
         # more rows than the CUDA kernel is made for (it reads the weight once per row), or
         # it failed its probe: dequantize and let cuBLAS multiply
@@ -171,17 +184,39 @@ class Int4Linear(CompressedLinear):
         self.register_buffer("cuda_weight", None)  # tinygemm layout, made by prepare_cuda
         self.serves_rows = False  # an embedding table: keeps the stored layout for lookups
         self.serves_matmul = True  # False for an embedding table that no head shares
+        self._torch_packed: torch.Tensor | None = None  # torch's own CPU layout, if it differs
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            y = torch._weight_int4pack_mm_for_cpu(
-                x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.group_size, self.scales_zeros
-            )
-            return y[:, : self.out_features]
+            return self._cpu(x)
         if self.cuda_weight is not None:
             return self._cuda_kernel(x, self.cuda_weight)[:, : self.out_features]
         # no CUDA kernel for this module (see prepare_cuda): dequantize per call
         return F.linear(x, self.rows(torch.arange(self.out_features, device=x.device), x.dtype))
+
+    def _cpu(self, x: torch.Tensor) -> torch.Tensor:
+        lib = cpu_kernels.get()
+        if lib is not None and self.group_size <= cpu_kernels.INT4_MAX_GROUP:
+            return cpu_kernels.int4_mm(
+                lib,
+                x.float().contiguous(),
+                self.qweight,
+                self.scales_zeros,
+                self.group_size,
+                self.out_features,
+            )
+        packed = self.qweight
+        if not quant.torch_cpu_int4_layout():
+            # torch packs 32-row blocks on this CPU: its kernel gets a copy in that layout
+            if self._torch_packed is None:
+                rows = torch.arange(self.qweight.shape[0])
+                codes = quant.unpack_int4_rows(self.qweight, rows).to(torch.int32)
+                self._torch_packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            packed = self._torch_packed
+        y = torch._weight_int4pack_mm_for_cpu(
+            x.to(KERNEL_DTYPE).contiguous(), packed, self.group_size, self.scales_zeros
+        )
+        return y[:, : self.out_features]
 
     def _cuda_kernel(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm(
@@ -412,6 +447,7 @@ def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    cpu_kernels.get()  # built (once) here, on the loader thread, not in the first forward
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
         metadata = handle.metadata() or {}

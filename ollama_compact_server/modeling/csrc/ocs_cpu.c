@@ -1,0 +1,274 @@
+/* Weight-only int8 / int4 matrix products for x86-64 CPUs with AVX2 and FMA.
+ *
+ * out[m, n] = sum_k x[m, k] * w[n, k], with x float32 and w stored as
+ *   - int8: q[n, k] int8, row-major, one float scale per output row: w = q * scale[n];
+ *   - int4: torch's CPU int4 packing (blocks of 64 rows; byte k * 32 + j of a block holds
+ *     row j in its low nibble and row j + 32 in its high nibble), asymmetric groups of G
+ *     input columns with (scale, zero) per group and row: w = (q - 8) * scale + zero.
+ *
+ * Every output element is computed by the same instructions in the same order whatever the
+ * number of rows M, the tiling or the thread that computes it: a request's result does not
+ * depend on the batch it is in (the engine's greedy outputs are equal alone and batched).
+ * Threads come from OpenMP; loaded into a process that runs torch, this library shares
+ * torch's libgomp (same soname), so it uses the calling thread's pool, not a second one.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define OCS_API __attribute__((visibility("default")))
+
+int OCS_API ocs_abi_version(void) { return 3; }
+
+static inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  lo = _mm_add_ss(lo, sh);
+  return _mm_cvtss_f32(lo);
+}
+
+static inline __m256 load8_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+/* ------------------------------------------------------------------------------ int8 */
+
+/* One output element: four accumulators, accumulator j over the 8 columns at 32 i + 8 j
+ * (increasing i), then columns past the last multiple of 32 into accumulator 0 in steps of
+ * 8, the lane sum ((a0 + a1) + (a2 + a3)), the scalar tail, times the row's scale. The
+ * tiles below compute exactly this, accumulator by accumulator. */
+static inline float w8_dot(const float* x, const int8_t* r, int64_t K, float scale) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8_i8(r + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8_i8(r + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8_i8(r + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8_i8(r + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8_i8(r + k), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; k++) s += x[k] * (float)r[k];
+  return s * scale;
+}
+
+/* MB rows of x against NB weight rows: the same sums as w8_dot, one accumulator pass at a
+ * time, so each weight chunk is converted once for MB rows. */
+static inline __attribute__((always_inline)) void w8_tile(
+    const float* x, int64_t ldx, int MB, const int8_t* q, int64_t K, int NB,
+    const float* scale, float* out, int64_t ldo) {
+  __m256 part[4][2][4];
+  const int64_t K32 = K & ~(int64_t)31;
+  for (int j = 0; j < 4; j++) {
+    __m256 acc[4][2];
+    for (int m = 0; m < MB; m++)
+      for (int n = 0; n < NB; n++) acc[m][n] = _mm256_setzero_ps();
+    for (int64_t k = 8 * j; k < K32; k += 32) {
+      __m256 w[2];
+      for (int n = 0; n < NB; n++) w[n] = load8_i8(q + n * K + k);
+      for (int m = 0; m < MB; m++) {
+        __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+        for (int n = 0; n < NB; n++) acc[m][n] = _mm256_fmadd_ps(xv, w[n], acc[m][n]);
+      }
+    }
+    if (j == 0) {
+      for (int64_t k = K32; k + 8 <= K; k += 8) {
+        __m256 w[2];
+        for (int n = 0; n < NB; n++) w[n] = load8_i8(q + n * K + k);
+        for (int m = 0; m < MB; m++) {
+          __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+          for (int n = 0; n < NB; n++) acc[m][n] = _mm256_fmadd_ps(xv, w[n], acc[m][n]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; m++)
+      for (int n = 0; n < NB; n++) part[m][n][j] = acc[m][n];
+  }
+  const int64_t K8 = K & ~(int64_t)7;
+  for (int m = 0; m < MB; m++) {
+    for (int n = 0; n < NB; n++) {
+      __m256* p = part[m][n];
+      float s = hsum(_mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])));
+      for (int64_t k = K8; k < K; k++) s += x[m * ldx + k] * (float)q[n * K + k];
+      out[m * ldo + n] = s * scale[n];
+    }
+  }
+}
+
+static void w8_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* q,
+                    const float* scale, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  if (M == 1) {
+    for (int64_t n = n0; n < n1; n++) out[n] = w8_dot(x, q + n * K, K, scale[n]);
+    return;
+  }
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      w8_tile(x + m * ldx, ldx, 4, q + n * K, K, 2, scale + n, out + m * ldo + n, ldo);
+    const float* xm = x + m * ldx;
+    float* om = out + m * ldo + n;
+    switch (M - m) {
+      case 3: w8_tile(xm, ldx, 3, q + n * K, K, 2, scale + n, om, ldo); break;
+      case 2: w8_tile(xm, ldx, 2, q + n * K, K, 2, scale + n, om, ldo); break;
+      case 1: w8_tile(xm, ldx, 1, q + n * K, K, 2, scale + n, om, ldo); break;
+      default: break;
+    }
+  }
+  for (; n < n1; n++) {
+    for (int64_t m = 0; m < M; m++) out[m * ldo + n] = w8_dot(x + m * ldx, q + n * K, K, scale[n]);
+  }
+}
+
+/* x [M, K] (row stride ldx) times int8 q [N, K]^T scaled per row -> out [M, N] (stride ldo) */
+void OCS_API ocs_w8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* q,
+                       const float* scale, int64_t N, float* out, int64_t ldo, int threads) {
+  const int64_t chunk = 64;
+  const int64_t chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t c = 0; c < chunks; c++) {
+    int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+    w8_rows(x, M, K, ldx, q, scale, n0, n1, out, ldo);
+  }
+}
+
+/* ------------------------------------------------------------------------------ int4 */
+
+/* The 64 codes of one packed column (32 bytes) as floats: rows 0..31 from the low nibbles,
+ * rows 32..63 from the high ones. */
+static inline void unpack64(const uint8_t* p, __m256 c[8]) {
+  __m256i bytes = _mm256_loadu_si256((const __m256i*)p);
+  __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i lo = _mm256_and_si256(bytes, mask);
+  __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  __m128i l0 = _mm256_castsi256_si128(lo), l1 = _mm256_extracti128_si256(lo, 1);
+  __m128i h0 = _mm256_castsi256_si128(hi), h1 = _mm256_extracti128_si256(hi, 1);
+  c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l0));
+  c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l0, 8)));
+  c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l1));
+  c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l1, 8)));
+  c[4] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h0));
+  c[5] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h0, 8)));
+  c[6] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h1));
+  c[7] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h1, 8)));
+}
+
+/* Adds one group's contribution to the 64 totals of a block: acc holds sum_k q x over the
+ * group, s the group's sum of x; (scale, zero) come as one 32-bit word per row (bf16 scale
+ * in the low half, bf16 zero in the high half: a bf16 is the top half of a float32).
+ * sum_k w x = scale * (sum q x - 8 sum x) + zero * sum x */
+static inline void w4_finish_group(const __m256 acc[8], float s, const uint32_t* words,
+                                   __m256 total[8]) {
+  const __m256 shift = _mm256_set1_ps(8.0f * s), xs = _mm256_set1_ps(s);
+  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+  for (int i = 0; i < 8; i++) {
+    __m256i v = _mm256_loadu_si256((const __m256i*)(words + i * 8));
+    __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    __m256 ze = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    total[i] = _mm256_fmadd_ps(sc, _mm256_sub_ps(acc[i], shift), total[i]);
+    total[i] = _mm256_fmadd_ps(ze, xs, total[i]);
+  }
+}
+
+static inline void store64(float* o, const __m256 total[8], int64_t valid) {
+  if (valid == 64) {
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + i * 8, total[i]);
+  } else {
+    float tmp[64];
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(tmp + i * 8, total[i]);
+    memcpy(o, tmp, (size_t)valid * sizeof(float));
+  }
+}
+
+#define W4_MAX_G 256
+
+/* One block of 64 weight rows (rows n0 .. n0 + valid) against the M rows of x. For one row
+ * the codes are unpacked as they are used; for more, each group's codes are unpacked once
+ * into a scratch buffer that every row then reads. Either way each output is the same
+ * sequence of operations: per group, acc_i += x_k * code over k in order, then the group's
+ * scale and zero. xsum [M, K/G]: each row's sum of x per group. */
+static void w4_block(const float* x, int64_t M, int64_t ldx, const float* xsum, int64_t K,
+                     int64_t G, const uint8_t* blk, const uint32_t* sz, int64_t npad,
+                     int64_t n0, int64_t valid, float* out, int64_t ldo) {
+  const int64_t groups = K / G;
+  if (M == 1) {
+    __m256 total[8];
+    for (int i = 0; i < 8; i++) total[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+      __m256 acc[8];
+      for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+      const float* xr = x + g * G;
+      const uint8_t* p = blk + g * G * 32;
+      for (int64_t k = 0; k < G; k++) {
+        __m256 c[8];
+        unpack64(p + k * 32, c);
+        __m256 xv = _mm256_broadcast_ss(xr + k);
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(xv, c[i], acc[i]);
+      }
+      w4_finish_group(acc, xsum[g], sz + g * npad + n0, total);
+    }
+    store64(out + n0, total, valid);
+    return;
+  }
+  float codes[W4_MAX_G * 64] __attribute__((aligned(32)));
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+    __m256 totals[16][8];
+    for (int64_t m = 0; m < rows; m++)
+      for (int i = 0; i < 8; i++) totals[m][i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+      const uint8_t* p = blk + g * G * 32;
+      for (int64_t k = 0; k < G; k++) {
+        __m256 c[8];
+        unpack64(p + k * 32, c);
+        for (int i = 0; i < 8; i++) _mm256_store_ps(codes + k * 64 + i * 8, c[i]);
+      }
+      for (int64_t m = 0; m < rows; m++) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        const float* xr = x + (m0 + m) * ldx + g * G;
+        for (int64_t k = 0; k < G; k++) {
+          __m256 xv = _mm256_broadcast_ss(xr + k);
+          for (int i = 0; i < 8; i++)
+            acc[i] = _mm256_fmadd_ps(xv, _mm256_load_ps(codes + k * 64 + i * 8), acc[i]);
+        }
+        w4_finish_group(acc, xsum[(m0 + m) * groups + g], sz + g * npad + n0, totals[m]);
+      }
+    }
+    for (int64_t m = 0; m < rows; m++) store64(out + (m0 + m) * ldo + n0, totals[m], valid);
+  }
+}
+
+/* x [M, K] times the packed int4 weight -> out [M, N] (N <= Npad, only N columns written).
+ * packed: uint8 [Npad, K/2]; sz: bf16 [K/G, Npad, 2]; xsum: float [M, K/G] scratch.
+ * Returns -1 (nothing computed) for a group size above W4_MAX_G. */
+int OCS_API ocs_w4_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
+                      const uint8_t* packed, const uint32_t* sz, int64_t npad, int64_t N,
+                      int64_t G, float* xsum, float* out, int64_t ldo, int threads) {
+  if (G > W4_MAX_G || G <= 0 || K % G) return -1;
+  const int64_t groups = K / G;
+  for (int64_t m = 0; m < M; m++) {
+    for (int64_t g = 0; g < groups; g++) {
+      const float* xr = x + m * ldx + g * G;
+      __m256 a = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= G; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xr + k));
+      float s = hsum(a);
+      for (; k < G; k++) s += xr[k];
+      xsum[m * groups + g] = s;
+    }
+  }
+  const int64_t blocks = (N + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    const int64_t n0 = b * 64;
+    const int64_t valid = N - n0 < 64 ? N - n0 : 64;
+    w4_block(x, M, ldx, xsum, K, G, packed + b * 64 * (K / 2), sz, npad, n0, valid, out, ldo);
+  }
+  return 0;
+}

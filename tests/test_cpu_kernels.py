@@ -1,0 +1,117 @@
+"""Our int8 / int4 CPU kernels: built with the system compiler, equal to float references,
+the same result for a row whatever the batch around it, and the fallbacks to torch's
+kernels (turned off, or a CPU whose torch packs int4 differently) still correct."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ollama_compact_server.compress import quant
+from ollama_compact_server.compress.format import ModuleSpec
+from ollama_compact_server.modeling import cpu_kernels
+from ollama_compact_server.modeling.quantized import Int4Linear, Int8Linear
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+HAS_KERNELS = X86 and shutil.which("cc") is not None and cpu_kernels.cpu_supported()[0]
+
+
+@pytest.fixture
+def lib():
+    cpu_kernels.reset()
+    found = cpu_kernels.get()
+    if not HAS_KERNELS:
+        pytest.skip(f"no kernels on this machine: {cpu_kernels.reason()}")
+    assert found is not None, cpu_kernels.reason()
+    return found
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+SHAPES = [(130, 96), (64, 640), (1000, 72), (7, 32)]
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_int8_kernel_equals_the_float_reference_and_is_batch_invariant(lib, n, k) -> None:
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    t = quant.quantize_int8(w)
+    scales = t["scales"].float()
+    reference = quant.dequantize_int8(t)
+    x = torch.randn(17, k, generator=g)
+    full = cpu_kernels.int8_mm(lib, x, t["qweight"], scales)
+    assert rel(full, x @ reference.t()) < 1e-5
+    for m in (1, 2, 3, 4, 5, 16):  # every tiling gives each row the same bits
+        part = cpu_kernels.int8_mm(lib, x[:m].contiguous(), t["qweight"], scales)
+        assert torch.equal(part, full[:m])
+    for row in (0, 7, 16):
+        alone = cpu_kernels.int8_mm(lib, x[row : row + 1].contiguous(), t["qweight"], scales)
+        assert torch.equal(alone[0], full[row])
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(130, 96, 32), (64, 640, 64), (200, 256, 128)])
+def test_int4_kernel_equals_the_float_reference_and_is_batch_invariant(lib, n, k, group) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    t = quant.quantize_int4(w, group)
+    reference = quant.dequantize_int4(t, n)
+    x = torch.randn(19, k, generator=g)
+    full = cpu_kernels.int4_mm(lib, x, t["qweight"], t["scales_zeros"], group, n)
+    assert full.shape == (19, n)
+    assert rel(full, x @ reference.t()) < 1e-5
+    for m in (1, 2, 5, 16, 17):
+        part = cpu_kernels.int4_mm(
+            lib, x[:m].contiguous(), t["qweight"], t["scales_zeros"], group, n
+        )
+        assert torch.equal(part, full[:m])
+
+
+def test_int4_kernel_refuses_group_sizes_it_cannot_hold(lib) -> None:
+    t = quant.quantize_int4(torch.randn(64, 512), 32)
+    with pytest.raises(ValueError, match="group size"):
+        cpu_kernels.int4_mm(lib, torch.randn(1, 512), t["qweight"], t["scales_zeros"], 512, 64)
+
+
+def modules(w: torch.Tensor) -> tuple[Int8Linear, Int4Linear]:
+    n, k = w.shape
+    int8 = Int8Linear(quant.quantize_int8(w), ModuleSpec("int8", k, n), None)
+    int4 = Int4Linear(quant.quantize_int4(w, 32), ModuleSpec("int4", k, n, 32), None)
+    return int8, int4
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_modules_compute_the_same_with_or_without_our_kernels(monkeypatch, setting) -> None:
+    """OCS_CPU_KERNELS=off falls back to torch's kernels (bf16 activations); on a CPU where
+    torch packs int4 in 32-row blocks the module repacks for it instead of reading garbage."""
+    monkeypatch.setenv("OCS_CPU_KERNELS", setting)
+    cpu_kernels.reset()
+    try:
+        w = torch.randn(96, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+        int8, int4 = modules(w)
+        x = torch.randn(3, 128)
+        assert rel(int8(x), F.linear(x, quant.dequantize_int8(quant.quantize_int8(w)))) < 0.02
+        deq4 = quant.dequantize_int4(quant.quantize_int4(w, 32), 96)
+        assert rel(int4(x), F.linear(x, deq4)) < 0.02
+        assert (cpu_kernels.get() is None) == (setting == "off" or not HAS_KERNELS)
+    finally:
+        cpu_kernels.reset()
+
+
+def test_a_library_that_disagrees_is_refused(monkeypatch, lib) -> None:
+    def broken(lib, x, q, s):
+        return torch.zeros(x.shape[0], q.shape[0])
+
+    monkeypatch.setattr(cpu_kernels, "int8_mm", broken)
+    cpu_kernels.reset()
+    try:
+        assert cpu_kernels.get() is None
+        assert "disagrees" in cpu_kernels.reason()
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.reset()
