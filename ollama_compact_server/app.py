@@ -58,7 +58,9 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
     from .engine.loop import DeviceLoop, LocalEngine
     from .engine.planner import default_budget
     from .engine.provider import RegistryProvider, RegistrySizing
+    from .modeling import cpu_kernels
 
+    cpu_kernels.configure(settings.cpu_kernels, settings.kernel_cache)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     budget = settings.memory_budget_bytes or default_budget(device.type)

@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("path", type=Path)
     imp.add_argument("name")
     imp.add_argument("--base", default=None, help="base model of a PEFT adapter")
+    imp.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="GGUF: expand every weight to float32 (default: keep them near the file's own "
+        "quantization, as int8 / int4)",
+    )
     imp.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
 
     merge = sub.add_parser(

@@ -426,8 +426,9 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
     setup_logging("warning")
     registry = Registry(settings.models)
     try:
+        extra = {"dequantize": True} if getattr(args, "dequantize", False) else {}
         record = import_path(
-            registry, args.path, args.name, base=args.base, progress=_ProgressPrinter()
+            registry, args.path, args.name, base=args.base, progress=_ProgressPrinter(), **extra
         )
     except RegistryError as exc:
         print(f"Error: {exc}", file=sys.stderr)

@@ -277,6 +277,15 @@ class Settings(BaseSettings):
         le=3600,
         description="Seconds running requests get to finish after SIGTERM before they are ended.",
     )
+    cpu_kernels: bool = Field(
+        True,
+        description="Serve int8 / int4 weights on x86 CPUs with our AVX2 kernels, compiled "
+        "once with the system's C compiler (about a second); false: torch's kernels.",
+    )
+    kernel_cache: Path | None = Field(
+        None,
+        description="Folder for the compiled CPU kernels (unset: ~/.cache/ollama-compact/kernels).",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FAMILIES", "make_lora_adapter", "make_tiny_model", "make_tokenizer"]
 
-FAMILIES = ("llama", "qwen2", "gemma3")
+FAMILIES = ("llama", "qwen2", "gemma3", "qwen3", "mistral", "phi3")
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -198,6 +198,37 @@ def _family_config(
             layer_types=layer_types,
             tie_word_embeddings=True,
             architectures=["Gemma3ForCausalLM"],
+        )
+    if family == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            **common,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            architectures=["Qwen3ForCausalLM"],
+        )
+    if family == "mistral":
+        from transformers import MistralConfig
+
+        return MistralConfig(
+            **common,
+            num_key_value_heads=2,
+            sliding_window=24,  # short, so prompts of the tests slide past it
+            tie_word_embeddings=False,
+            architectures=["MistralForCausalLM"],
+        )
+    if family == "phi3":
+        from transformers import Phi3Config
+
+        common.pop("head_dim")
+        return Phi3Config(
+            **common,
+            num_key_value_heads=2,
+            partial_rotary_factor=0.75,  # as Phi-4-mini: rope on part of each head
+            sliding_window=None,
+            tie_word_embeddings=False,
+            architectures=["Phi3ForCausalLM"],
         )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -422,3 +453,105 @@ def make_tiny_bert(
         }
         (out / "1_Pooling" / "config.json").write_text(json.dumps(settings))
     return out
+
+
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
+
+
+def make_tiny_gguf(
+    path: str | PathLike[str],
+    family: str = "llama",
+    *,
+    types: dict[str, str] | None = None,
+    seed: int = 0,
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny model of ``family`` written as a GGUF file the way llama.cpp's converter
+    writes one: GGUF tensor names, llama's q / k rows permuted for its rope order, Gemma's
+    norms stored as 1 + w, the byte-level BPE tokenizer as a ``gpt2`` vocabulary with
+    merges. ``types`` maps a GGUF name fragment (``attn_q``, ``ffn_down``, ``token_embd``,
+    ...) to the ggml type its matrices are stored in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16,
+    F32); other matrices are Q8_0, norms F32. Returns (the GGUF file, the HF directory it
+    was made from, holding the original float weights)."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFWriter, get_tensor_name_map
+    from gguf.constants import MODEL_ARCH_NAMES
+    from gguf.quants import quantize
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    out = pathlib.Path(path)
+    hf_dir = make_tiny_model(out.parent / f"{out.stem}-hf", family, seed)
+    config = AutoConfig.from_pretrained(hf_dir)
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    arch_name = GGUF_ARCH[family]
+    arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name)
+    names = get_tensor_name_map(arch, config.num_hidden_layers)
+    chosen = {"token_embd": "Q8_0", **(types or {})}
+
+    writer = GGUFWriter(str(out), arch_name)
+    writer.add_name(f"tiny {family}")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_key_length(config.head_dim if family != "qwen2" else config.hidden_size // 4)
+    writer.add_value_length(config.head_dim if family != "qwen2" else config.hidden_size // 4)
+    if family == "gemma3":
+        writer.add_sliding_window(config.sliding_window)
+    writer.add_file_type(7)  # MOSTLY_Q8_0
+    tok = json.loads(_tokenizer_json())
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab[BOS])
+    writer.add_eos_token_id(vocab[EOS])
+    writer.add_pad_token_id(vocab[PAD])
+    writer.add_unk_token_id(vocab[UNK])
+    writer.add_add_bos_token(True)
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    for hf_name, tensor in weights.items():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(base)
+        if gguf_name is None:
+            continue
+        data = tensor.float().numpy()
+        if family == "llama" and gguf_name.endswith(("attn_q", "attn_k")):
+            n_head = heads if gguf_name.endswith("attn_q") else kv_heads
+            rows = data.shape[0]
+            data = (
+                data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:])
+                .swapaxes(1, 2)
+                .reshape(data.shape)
+            )
+        if family == "gemma3" and "norm" in gguf_name:
+            data = data + 1
+        if data.ndim == 1:
+            writer.add_tensor(f"{gguf_name}.{suffix}", np.ascontiguousarray(data))
+            continue
+        kind = next((v for k, v in chosen.items() if k in gguf_name), "Q8_0")
+        qtype = GGMLQuantizationType[kind]
+        if kind == "F32":
+            writer.add_tensor(f"{gguf_name}.{suffix}", np.ascontiguousarray(data))
+        elif kind == "F16":
+            writer.add_tensor(f"{gguf_name}.{suffix}", data.astype(np.float16))
+        else:
+            blocks = quantize(np.ascontiguousarray(data), qtype)
+            writer.add_tensor(f"{gguf_name}.{suffix}", blocks, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    del torch  # imported for its side effect on safetensors' torch loader
+    return out, hf_dir

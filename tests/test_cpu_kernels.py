@@ -85,9 +85,9 @@ def modules(w: torch.Tensor) -> tuple[Int8Linear, Int4Linear]:
     return int8, int4
 
 
-@pytest.mark.parametrize("setting", ["auto", "off"])
+@pytest.mark.parametrize("setting", ["true", "false"])
 def test_modules_compute_the_same_with_or_without_our_kernels(monkeypatch, setting) -> None:
-    """OCS_CPU_KERNELS=off falls back to torch's kernels (bf16 activations); on a CPU where
+    """OCS_CPU_KERNELS=false falls back to torch's kernels (bf16 activations); on a CPU where
     torch packs int4 in 32-row blocks the module repacks for it instead of reading garbage."""
     monkeypatch.setenv("OCS_CPU_KERNELS", setting)
     cpu_kernels.reset()
@@ -98,7 +98,7 @@ def test_modules_compute_the_same_with_or_without_our_kernels(monkeypatch, setti
         assert rel(int8(x), F.linear(x, quant.dequantize_int8(quant.quantize_int8(w)))) < 0.02
         deq4 = quant.dequantize_int4(quant.quantize_int4(w, 32), 96)
         assert rel(int4(x), F.linear(x, deq4)) < 0.02
-        assert (cpu_kernels.get() is None) == (setting == "off" or not HAS_KERNELS)
+        assert (cpu_kernels.get() is None) == (setting == "false" or not HAS_KERNELS)
     finally:
         cpu_kernels.reset()
 

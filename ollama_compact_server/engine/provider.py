@@ -18,7 +18,14 @@ from .types import EngineError
 from .worker import LoadedModel
 
 log = logging.getLogger(__name__)
-COMPRESSED_FORMATS = {"int8": "int8", "int4": "int4", "int2": "int4", "nf4": "nf4", "mixed": "int8"}
+COMPRESSED_FORMATS = {
+    "int8": "int8",
+    "int4": "int4",
+    "int2": "int4",
+    "nf4": "nf4",
+    "mixed": "int8",
+    "gguf": "int8",  # an imported GGUF file: int8 and int4 modules, sized as int8
+}
 
 
 def stop_ids_of(model: Any, tokenizer: Any) -> set[int]:

@@ -33,7 +33,7 @@ def check_source(record: ModelRecord) -> None:
             f"'{record.name.display()}' is an adapter; compress its base model "
             f"'{record.config.base_model}' and create the adapter on the result"
         )
-    if record.config.quantization is not None:
+    if record.config.quantization is not None and record.config.quantization.scheme != "gguf":
         parent = record.config.parent_model or "its parent"
         raise SchemeError(
             f"'{record.name.display()}' is already compressed "
@@ -94,7 +94,8 @@ def _compress(
     scheme, checked, record = precheck(registry, source, scheme_name, options)
     target = name if isinstance(name, ModelName) else ModelName.parse(name)
     progress(f"loading {record.name.display()}", None, None)
-    model = load_causal_lm(registry, record, dtype=torch.float32)
+    # a model imported from a quantized GGUF file is compressed from its expansion
+    model = load_causal_lm(registry, record, dtype=torch.float32, dequantize=True)
     tokenizer = load_tokenizer(registry, record)
     with torch.no_grad():
         result = compress_model(model, tokenizer, scheme, checked, progress)

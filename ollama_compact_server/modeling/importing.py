@@ -32,6 +32,8 @@ def import_path(
     path = Path(path).expanduser()
     if not path.exists():
         raise InvalidModel(f"{path} does not exist")
+    if extra.get("dequantize") and (path.is_dir() or path.suffix.lower() != ".gguf"):
+        raise InvalidModel("--dequantize is for GGUF files")
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             if not base:
@@ -61,15 +63,28 @@ def import_gguf(
     progress: ProgressFn = _noop,
     source: dict[str, Any] | None = None,
     aliases: list[str] | None = None,
+    dequantize: bool = False,
     **extra: Any,
 ) -> ModelRecord:
+    """Imports a GGUF file: its weights stay near their own grid (int8 / int4, see
+    modeling/gguf.py) unless ``dequantize`` expands them to float32."""
+    from ..registry.manifest import Quantization
     from .gguf import convert_gguf
 
     progress("hashing GGUF file", None, None)
     digest = sha256_file(path)
     with tempfile.TemporaryDirectory(prefix="ocs-import-") as scratch:
-        metadata = convert_gguf(path, Path(scratch), progress=progress)
+        result = convert_gguf(path, Path(scratch), dequantize=dequantize, progress=progress)
+        metadata = result.metadata
         names = [str(metadata[k]) for k in ("general.name",) if metadata.get(k)]
+        quantization = None
+        if result.compressed:
+            quantization = Quantization(
+                scheme="gguf",
+                options={"source_types": result.source_types, "stored": result.stored},
+            )
+            if result.level:
+                quantization.level = result.level  # type: ignore[attr-defined]
         return import_hf_dir(
             registry,
             Path(scratch),
@@ -77,5 +92,7 @@ def import_gguf(
             progress=progress,
             source=source or {"kind": "gguf", "ref": path.name, "digest": digest},
             aliases=[*(aliases or []), *names],
+            quantization=quantization,
+            parameter_count=result.parameters or None,
             **extra,
         )

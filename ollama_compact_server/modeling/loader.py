@@ -45,9 +45,12 @@ def load_tokenizer(registry: Registry, record: ModelRecord) -> Any:
         return auto_tokenizer.from_pretrained(directory, trust_remote_code=False)
 
 
-def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -> Any:
+def load_causal_lm(
+    registry: Registry, record: ModelRecord, dtype: Any = None, *, dequantize: bool = False
+) -> Any:
     """A transformers causal LM for a registry model (an adapter model loads its base plus
-    the adapter through peft)."""
+    the adapter through peft). ``dequantize`` expands a compressed model to plain float
+    modules (for workflows that need float weights)."""
     auto_model = _transformers().AutoModelForCausalLM
     base = (
         registry.get(record.config.base_model)
@@ -56,7 +59,11 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
     )
     model: Any
     with model_dir(registry, base) as directory:
-        if base.config.quantization is not None:  # compressed: its own modules, loaded as stored
+        if base.config.quantization is not None and dequantize:
+            from .quantized import load_dequantized
+
+            model = load_dequantized(directory, _torch_dtype(dtype))
+        elif base.config.quantization is not None:  # compressed: its modules, as stored
             from .quantized import load_compressed
 
             model = load_compressed(directory, _torch_dtype(dtype))
@@ -74,7 +81,7 @@ def load_causal_lm(registry: Registry, record: ModelRecord, dtype: Any = None) -
 
         with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
             config = None
-            if base.config.quantization is not None:  # LoRA around the compressed linears
+            if base.config.quantization is not None and not dequantize:  # around our linears
                 from .quantized import lora_config
 
                 config = lora_config(directory)

@@ -34,7 +34,7 @@ def merge_adapter(
     if not record.is_adapter or not record.config.base_model:
         raise InvalidModel(f"'{record.name.display()}' is not an adapter model: nothing to merge")
     base = registry.get(record.config.base_model)
-    if base.config.quantization is not None:
+    if base.config.quantization is not None and base.config.quantization.scheme != "gguf":
         raise InvalidModel(
             f"the base '{base.name.display()}' is compressed ({base.config.quantization.scheme}); "
             "merge into its full-precision parent instead"
@@ -48,7 +48,8 @@ def merge_adapter(
                 "merging would change both, unlike serving the adapter, so it is refused"
             )
     progress("loading base model and adapter", None, None)
-    model = load_causal_lm(registry, record)
+    # a base imported from a quantized GGUF file merges into its float expansion
+    model = load_causal_lm(registry, record, dequantize=True)
     progress("merging adapter weights", None, None)
     merged = model.merge_and_unload()
     with tempfile.TemporaryDirectory(prefix="ocs-merge-") as scratch:

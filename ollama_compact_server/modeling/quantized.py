@@ -438,7 +438,14 @@ def _materialize_buffers(model: nn.Module) -> None:
         for n, b in metas.items():
             module._buffers[n] = torch.empty_like(b, device="cpu")
         if init is not None:
+            # the initialiser also re-draws the module's weights (an embedding with a scale
+            # buffer): keep the loaded ones
+            kept = {n: p for n, p in module.named_parameters(recurse=False)}
+            for n, p in kept.items():  # init writes in place: let it write into scratch
+                setattr(module, n, nn.Parameter(torch.empty_like(p), requires_grad=False))
             init(module)
+            for n, p in kept.items():
+                setattr(module, n, p)
 
 
 def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
@@ -493,6 +500,53 @@ def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
     _missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"unexpected tensors in the compressed model: {unexpected[:5]}")
+    _materialize_buffers(model)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"compressed model lacks tensors: {left[:5]}")
+    model.eval()
+    return model
+
+
+def load_dequantized(directory: Path, dtype: torch.dtype) -> nn.Module:
+    """A compressed model expanded back to a plain transformers model (its float weights
+    are exactly what the compressed modules compute with), for workflows that need float
+    weights: compressing an imported GGUF model with another scheme, merging an adapter."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get(FORMAT_KEY) != FORMAT_VERSION:
+            raise ValueError("model.safetensors is not a compressed model of a known version")
+        specs = specs_from(json.loads(metadata[MODULES_KEY]))
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    state: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        if spec.kind == "tied":
+            continue
+        own = {
+            k[len(name) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")
+        }
+        module = runtime_module(spec, own, torch.float32)
+        if isinstance(module, CompressedLinear):
+            rows = torch.arange(spec.out_features)
+            state[f"{name}.weight"] = module.rows(rows, torch.float32).to(dtype)
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().to(dtype)
+        else:
+            state.update({f"{name}.{k}": v.to(dtype) for k, v in module.state_dict().items()})
+    state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa"
+        )
+    _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"unexpected tensors in the compressed model: {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     _materialize_buffers(model)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:

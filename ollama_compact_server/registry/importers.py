@@ -23,6 +23,7 @@ from .manifest import (
     AdapterInfo,
     EmbeddingInfo,
     ModelConfig,
+    Quantization,
     check_filename,
 )
 from .names import ModelName
@@ -255,9 +256,13 @@ def import_hf_dir(
     source: dict[str, Any] | None = None,
     aliases: list[str] | None = None,
     parent_model: str = "",
+    quantization: Quantization | None = None,
+    parameter_count: int | None = None,
     progress: ProgressFn = _noop,
 ) -> ModelRecord:
-    """Imports a Hugging Face model directory (config.json + *.safetensors + tokenizer)."""
+    """Imports a Hugging Face model directory (config.json + *.safetensors + tokenizer).
+    ``quantization`` and ``parameter_count`` describe a directory whose weights are stored
+    compressed (a GGUF file converted near its own grid)."""
     target = ModelName.parse(name) if not isinstance(name, ModelName) else name
     directory = Path(directory)
     progress("reading model files", None, None)
@@ -294,7 +299,7 @@ def import_hf_dir(
         model_type=model_type,
         family=family_of(model_type),
         families=[family_of(model_type)],
-        parameter_count=sum(t.numel for t in tensors.values()),
+        parameter_count=parameter_count or sum(t.numel for t in tensors.values()),
         dtype=DTYPE_NAMES.get(dominant, dominant.lower()),
         context_length=context_length(config),
         embedding_length=int(cfg.get("hidden_size") or 0),
@@ -302,6 +307,7 @@ def import_hf_dir(
         aliases=sorted(set(record_aliases)),
         capabilities=capabilities_for(chat_template),
         parent_model=parent_model,
+        quantization=quantization,
     )
     embedding = embedding_info(directory, config)
     if embedding is not None:

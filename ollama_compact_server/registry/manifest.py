@@ -163,7 +163,8 @@ class ModelConfig(BaseModel):
     @property
     def quantization_level(self) -> str:
         if self.quantization is not None:
-            return self.quantization.scheme.upper()
+            level = getattr(self.quantization, "level", None)  # a GGUF file's own (Q4_K_M)
+            return str(level) if level else self.quantization.scheme.upper()
         return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(
             self.dtype, self.dtype.upper()
         )
