@@ -328,11 +328,11 @@ async def test_prefill_out_of_memory_preempts_without_decoding_the_preempted(
         real = runner.prefill_batch
         fired = []
 
-        def prefill_batch(slots, prompts, loras=None):
+        def prefill_batch(slots, prompts, loras=None, starts=None):
             if not fired and engine.device_loop.workers["tiny:latest"].running:
                 fired.append(1)
                 raise torch.OutOfMemoryError("injected")
-            return real(slots, prompts, loras)
+            return real(slots, prompts, loras, starts)
 
         runner.prefill_batch = prefill_batch  # type: ignore[method-assign]
         first = asyncio.create_task(run(engine, "pirate", PROMPTS[1], n=150))

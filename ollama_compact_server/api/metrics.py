@@ -65,6 +65,14 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("ocs_generated_tokens", "Tokens generated", registry=r)
+        self.prefix_hits = Counter(
+            "ocs_prefix_cache_hits",
+            "Requests whose prompt began with positions the KV cache held (not computed again)",
+            registry=r,
+        )
+        self.prefix_tokens = Counter(
+            "ocs_prefix_cache_tokens", "Prompt positions taken from the KV cache", registry=r
+        )
         self.preemptions = Counter("ocs_preemptions", "Sequences preempted", registry=r)
         self.evictions = Counter("ocs_evictions", "Models evicted (unloaded)", registry=r)
         self.finished = Counter(
@@ -96,6 +104,8 @@ class Metrics:
             ("adapter_device_evictions", self.adapter_evictions.labels("device")),
             ("adapter_host_evictions", self.adapter_evictions.labels("host")),
             ("tokens_generated", self.tokens),
+            ("prefix_hits", self.prefix_hits),
+            ("prefix_tokens", self.prefix_tokens),
             ("preemptions", self.preemptions),
             ("evictions", self.evictions),
         ):

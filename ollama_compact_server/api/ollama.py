@@ -249,7 +249,8 @@ def metrics(done: Completion, started: float) -> dict[str, Any]:
     return {
         "total_duration": nanos(time.perf_counter() - started),
         "load_duration": nanos(done.load_time),
-        "prompt_eval_count": done.prompt_tokens,
+        # what was evaluated: prompt tokens reused from the KV cache are not (as in Ollama)
+        "prompt_eval_count": done.prompt_tokens - done.cached_tokens,
         "prompt_eval_duration": nanos(done.prompt_time),
         "eval_count": done.completion_tokens,
         "eval_duration": nanos(done.decode_time),

@@ -349,13 +349,15 @@ def _finish(reason: FinishReason | None) -> str:
     return "length" if reason == FinishReason.LENGTH else "stop"
 
 
-def _usage(done: list[Completion]) -> dict[str, int]:
+def _usage(done: list[Completion]) -> dict[str, Any]:
     prompt = sum(c.prompt_tokens for c in done[:1]) if done else 0
     completion = sum(c.completion_tokens for c in done)
+    cached = sum(c.cached_tokens for c in done[:1]) if done else 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -569,6 +571,9 @@ async def _respond(
         if len(prompts) > 1:
             usage["prompt_tokens"] = sum(len(p) for p in prompts)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            per_prompt = max(1, len(finals) // len(prompts))  # n choices of each prompt
+            cached = sum(c.cached_tokens for c in finals[::per_prompt])
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         return JSONResponse(
             {
                 "id": ident,

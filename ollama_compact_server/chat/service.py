@@ -66,6 +66,7 @@ class Completion:
     finish_reason: FinishReason | None = None
     error: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, reused from the KV cache
     completion_tokens: int = 0
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
@@ -227,6 +228,7 @@ class ChatService:
                     totals.finish_reason = event.finish_reason
                     totals.error = event.error
                     totals.prompt_tokens = event.prompt_tokens
+                    totals.cached_tokens = event.cached_tokens
                     totals.completion_tokens = event.completion_tokens
                     totals.load_time = event.load_time
                     totals.prompt_time = event.prompt_time

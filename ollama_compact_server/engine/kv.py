@@ -25,6 +25,9 @@ class KVShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * itemsize
 
 
+SWAP_CHUNK = 256  # positions exchanged at a time by swap()
+
+
 class SlotKVCache:
     def __init__(
         self, shape: KVShape, slots: int, capacity: int, dtype: torch.dtype, device: torch.device
@@ -39,6 +42,7 @@ class SlotKVCache:
         # per-forward state, set by bind()
         self._rows: slice | None = slice(0, 0)
         self._index = torch.zeros(0, dtype=torch.long)
+        self.bound_slots = self._index
         self._positions: torch.Tensor | None = None  # [B, q]
         self._flat_index = torch.zeros(0, dtype=torch.long)  # [B * kv_heads * q] write rows
         self._length = 0
@@ -71,6 +75,18 @@ class SlotKVCache:
             for store in (*self.k, *self.v):
                 store[target, :, :length].copy_(store[source, :, :length])
 
+    def swap(self, a: int, b: int, length: int) -> None:
+        """Exchanges the first ``length`` positions of two slots, through a scratch buffer of
+        at most SWAP_CHUNK positions per layer (no unbudgeted copy of a whole context)."""
+        if a == b or length <= 0:
+            return
+        for store in (*self.k, *self.v):
+            for start in range(0, length, SWAP_CHUNK):
+                stop = min(start + SWAP_CHUNK, length)
+                scratch = store[a, :, start:stop].clone()
+                store[a, :, start:stop].copy_(store[b, :, start:stop])
+                store[b, :, start:stop].copy_(scratch)
+
     # ------------------------------------------------------------------ one forward
 
     def bind(self, slots: list[int], positions: torch.Tensor, length: int) -> None:
@@ -78,6 +94,7 @@ class SlotKVCache:
         ([B, q]) and attending over the first ``length`` cached positions."""
         device = self.k[0].device
         self._index = torch.tensor(slots, dtype=torch.long, device=device)
+        self.bound_slots = self._index  # [B] int64: each row's slot
         first = slots[0] if slots else 0
         contiguous = slots == list(range(first, first + len(slots)))
         self._rows = slice(first, first + len(slots)) if contiguous else None

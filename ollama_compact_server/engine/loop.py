@@ -607,6 +607,8 @@ class DeviceLoop:
             "adapter_host_evictions": self.stats.adapter_host_evictions
             + sum(a.stats.host_evictions for a in banks),
             "tokens_generated": self.stats.tokens_generated,
+            "prefix_hits": self.stats.prefix_hits,
+            "prefix_tokens": self.stats.prefix_tokens,
             "preemptions": self.stats.preemptions,
             "evictions": self.stats.evictions,
             "finished": dict(self.stats.finished),

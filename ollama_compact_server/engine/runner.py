@@ -1,6 +1,7 @@
 """Runs one model's forward passes over the slot KV cache: a decode step for many rows, or
-a prefill chunk of one sequence. Uses the model's own transformers modules, so numerics
-match transformers; only the cache and the masks are ours."""
+a prefill chunk of one sequence. The families modeling/compact.py covers run its compact
+forward (same numerics as transformers, far fewer operations); others run the model's own
+transformers modules. Either way the cache and the masks are ours."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from typing import Any
 
 import torch
 
+from ..modeling.compact import CompactModel, compact_for
 from ..modeling.lora import LoraBank
 from .kv import KVShape, SlotKVCache
+
+# architectures whose every layer attends within config.sliding_window when it is set
+# (transformers' Mistral and Phi-3 masks); others name their sliding layers in layer_types
+WINDOWED_FAMILIES = ("mistral", "phi3")
 
 
 def kv_shape(config: Any) -> KVShape:
@@ -22,7 +28,14 @@ def kv_shape(config: Any) -> KVShape:
 
 class ModelRunner:
     def __init__(
-        self, model: Any, *, slots: int, capacity: int, dtype: torch.dtype, device: torch.device
+        self,
+        model: Any,
+        *,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        compact: bool = True,
     ) -> None:
         self.model = model
         self.config = model.config
@@ -36,11 +49,18 @@ class ModelRunner:
             self.window = int(self.config.sliding_window)
         # Models that take a dict of prepared masks per layer type (gemma3, qwen2, ...)
         self.mask_dict = bool(layer_types)
+        family = getattr(self.config, "model_type", "")
+        if not layer_types and family in WINDOWED_FAMILIES:
+            window = getattr(self.config, "sliding_window", None)
+            self.window = int(window) if window else None
+        self.compact: CompactModel | None = compact_for(model) if compact else None
 
     def attach_lora(self, slots: int) -> LoraBank:
         """The model's LoRA bank with ``slots`` adapter slots (made once)."""
         if self.lora is None:
             self.lora = LoraBank(self.model, slots, self.dtype, self.device)
+            if self.compact is not None:
+                self.compact.lora = self.lora
         return self.lora
 
     def _masks(self, positions: torch.Tensor, length: int) -> Any:
@@ -49,19 +69,26 @@ class ModelRunner:
         query = positions.view(positions.shape[0], 1, positions.shape[1], 1)
         full = keys <= query
         if not self.mask_dict:
+            if self.window is not None:  # every layer slides (Mistral, Phi-3)
+                return self._windowed(full, keys, query, positions)
             return full
         masks = {"full_attention": full}
         if self.window is not None:
-            sliding = full & (query - keys < self.window)
-            if positions.shape[1] > 1:
-                # pad columns of a batched prefill sit at the last position; give them key 0
-                # so no row of the mask is empty (an empty row makes attention NaN)
-                pad = query == self.cache.capacity - 1
-                sliding = sliding | (pad & (keys == 0))
-            masks["sliding_attention"] = sliding
+            masks["sliding_attention"] = self._windowed(full, keys, query, positions)
         else:
             masks["sliding_attention"] = full
         return masks
+
+    def _windowed(
+        self, full: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        sliding = full & (query - keys < int(self.window or 0))
+        if positions.shape[1] > 1:
+            # pad columns of a batched prefill sit at the last position; give them key 0
+            # so no row of the mask is empty (an empty row makes attention NaN)
+            pad = query == self.cache.capacity - 1
+            sliding = sliding | (pad & (keys == 0))
+        return sliding
 
     @torch.inference_mode()
     def forward(
@@ -79,6 +106,11 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.select(loras)
         try:
+            if self.compact is not None:
+                logits = self.compact.forward(
+                    input_ids, positions, self._masks(positions, length), self.cache, keep
+                )
+                return logits[:, -1, :] if keep == 1 else logits
             out = self.model(
                 input_ids=input_ids,
                 position_ids=positions,
@@ -121,20 +153,28 @@ class ModelRunner:
         return self.forward([slot], ids, pos, length, loras=[lora])
 
     def prefill_batch(
-        self, slots: list[int], prompts: list[list[int]], loras: list[int] | None = None
+        self,
+        slots: list[int],
+        prompts: list[list[int]],
+        loras: list[int] | None = None,
+        starts: list[int] | None = None,
     ) -> torch.Tensor:
-        """Whole prompts of several fresh sequences in one forward, left-padded so every
-        row's last column is its last prompt token. Pad columns get the position
-        ``capacity - 1``: their cache writes land where no real query looks (that position
-        is rewritten before any sequence can attend to it) and their outputs are unused."""
+        """Prompts of several sequences in one forward, left-padded so every row's last
+        column is its last prompt token; row i's tokens go at positions starts[i].. (0: a
+        fresh prompt; more: the rest of a prompt whose beginning was already cached). Pad
+        columns get the position ``capacity - 1``: their cache writes land where no real
+        query looks (that position is rewritten before any sequence can attend to it) and
+        their outputs are unused."""
+        starts = starts or [0] * len(prompts)
         if len(prompts) == 1:
-            return self.prefill(slots[0], prompts[0], 0, lora=loras[0] if loras else -1)
+            return self.prefill(slots[0], prompts[0], starts[0], lora=loras[0] if loras else -1)
         width = max(len(p) for p in prompts)
         junk = self.cache.capacity - 1
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         pos = torch.full((len(prompts), width), junk, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
+        for row, (prompt, start) in enumerate(zip(prompts, starts)):
             pad = width - len(prompt)
             ids[row, pad:] = torch.tensor(prompt, dtype=torch.long)
-            pos[row, pad:] = torch.arange(len(prompt))
-        return self.forward(slots, ids.to(self.device), pos.to(self.device), width, loras=loras)
+            pos[row, pad:] = torch.arange(start, start + len(prompt))
+        length = max(start + len(p) for p, start in zip(prompts, starts))
+        return self.forward(slots, ids.to(self.device), pos.to(self.device), length, loras=loras)

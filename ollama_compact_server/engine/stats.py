@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 @dataclass
 class EngineStats:
     tokens_generated: int = 0
+    prefix_hits: int = 0  # admissions that took cached positions instead of computing them
+    prefix_tokens: int = 0  # positions so taken
     preemptions: int = 0
     evictions: int = 0
     # adapter figures of models already unloaded (their workers' own counts went with them)

@@ -153,6 +153,7 @@ class TokenEvent:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first event, when asked
     status: int = 500  # HTTP status for an error that ends a request before any output
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, taken from the KV cache instead of computed
     completion_tokens: int = 0
     # seconds
     queue_time: float = 0.0

@@ -17,6 +17,7 @@ from .adapters import AdapterRef, AdapterSlots
 from .constraint import GuidedTokenizer, JsonConstraint
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox
+from .prefix import NO_REUSE, PrefixCache, Reuse
 from .runner import ModelRunner
 from .sampler import RowState, sample, token_logprobs
 from .stats import EngineStats
@@ -39,6 +40,7 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0
     cached: int = 0  # positions written to the KV cache
+    reused: int = 0  # prompt positions taken from the cache instead of computed
     generated: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
@@ -66,6 +68,16 @@ class Sequence:
     def position(self) -> int:
         """Position of the last token, the one the next decode step feeds."""
         return len(self.prompt) + len(self.generated) - 1
+
+    @property
+    def adapter_key(self) -> str:
+        return self.adapter.key if self.adapter is not None else ""
+
+    def held(self) -> list[int]:
+        """The tokens whose K/V this sequence's slot holds (positions 0..cached-1)."""
+        if self.cached <= len(self.prompt):
+            return self.prompt[: self.cached]
+        return (self.prompt + self.generated)[: self.cached]
 
 
 @dataclass
@@ -123,6 +135,7 @@ class ModelWorker:
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
         self.by_slot: dict[int, Sequence] = {}
+        self.prefix = PrefixCache(runner.cache)
         self.adapter_waits: deque[AdapterWait] = deque()
         self.last_used = time.monotonic()
         self.keep_alive: float | None = None  # seconds idle before unloading; None = forever
@@ -178,8 +191,10 @@ class ModelWorker:
             ready = self._ready()
             if ready:
                 head = ready[0]
-                if len(head.prefill_ids) > self.prefill_chunk or wants_prompt_scores(head):
-                    self.prefilling = self._admit(head)
+                plan = self._reuse(head)
+                remaining = len(head.prefill_ids) - plan.length
+                if remaining > self.prefill_chunk or wants_prompt_scores(head):
+                    self.prefilling = self._admit(head, plan)
                 else:
                     self._prefill_many(ready)
                     return True
@@ -207,9 +222,18 @@ class ModelWorker:
                     slot_blocked = True
         return ready
 
-    def _admit(self, seq: Sequence) -> Sequence | None:
-        """Takes a KV slot (and an adapter slot) for a waiting sequence; None if its
-        adapter turned out not to fit the model (the request has then failed)."""
+    def _reuse(self, seq: Sequence) -> Reuse:
+        """What of the sequence's prompt the KV cache already holds (no side effects);
+        nothing for prompt scoring, which needs every position's logits."""
+        if wants_prompt_scores(seq):
+            return NO_REUSE
+        running = [(s.slot, s.held(), s.adapter_key) for s in self.by_slot.values() if s.cached > 0]
+        return self.prefix.find(seq.prefill_ids, seq.adapter_key, running)
+
+    def _admit(self, seq: Sequence, plan: Reuse = NO_REUSE) -> Sequence | None:
+        """Takes a KV slot (with the cached prefix ``plan`` names) and an adapter slot for a
+        waiting sequence; None if its adapter turned out not to fit the model (the request
+        has then failed)."""
         if seq.adapter is not None:
             if self.adapters is None or not self.adapters.can_acquire(seq.adapter):
                 return None
@@ -221,7 +245,13 @@ class ModelWorker:
                 self.finish(seq, FinishReason.ERROR, error=adapter_error(exc))
                 return None
         self.waiting.remove(seq)
-        seq.slot = self.runner.cache.allocate()
+        seq.slot = self.prefix.allocate(plan)
+        seq.prefilled = seq.cached = plan.length
+        if plan.length:
+            self.stats.prefix_hits += 1
+            self.stats.prefix_tokens += plan.length
+        if not seq.generated:  # a fresh prompt: reported as cached tokens
+            seq.reused = plan.length
         self.by_slot[seq.slot] = seq
         if not seq.admitted:
             seq.admitted = time.perf_counter()
@@ -281,10 +311,13 @@ class ModelWorker:
         batch: list[Sequence] = []
         budget = self.prefill_chunk
         for seq in ready:
-            size = len(seq.prefill_ids)
-            if size > budget or wants_prompt_scores(seq) or not self.runner.cache.can_allocate():
+            if wants_prompt_scores(seq) or not self.runner.cache.can_allocate():
                 break
-            admitted = self._admit(seq)
+            plan = self._reuse(seq)  # one at a time: an admission moves cached contents
+            size = len(seq.prefill_ids) - plan.length
+            if size > budget:
+                break
+            admitted = self._admit(seq, plan)
             if admitted is None:
                 continue
             budget -= size
@@ -294,7 +327,10 @@ class ModelWorker:
         started = time.perf_counter()
         try:
             logits = self.runner.prefill_batch(
-                [s.slot for s in batch], [s.prefill_ids for s in batch], [s.lora for s in batch]
+                [s.slot for s in batch],
+                [s.prefill_ids[s.prefilled :] for s in batch],
+                [s.lora for s in batch],
+                [s.prefilled for s in batch],
             )
         except Exception as exc:
             if is_oom(exc) and self.running:
@@ -314,7 +350,9 @@ class ModelWorker:
             for seq in batch:
                 started = time.perf_counter()
                 try:
-                    logits = self.runner.prefill_batch([seq.slot], [seq.prefill_ids], [seq.lora])
+                    logits = self.runner.prefill_batch(
+                        [seq.slot], [seq.prefill_ids[seq.prefilled :]], [seq.lora], [seq.prefilled]
+                    )
                 except Exception as alone:
                     self._fail(seq, "prefill failed", alone)
                     continue
@@ -558,6 +596,7 @@ class ModelWorker:
                 finish_reason=reason,
                 error=error,
                 prompt_tokens=len(seq.prompt),
+                cached_tokens=seq.reused,
                 completion_tokens=len(counted),
                 queue_time=(seq.admitted or now) - seq.submitted,
                 load_time=seq.load_time,
@@ -580,7 +619,7 @@ class ModelWorker:
             seq.cached,
         )
         release_memory(self.runner.device)
-        self._release(seq)
+        self._release(seq)  # its contents stay cached: it may take them up again
         self.stats.preemptions += 1
         seq.prefilled = 0
         seq.cached = 0
@@ -596,11 +635,15 @@ class ModelWorker:
             self.running.remove(seq)
         if seq.slot >= 0:
             del self.by_slot[seq.slot]
-            moved_from = self.runner.cache.free(seq.slot)
-            if moved_from is not None:
-                # keep running sequences in slots 0..n-1: the last one fills the hole
-                mover = self.by_slot.pop(moved_from)
-                self.runner.cache.move(moved_from, seq.slot, mover.cached)
+            # keep running sequences in slots 0..n-1: the last one takes the hole, and what
+            # this one cached stays in the slot that becomes idle, for a later prompt
+            last = self.runner.cache.used - 1
+            mover = self.by_slot.get(last) if last != seq.slot else None
+            moved_from = self.prefix.release(
+                seq.slot, seq.held(), seq.adapter_key, mover.cached if mover else 0
+            )
+            if moved_from >= 0 and mover is not None:
+                del self.by_slot[moved_from]
                 mover.slot = seq.slot
                 self.by_slot[seq.slot] = mover
             seq.slot = -1

@@ -34,8 +34,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "ocs_cpu.c"
-ABI_VERSION = 3
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "ocs_cpu.c", CSRC / "ocs_decode.c")
+HEADERS = (CSRC / "ocs.h",)
+ABI_VERSION = 4
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 COMPILE_TIMEOUT = 120.0
 INT4_MAX_GROUP = 256
@@ -89,7 +91,7 @@ def _compiler() -> str | None:
 
 
 def _library_path(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     return cache_dir() / f"libocs_cpu-{ABI_VERSION}-{key}.so"
 
@@ -102,7 +104,7 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", scratch],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", scratch, "-lm"],
             capture_output=True,
             text=True,
             timeout=COMPILE_TIMEOUT,
@@ -124,6 +126,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ocs_w8_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _C]
     lib.ocs_w4_mm.restype = _C
     lib.ocs_w4_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _I, _C]
+    lib.ocs_decode_scratch.restype = _I
+    lib.ocs_decode_scratch.argtypes = [_P, _I, _C]
+    lib.ocs_decode_layer.restype = None
+    lib.ocs_decode_layer.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _C]
+    lib.ocs_decode_head.restype = None
+    lib.ocs_decode_head.argtypes = [_P, _P, ctypes.c_float, _P, _I, _I, _P, _P, _C]
     return lib
 
 

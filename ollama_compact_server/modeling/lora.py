@@ -109,15 +109,21 @@ class LoraLinear:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             y = base_forward(base_ref(), x)
-            mask = rows.mask
-            if mask is None or self.lora_a is None or self.lora_b is None:
-                return y
-            cols = rows.width * self.rank
-            # x: [B, q, in] -> xa: [B, q, cols]; mask: [B, 1, cols]; delta: [B, q, out]
-            xa = torch.nn.functional.linear(x, self.lora_a[:cols]) * mask
-            return y + torch.matmul(xa, self.lora_b[:cols])
+            delta = self.delta(x)
+            return y if delta is None else y + delta
 
         base.forward = forward
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's low-rank update for input ``x`` [B, q, in] -> [B, q, out]; None when
+        no row of this forward uses an adapter (a fused projection adds it itself)."""
+        mask = self.rows.mask
+        if mask is None or self.lora_a is None or self.lora_b is None:
+            return None
+        cols = self.rows.width * self.rank
+        # x: [B, q, in] -> xa: [B, q, cols]; mask: [B, 1, cols]; delta: [B, q, out]
+        xa = torch.nn.functional.linear(x, self.lora_a[:cols]) * mask
+        return torch.matmul(xa, self.lora_b[:cols])
 
     @property
     def base(self) -> nn.Module | None:

@@ -16,9 +16,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#define OCS_API __attribute__((visibility("default")))
+#include "ocs.h"
 
-int OCS_API ocs_abi_version(void) { return 3; }
+int OCS_API ocs_abi_version(void) { return 4; }
+
+/* Bytes ahead of the weight stream to prefetch: the hardware prefetcher alone left the
+ * one-row products at 75-80% of the memory bandwidth on a 2-core EPYC (a head of 168 MB
+ * took 15-16 ms against 13 ms with this, in one run). */
+#define PREFETCH 4096
 
 static inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v);
@@ -46,6 +51,7 @@ static inline float w8_dot(const float* x, const int8_t* r, int64_t K, float sca
   __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+    _mm_prefetch((const char*)(r + k + PREFETCH), _MM_HINT_T0);
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8_i8(r + k), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8_i8(r + k + 8), a1);
     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8_i8(r + k + 16), a2);
@@ -137,6 +143,42 @@ void OCS_API ocs_w8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const 
   }
 }
 
+/* ------------------------------------------------------------------------------ float32 */
+
+/* One output of a float32 weight row, summed as w8_dot sums (four accumulators over 32
+ * columns at a time), so it too is the same whatever the batch. */
+static inline float f32_dot(const float* x, const float* r, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch((const char*)(r + k + PREFETCH / 4), _MM_HINT_T0);
+    _mm_prefetch((const char*)(r + k + PREFETCH / 4 + 16), _MM_HINT_T0);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(r + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(r + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(r + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(r + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(r + k), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; k++) s += x[k] * r[k];
+  return s;
+}
+
+/* x [M, K] times float32 w [N, K]^T -> out [M, N]: for decode-sized M (the weight is read
+ * once per row; large M belongs to a BLAS). */
+void OCS_API ocs_f32_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w,
+                        int64_t N, float* out, int64_t ldo, int threads) {
+  const int64_t chunk = 64;
+  const int64_t chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t c = 0; c < chunks; c++) {
+    int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+    for (int64_t n = n0; n < n1; n++)
+      for (int64_t m = 0; m < M; m++) out[m * ldo + n] = f32_dot(x + m * ldx, w + n * K, K);
+  }
+}
+
 /* ------------------------------------------------------------------------------ int4 */
 
 /* The 64 codes of one packed column (32 bytes) as floats: rows 0..31 from the low nibbles,
@@ -206,6 +248,7 @@ static void w4_block(const float* x, int64_t M, int64_t ldx, const float* xsum, 
       const uint8_t* p = blk + g * G * 32;
       for (int64_t k = 0; k < G; k++) {
         __m256 c[8];
+        _mm_prefetch((const char*)(p + k * 32 + PREFETCH), _MM_HINT_T0);
         unpack64(p + k * 32, c);
         __m256 xv = _mm256_broadcast_ss(xr + k);
         for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(xv, c[i], acc[i]);
