@@ -22,6 +22,13 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md constraints.txt ./
 COPY ollama_compact_server ./ollama_compact_server
 RUN pip install -c constraints.txt ".[default-model]"
+# our int8 / int4 CPU kernels, compiled here so the slim runtime needs no compiler (on a CPU
+# without AVX2, or if this fails, the daemon uses torch's kernels and says so)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && OCS_KERNEL_CACHE=/opt/ocs-kernels python -c \
+    "from ollama_compact_server.modeling import cpu_kernels as k; k.get() or print(k.reason())" \
+ && mkdir -p /opt/ocs-kernels
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime
@@ -31,11 +38,12 @@ FROM ${PYTHON_IMAGE} AS runtime
 # 127.0.0.1 only). The image itself sets neither.
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
     OLLAMA_HOST=0.0.0.0:11434 OCS_MODELS=/data/models OCS_ADAPTERS=/data/adapters \
-    HOME=/home/ocs
+    OCS_KERNEL_CACHE=/opt/ocs-kernels HOME=/home/ocs
 RUN useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin ocs \
  && mkdir -p /data/models /data/adapters \
  && chown -R ocs:ocs /data
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/ocs-kernels /opt/ocs-kernels
 COPY docker/entrypoint.sh /entrypoint.sh
 COPY docker/healthcheck.py /healthcheck.py
 USER ocs

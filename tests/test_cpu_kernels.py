@@ -115,3 +115,14 @@ def test_a_library_that_disagrees_is_refused(monkeypatch, lib) -> None:
     finally:
         monkeypatch.undo()
         cpu_kernels.reset()
+
+
+def test_a_library_built_ahead_needs_no_compiler(monkeypatch, lib) -> None:
+    """The Docker image compiles the kernels in its build stage: the runtime, without a
+    compiler, finds them by the sources' digest."""
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    cpu_kernels.reset()
+    try:
+        assert cpu_kernels.get() is not None, cpu_kernels.reason()
+    finally:
+        cpu_kernels.reset()

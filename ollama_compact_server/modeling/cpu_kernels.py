@@ -90,9 +90,11 @@ def _compiler() -> str | None:
     return None
 
 
-def _library_path(compiler: str) -> Path:
+def _library_path() -> Path:
+    """Named by the sources and flags (not the compiler), so a library built ahead (as the
+    Docker image does) is found on a machine without a compiler."""
     source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     return cache_dir() / f"libocs_cpu-{ABI_VERSION}-{key}.so"
 
 
@@ -161,11 +163,11 @@ def _load() -> ctypes.CDLL | None:
     supported, why = cpu_supported()
     if not supported:
         raise RuntimeError(why)
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) found")
-    target = _library_path(compiler)
+    target = _library_path()
     if not target.is_file():
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C compiler (cc, gcc or clang) found")
         log.info("compiling the CPU kernels into %s", target)
         _build(compiler, target)
     lib = _bind(ctypes.CDLL(str(target)))
