@@ -126,3 +126,35 @@ def test_a_library_built_ahead_needs_no_compiler(monkeypatch, lib) -> None:
         assert cpu_kernels.get() is not None, cpu_kernels.reason()
     finally:
         cpu_kernels.reset()
+
+
+@pytest.mark.parametrize(("n", "k"), [(130, 96), (64, 640), (1000, 72)])
+def test_blocked_int8_equals_the_reference_and_is_batch_invariant(lib, n, k) -> None:
+    """The runtime layout of int8 on CPU: blocks of 64 rows, columns side by side; rows of
+    x read it as a stream or share float slabs, each output summed over k in order."""
+    g = torch.Generator().manual_seed(n + 7 * k)
+    t = quant.quantize_int8(torch.randn(n, k, generator=g) * 0.05)
+    blocked = quant.block_int8(t["qweight"])
+    assert blocked.shape == (-(-n // 64), k, 64)
+    assert torch.equal(quant.unblock_int8(blocked, n), t["qweight"])
+    scales = torch.zeros(blocked.shape[0] * 64)
+    scales[:n] = t["scales"].float()
+    x = torch.randn(50, k, generator=g)  # more rows than one tile of running sums holds
+    full = cpu_kernels.int8_blocked_mm(lib, x, blocked, scales, n)
+    assert rel(full, x @ quant.dequantize_int8(t).t()) < 1e-5
+    for m in (1, 2, 3, 4, 5, 17, 49):
+        part = cpu_kernels.int8_blocked_mm(lib, x[:m].contiguous(), blocked, scales, n)
+        assert torch.equal(part, full[:m])
+
+
+def test_an_int8_module_moves_to_the_blocked_layout_and_back() -> None:
+    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(5)) * 0.05
+    module, _ = modules(w)
+    ids = torch.tensor([0, 63, 64, 99])
+    expected = module.rows(ids, torch.float32)
+    module.to_blocked()
+    assert module.blocked and module.qweight.shape == (2, 64, 64)
+    assert torch.equal(module.rows(ids, torch.float32), expected)  # embedding lookups
+    module.to_rows()  # what the CUDA and torch kernels read
+    assert not module.blocked and module.qweight.shape == (100, 64)
+    assert torch.equal(module.rows(ids, torch.float32), expected)

@@ -60,6 +60,26 @@ def dequantize_int8(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return t["qweight"].float() * t["scales"].float()[:, None]
 
 
+INT8_BLOCK_N = 64  # rows per block of the CPU kernel's runtime layout
+
+
+def block_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [Npad / 64, K, 64]: the CPU kernel's runtime layout (each column's 64
+    weights side by side; padding rows zero). Not a stored format."""
+    n, k = qweight.shape
+    npad = -(-n // INT8_BLOCK_N) * INT8_BLOCK_N
+    padded = qweight
+    if npad != n:
+        padded = torch.zeros((npad, k), dtype=qweight.dtype, device=qweight.device)
+        padded[:n] = qweight
+    return padded.view(npad // INT8_BLOCK_N, INT8_BLOCK_N, k).transpose(1, 2).contiguous()
+
+
+def unblock_int8(blocked: torch.Tensor, out_features: int) -> torch.Tensor:
+    nb, k, _ = blocked.shape
+    return blocked.transpose(1, 2).reshape(nb * INT8_BLOCK_N, k)[:out_features].contiguous()
+
+
 # ------------------------------------------------------------------------------ group-wise
 
 

@@ -91,6 +91,10 @@ class RegistryProvider:
             )
         model = load_causal_lm(self.registry, record, dtype=self.dtype)
         model.to(self.device)
+        if self.device.type == "cpu":
+            from ..modeling.quantized import prepare_for_cpu
+
+            prepare_for_cpu(model)
         base = (
             self.registry.get(record.config.base_model)
             if record.is_adapter and record.config.base_model

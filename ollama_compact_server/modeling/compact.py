@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compress import quant
 from .quantized import CompressedLinear, Int8Linear
 
 log = logging.getLogger(__name__)
@@ -67,22 +68,7 @@ class Projection:
             self.weight, self.bias = weight, bias
             return
         if all(type(m) is Int8Linear for m in modules):
-            int8s: list[Int8Linear] = modules
-            from ..compress.format import ModuleSpec
-
-            qweight = torch.cat([m.qweight for m in int8s])
-            scales = torch.cat([m.scales for m in int8s])
-            module: Any
-            spec = ModuleSpec("int8", int(first.in_features), int(qweight.shape[0]))
-            fused = Int8Linear({"qweight": qweight, "scales": scales}, spec, None)
-            start = 0
-            for module in int8s:
-                stop = start + module.out_features
-                module.qweight = qweight[start:stop]
-                module.scales = scales[start:stop]
-                module._scales_f32 = None
-                start = stop
-            self.packed = fused
+            self.packed = _fuse_int8(modules, int(first.in_features))
             return
         raise TypeError("these projections cannot be fused")
 
@@ -92,13 +78,54 @@ class Projection:
         return F.linear(x, self.weight, self.bias)
 
 
+def _fuse_int8(modules: list[Any], in_features: int) -> Int8Linear:
+    """One int8 module over the parts' rows; the parts keep views of it. With our CPU
+    kernels the parts are blocked first and joined block by block (every part's rows are
+    a whole number of blocks: fusable() checks)."""
+    from ..compress.format import ModuleSpec
+    from . import cpu_kernels
+
+    blocked = cpu_kernels.get() is not None and all(m.qweight.device.type == "cpu" for m in modules)
+    if blocked:
+        for module in modules:
+            module.to_blocked()
+    else:
+        for module in modules:
+            module.to_rows()
+    qweight = torch.cat([m.qweight for m in modules])
+    scales = torch.cat([m.scales for m in modules])
+    total = int(scales.shape[0])
+    fused = Int8Linear(
+        {"qweight": qweight, "scales": scales}, ModuleSpec("int8", in_features, total), None
+    )
+    fused_scales = torch.cat([m._scales_f32 for m in modules]) if blocked else scales
+    if blocked:
+        fused.blocked = True
+        fused._scales_f32 = fused_scales
+    start = 0
+    block = quant.INT8_BLOCK_N
+    for module in modules:
+        stop = start + module.out_features
+        if blocked:
+            module.qweight = qweight[start // block : stop // block]
+            module._scales_f32 = fused_scales[start:stop]
+        else:
+            module.qweight = qweight[start:stop]
+        module.scales = scales[start:stop]
+        start = stop
+    return fused
+
+
 def fusable(modules: list[Any]) -> bool:
     kinds = {type(m) for m in modules}
     if kinds == {nn.Linear}:
         dtypes = {m.weight.dtype for m in modules}
         biases = {m.bias is not None for m in modules}
         return len(dtypes) == 1 and len(biases) == 1
-    return kinds == {Int8Linear} and all(m.bias is None for m in modules)
+    if kinds != {Int8Linear} or any(m.bias is not None for m in modules):
+        return False
+    # blocked parts join block by block: each must be whole blocks
+    return all(m.out_features % quant.INT8_BLOCK_N == 0 for m in modules)
 
 
 def projection(prefix: str, parent: nn.Module, names: tuple[str, ...]) -> list[Projection]:

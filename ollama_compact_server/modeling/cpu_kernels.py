@@ -126,6 +126,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         raise RuntimeError("kernel library of another version")
     lib.ocs_w8_mm.restype = None
     lib.ocs_w8_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _C]
+    lib.ocs_b8_mm.restype = None
+    lib.ocs_b8_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _C]
     lib.ocs_w4_mm.restype = _C
     lib.ocs_w4_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _I, _C]
     lib.ocs_decode_scratch.restype = _I
@@ -187,10 +189,17 @@ def _self_test(lib: ctypes.CDLL) -> None:
     scales = t8["scales"].float()
     expected = x @ (t8["qweight"].float() * scales[:, None]).t()
     got = int8_mm(lib, x, t8["qweight"], scales)
+    padded = torch.zeros(-(-130 // quant.INT8_BLOCK_N) * quant.INT8_BLOCK_N)
+    padded[:130] = scales
+    got8b = int8_blocked_mm(lib, x, quant.block_int8(t8["qweight"]), padded, 130)
     t4 = quant.quantize_int4(w, 32)
     expected4 = x @ quant.dequantize_int4(t4, 130).t()
     got4 = int4_mm(lib, x, t4["qweight"], t4["scales_zeros"], 32, 130)
-    for name, a, b in (("int8", got, expected), ("int4", got4, expected4)):
+    for name, a, b in (
+        ("int8", got, expected),
+        ("int8b", got8b, expected),
+        ("int4", got4, expected4),
+    ):
         error = float((a - b).abs().max() / b.abs().max())
         if not error < 1e-4:
             raise RuntimeError(f"the {name} kernel disagrees with its reference ({error:.2g})")
@@ -222,6 +231,28 @@ def int8_mm(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales: to
         k,
         k,
         qweight.data_ptr(),
+        scales.data_ptr(),
+        n,
+        out.data_ptr(),
+        n,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def int8_blocked_mm(
+    lib: ctypes.CDLL, x: torch.Tensor, blocked: torch.Tensor, scales: torch.Tensor, n: int
+) -> torch.Tensor:
+    """x [M, K] float32 contiguous, blocked int8 [Npad / 64, K, 64], scales float32 [Npad]
+    -> [M, n]."""
+    m, k = x.shape
+    out = torch.empty((m, n), dtype=torch.float32)
+    lib.ocs_b8_mm(
+        x.data_ptr(),
+        m,
+        k,
+        k,
+        blocked.data_ptr(),
         scales.data_ptr(),
         n,
         out.data_ptr(),

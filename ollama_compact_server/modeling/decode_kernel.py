@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compress import quant
 from . import cpu_kernels
 from .quantized import Int4Linear, Int8Linear
 
@@ -102,20 +103,16 @@ def describe(module: Any, keep: list[torch.Tensor]) -> Weight:
         n, k = weight.shape
         return Weight(0, 0, n, k, n, int(weight.data_ptr()), 0, bias_ptr)
     if type(module) is Int8Linear:
-        q = module.qweight
-        if not q.is_contiguous() or q.device.type != "cpu":
-            raise Unsupported("int8 weight not contiguous on the CPU")
-        scales = _f32(module.scales, keep)
-        return Weight(
-            1,
-            0,
-            module.out_features,
-            module.in_features,
-            q.shape[0],
-            int(q.data_ptr()),
-            scales,
-            bias_ptr,
-        )
+        if module.qweight.device.type != "cpu":
+            raise Unsupported("int8 weight not on the CPU")
+        module.to_blocked()
+        q, scales = module.qweight, module._scales_f32
+        if scales is None or not (q.is_contiguous() and scales.is_contiguous()):
+            raise Unsupported("int8 weight not in the kernel layout")
+        keep.append(scales)
+        npad = q.shape[0] * quant.INT8_BLOCK_N
+        n, k = module.out_features, module.in_features
+        return Weight(3, 0, n, k, npad, int(q.data_ptr()), int(scales.data_ptr()), bias_ptr)
     if type(module) is Int4Linear:
         q, sz = module.qweight, module.scales_zeros
         if q is None or module.group_size > cpu_kernels.INT4_MAX_GROUP:

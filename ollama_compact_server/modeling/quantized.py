@@ -122,34 +122,60 @@ class CompressedLinear(nn.Module):
 
 
 class Int8Linear(CompressedLinear):
+    """Symmetric int8 per output channel. On CPU with our kernels the weight moves, on first
+    use, into their blocked layout (``blocked``: [Npad / 64, K, 64], see quant.block_int8);
+    elsewhere it stays [N, K] as stored."""
+
     kind = "int8"
     qweight: torch.Tensor
     scales: torch.Tensor
 
     def __init__(self, t: dict[str, torch.Tensor], spec: ModuleSpec, bias: torch.Tensor | None):
         super().__init__(spec.in_features, spec.out_features, bias)
-        self.register_buffer("qweight", t["qweight"])  # [N, K] int8
+        self.register_buffer("qweight", t["qweight"])  # [N, K] int8 (or blocked)
         self.register_buffer("scales", t["scales"].to(KERNEL_DTYPE))  # [N]
         self.cuda_kernel = False  # set by prepare_cuda once the probe passed
-        self._scales_f32: torch.Tensor | None = None  # for our CPU kernel, made on first use
+        self.blocked = False
+        self._scales_f32: torch.Tensor | None = None  # [Npad], for our CPU kernel
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        self.to_rows()
         return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales)
+
+    def to_blocked(self) -> None:
+        """Our CPU kernel's layout (once; the [N, K] tensor is released)."""
+        if self.blocked:
+            return
+        self.qweight = quant.block_int8(self.qweight)
+        scales = torch.zeros(self.qweight.shape[0] * quant.INT8_BLOCK_N, dtype=torch.float32)
+        scales[: self.out_features] = self.scales.float()
+        self._scales_f32 = scales
+        self.blocked = True
+
+    def to_rows(self) -> None:
+        if self.blocked:
+            self.qweight = quant.unblock_int8(self.qweight, self.out_features)
+            self._scales_f32 = None
+            self.blocked = False
 
     def _cpu(self, x: torch.Tensor) -> torch.Tensor:
         lib = cpu_kernels.get()
         if lib is None:
             return self._kernel(x)
+        self.to_blocked()
         scales = self._scales_f32
-        if scales is None or scales.device != self.scales.device:
-            scales = self._scales_f32 = self.scales.float().contiguous()
-        return cpu_kernels.int8_mm(lib, x.float().contiguous(), self.qweight, scales)
+        if scales is None:
+            raise RuntimeError("blocked int8 weight without its scales")
+        return cpu_kernels.int8_blocked_mm(
+            lib, x.float().contiguous(), self.qweight, scales, self.out_features
+        )
 
     def keep_kernel_dtypes(self) -> None:
         if self.scales.dtype != KERNEL_DTYPE:
             self.scales = self.scales.to(KERNEL_DTYPE)
 
     def prepare_cuda(self) -> None:
+        self.to_rows()
         self.cuda_kernel = self.kernel_matches(self._kernel)
 
     def leave_cuda(self) -> None:
@@ -162,10 +188,15 @@ class Int8Linear(CompressedLinear):
             return self._kernel(x)
         # more rows than the CUDA kernel is made for (it reads the weight once per row), or
         # it failed its probe: dequantize and let cuBLAS multiply
+        self.to_rows()
         return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[..., None]
+        scales = self.scales[ids].to(dtype)[..., None]
+        if self.blocked:  # [Npad / 64, K, 64]: row n is column n % 64 of block n // 64
+            n = quant.INT8_BLOCK_N
+            return self.qweight[ids // n, :, ids % n].to(dtype) * scales
+        return self.qweight[ids].to(dtype) * scales
 
 
 class Int4Linear(CompressedLinear):
@@ -553,6 +584,16 @@ def load_dequantized(directory: Path, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"compressed model lacks tensors: {left[:5]}")
     model.eval()
     return model
+
+
+def prepare_for_cpu(model: nn.Module) -> None:
+    """Moves int8 weights into our CPU kernels' layout now (on the loader thread), not in a
+    request's first forward; nothing happens without the kernels."""
+    if cpu_kernels.get() is None:
+        return
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.qweight.device.type == "cpu":
+            module.to_blocked()
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,110 @@ void OCS_API ocs_w8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const 
   }
 }
 
+/* ------------------------------------------------------------------------------ int8, blocked */
+
+/* The runtime layout of int8 weights on CPU: blocks of 64 output rows, and within a block
+ * the 64 weights of each input column side by side (byte k * 64 + j of block b is row
+ * b * 64 + j, column k), scales float32 per row. Each output accumulates x[k] * w[k] over k
+ * in order, in one lane: one row of x reads the block as a stream, several rows convert each
+ * 32-column slab to floats once and share it, and both give every output the same bits. */
+#define B8_ROWS 64
+#define B8_SLAB 32
+
+static inline void b8_finish(const __m256 acc[8], const float* scale, int64_t n0, int64_t valid,
+                             float* out) {
+  float tmp[64];
+  for (int i = 0; i < 8; i++) _mm256_storeu_ps(tmp + i * 8, _mm256_mul_ps(acc[i], _mm256_loadu_ps(scale + n0 + i * 8)));
+  memcpy(out + n0, tmp, (size_t)valid * sizeof(float));
+}
+
+static void b8_one_row(const float* x, int64_t K, const int8_t* blk, const float* scale,
+                       int64_t n0, int64_t valid, float* out) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const int8_t* p = blk + k * B8_ROWS;
+    _mm_prefetch((const char*)(p + PREFETCH), _MM_HINT_T0);
+    const __m256 xv = _mm256_broadcast_ss(x + k);
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(xv, load8_i8(p + i * 8), acc[i]);
+  }
+  b8_finish(acc, scale, n0, valid, out);
+}
+
+/* rows m0 .. m0 + MB of x against 32 channels (half h of the block) over one slab of
+ * floats; running sums live in totals[m][64] between slabs */
+static inline __attribute__((always_inline)) void b8_tile(const float* x, int64_t ldx, int MB,
+                                                          int64_t k0, int64_t kn,
+                                                          const float* slab, int h,
+                                                          float* totals) {
+  __m256 acc[3][4];
+  for (int m = 0; m < MB; m++)
+    for (int i = 0; i < 4; i++) acc[m][i] = _mm256_loadu_ps(totals + m * 64 + h * 32 + i * 8);
+  for (int64_t k = 0; k < kn; k++) {
+    const float* w = slab + k * 64 + h * 32;
+    const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+    const __m256 w2 = _mm256_load_ps(w + 16), w3 = _mm256_load_ps(w + 24);
+    for (int m = 0; m < MB; m++) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * ldx + k0 + k);
+      acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+      acc[m][2] = _mm256_fmadd_ps(xv, w2, acc[m][2]);
+      acc[m][3] = _mm256_fmadd_ps(xv, w3, acc[m][3]);
+    }
+  }
+  for (int m = 0; m < MB; m++)
+    for (int i = 0; i < 4; i++) _mm256_storeu_ps(totals + m * 64 + h * 32 + i * 8, acc[m][i]);
+}
+
+#define B8_TILE_ROWS 48 /* rows whose running sums a block keeps at once */
+
+static void b8_many_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* blk,
+                         const float* scale, int64_t n0, int64_t valid, float* out,
+                         int64_t ldo) {
+  float slab[B8_SLAB * 64] __attribute__((aligned(32)));
+  float totals[B8_TILE_ROWS * 64];
+  for (int64_t r0 = 0; r0 < M; r0 += B8_TILE_ROWS) {
+    const int64_t rows = M - r0 < B8_TILE_ROWS ? M - r0 : B8_TILE_ROWS;
+    memset(totals, 0, sizeof(float) * (size_t)rows * 64);
+    for (int64_t k0 = 0; k0 < K; k0 += B8_SLAB) {
+      const int64_t kn = K - k0 < B8_SLAB ? K - k0 : B8_SLAB;
+      for (int64_t k = 0; k < kn; k++) {
+        const int8_t* p = blk + (k0 + k) * B8_ROWS;
+        for (int i = 0; i < 8; i++) _mm256_store_ps(slab + k * 64 + i * 8, load8_i8(p + i * 8));
+      }
+      const float* xr = x + r0 * ldx;
+      for (int h = 0; h < 2; h++) {
+        int64_t m = 0;
+        for (; m + 3 <= rows; m += 3) b8_tile(xr + m * ldx, ldx, 3, k0, kn, slab, h, totals + m * 64);
+        if (rows - m == 2) b8_tile(xr + m * ldx, ldx, 2, k0, kn, slab, h, totals + m * 64);
+        else if (rows - m == 1) b8_tile(xr + m * ldx, ldx, 1, k0, kn, slab, h, totals + m * 64);
+      }
+    }
+    for (int64_t m = 0; m < rows; m++) {
+      __m256 acc[8];
+      for (int i = 0; i < 8; i++) acc[i] = _mm256_loadu_ps(totals + m * 64 + i * 8);
+      b8_finish(acc, scale, n0, valid, out + (r0 + m) * ldo);
+    }
+  }
+}
+
+/* x [M, K] times the blocked int8 weight -> out [M, N]; scale: float32 [Npad] */
+void OCS_API ocs_b8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* qb,
+                       const float* scale, int64_t N, float* out, int64_t ldo, int threads) {
+  const int64_t blocks = (N + B8_ROWS - 1) / B8_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    const int64_t n0 = b * B8_ROWS;
+    const int64_t valid = N - n0 < B8_ROWS ? N - n0 : B8_ROWS;
+    const int8_t* blk = qb + b * B8_ROWS * K;
+    if (M == 1) {
+      b8_one_row(x, K, blk, scale, n0, valid, out);
+    } else {
+      b8_many_rows(x, M, K, ldx, blk, scale, n0, valid, out, ldo);
+    }
+  }
+}
+
 /* ------------------------------------------------------------------------------ float32 */
 
 /* One output of a float32 weight row, summed as w8_dot sums (four accumulators over 32
