@@ -92,6 +92,56 @@ static inline float gelu_tanh(float x) {
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
+/* exp(x) for 8 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p the polynomial of
+ * Cephes' expf (about 1 ulp on the range used here). */
+static inline __m256 exp8(__m256 x) {
+  /* clamped so that 2^n stays a normal float: exp(-87) ~ 1.6e-38 stands in for anything smaller */
+  const __m256 hi = _mm256_set1_ps(88.0f), lo = _mm256_set1_ps(-87.0f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* tanh(x) = 1 - 2 / (exp(2x) + 1), sign-symmetric, for 8 floats */
+static inline __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ax)); /* in (0, 1] */
+  const __m256 t = _mm256_div_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), e), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  return _mm256_or_ps(t, sign);
+}
+
+/* y = act(g) * u over n values (8 at a time, the tail in scalar code) */
+static void act_mul(float* g, const float* u, int64_t n, int gelu) {
+  int64_t i = 0;
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 c = _mm256_set1_ps(0.7978845608028654f), c3 = _mm256_set1_ps(0.044715f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    __m256 a;
+    if (gelu) {
+      const __m256 inner = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x));
+      a = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh8(inner)));
+    } else {
+      a = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    }
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; i++) g[i] = (gelu ? gelu_tanh(g[i]) : silu(g[i])) * u[i];
+}
+
 /* The model's end for decode rows: final norm, then the head (any weight kind), row by row
  * the same whatever the batch. x: [B, hidden] (overwritten by the normed values); logits:
  * [B, head.n]; xsum: [B, hidden / 16 + 1] scratch for an int4 head. */
@@ -178,7 +228,16 @@ void OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int
       if (p[j] > top) top = p[j];
     }
     float total = 0.0f;
-    for (int64_t j = lo; j <= pos; j++) {
+    int64_t j = lo;
+    const __m256 vtop = _mm256_set1_ps(top);
+    __m256 vtotal = _mm256_setzero_ps();
+    for (; j + 8 <= pos + 1; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vtop));
+      _mm256_storeu_ps(p + j, e);
+      vtotal = _mm256_add_ps(vtotal, e);
+    }
+    total = hsum8(vtotal);
+    for (; j <= pos; j++) {
       p[j] = expf(p[j] - top);
       total += p[j];
     }
@@ -209,14 +268,10 @@ void OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int
     matmul(&L->gate_up[0], x, B, H, gu, 2 * I, xsum, threads);
     matmul(&L->gate_up[1], x, B, H, gu + I, 2 * I, xsum, threads);
   }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B > 1)
   for (int64_t b = 0; b < B; b++) {
     float* g = gu + b * 2 * I;
-    const float* u = g + I;
-    if (L->act == 1) {
-      for (int64_t i = 0; i < I; i++) g[i] = gelu_tanh(g[i]) * u[i];
-    } else {
-      for (int64_t i = 0; i < I; i++) g[i] = silu(g[i]) * u[i];
-    }
+    act_mul(g, g + I, I, L->act == 1);
   }
   matmul(&L->down, gu, B, 2 * I, o, H, xsum, threads);
   for (int64_t b = 0; b < B; b++) {
