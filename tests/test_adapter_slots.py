@@ -82,7 +82,7 @@ def ready(slots: AdapterSlots, r: AdapterRef, *waiting: AdapterRef) -> bool:
     """What the worker does for a waiting request: check, and collect finished loads."""
     if slots.can_acquire(r):
         return True
-    slots.poll({r.key, *(w.key for w in waiting)})
+    slots.poll([r, *waiting])
     return slots.can_acquire(r)
 
 
@@ -134,14 +134,14 @@ def test_the_host_cache_keeps_its_limit_least_recently_used_first() -> None:
     slots, _, loads = make(device=1, host=2)
     for name in "abcd":
         slots.release(take(slots, ref(name)))
-    slots.poll(set())
+    slots.poll([])
     # d on the device; of the idle a, b, c only the two most recent stay
     assert list(slots.host) == ["b-v1", "c-v1", "d-v1"]
     assert slots.stats.host_evictions == 1 and slots.stats.device_evictions == 3
     # b used again (from host memory, no load): c becomes the oldest idle one
     slots.release(take(slots, ref("b")))
     slots.release(take(slots, ref("e")))
-    slots.poll(set())
+    slots.poll([])
     assert sorted(slots.host) == ["b-v1", "d-v1", "e-v1"]
     assert loads == ["a-v1", "b-v1", "c-v1", "d-v1", "e-v1"]
     assert slots.stats.host_evictions == 2
@@ -156,7 +156,7 @@ def test_host_recency_counts_from_when_a_request_let_go() -> None:
     slots.release(sa)
     slots.release(take(slots, ref("c")))  # c and d push a and b off the device
     slots.release(take(slots, ref("d")))
-    slots.poll(set())
+    slots.poll([])
     assert names_on_device(slots) == ["c", "d"]
     assert list(slots.host) == ["a-v1", "c-v1", "d-v1"]  # b, the older, left
 
@@ -168,7 +168,7 @@ def test_a_waiting_request_keeps_its_adapter_in_host_memory() -> None:
     slots.arrive(b)
     assert not ready(slots, b)
     for _ in range(3):
-        slots.poll({b.key})
+        slots.poll([b])
     assert "b-v1" in slots.host and loads == ["a-v1", "b-v1"]
     slots.release(sa)
     assert ready(slots, b) and slots.acquire(b) == sa
@@ -191,7 +191,7 @@ def test_a_recreated_idle_adapter_leaves_the_device_and_host_memory() -> None:
     slots.release(take(slots, old))
     slots.release(take(slots, ref("other")))
     slots.arrive(new)
-    slots.poll({new.key})  # the worker's next step
+    slots.poll([new])  # the worker's next step
     assert "style-v1" not in slots.host and slots.slot_of("style-v1") < 0
     assert ("clear", 0, None) in bank.log
     assert slots.acquire(new) == 0
@@ -206,7 +206,7 @@ def test_a_recreated_adapter_in_use_goes_when_its_requests_finish() -> None:
     s_old = take(slots, old)
     s_old2 = slots.acquire(old)  # two running requests on the old weights
     s_new = take(slots, new)
-    slots.poll(set())
+    slots.poll([])
     assert slots.slot_of("style-v1") == s_old and "style-v1" in slots.host
     assert names_on_device(slots) == ["style", "style"]  # both really sit on the device
     slots.release(s_old)
@@ -235,6 +235,16 @@ def test_a_request_for_the_old_weights_still_runs_after_a_recreate() -> None:
     assert ready(slots, new) and slots.acquire(new) == 0
 
 
+def test_checking_a_slot_starts_nothing_and_the_step_loads_what_waits() -> None:
+    slots, _, loads = make(device=1, host=0)
+    a = ref("a")
+    for _ in range(3):
+        assert not slots.can_acquire(a)  # a check, not a load
+    assert loads == [] and not slots.loading
+    slots.poll([a])  # housekeeping: a waiting request's adapter is loaded
+    assert loads == ["a-v1"] and slots.can_acquire(a)
+
+
 def test_identical_adapters_share_a_slot_and_are_listed_by_each_name() -> None:
     slots, _, loads = make(device=2, host=2)
     first = AdapterRef("first:latest", "same")
@@ -246,5 +256,5 @@ def test_identical_adapters_share_a_slot_and_are_listed_by_each_name() -> None:
     slots.release(0)
     slots.release(0)
     slots.arrive(AdapterRef("first:latest", "changed"))
-    slots.poll({"changed"})
+    slots.poll([AdapterRef("first:latest", "changed")])
     assert slots.slot_of("same") == 0 and names_on_device(slots) == ["second"]

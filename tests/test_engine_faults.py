@@ -162,6 +162,43 @@ async def test_a_row_of_bad_logits_gives_finite_tokens(engine, poison: float) ->
     await settled(engine)
 
 
+@pytest.mark.parametrize("where", ["decode", "prefill_batch"])
+async def test_a_forward_fault_is_pinned_on_the_row_that_causes_it(engine, where: str) -> None:
+    """A batched forward that raises (not out of memory) runs again row by row: the row
+    that causes it ends with an error event, the rows beside it go on with their solo
+    output (the one fault policy of engine/worker.py, for prefill and decode alike)."""
+    solo = await solo_outputs(engine)
+    runner = engine.device_loop.workers["llama"].runner
+    real = getattr(runner, where)
+    if where == "decode":  # decode(slots, tokens, positions, loras)
+        bad_prompt = list(range(300, 400))  # the only request reaching position 90
+
+        def faulty(slots, tokens, positions, loras=None):
+            if any(p >= 90 for p in positions):
+                raise ValueError("injected decode fault")
+            return real(slots, tokens, positions, loras)
+
+    else:  # prefill_batch(slots, prompts, loras, starts): short, beside a short good one
+        bad_prompt = list(range(395, 400))
+
+        def faulty(slots, prompts, loras=None, starts=None):  # type: ignore[misc]
+            if any(399 in p for p in prompts):
+                raise ValueError("injected prefill fault")
+            return real(slots, prompts, loras, starts)
+
+    setattr(runner, where, faulty)
+    try:
+        order = [GOOD[1], bad_prompt, GOOD[0], GOOD[2]]  # GOOD[1] and the bad one batch up
+        results = await together(*(outcome(engine, request("llama", p, greedy(24))) for p in order))
+    finally:
+        setattr(runner, where, real)
+    assert_failed(results[1])
+    for (tokens, final), expected in zip([results[2], results[0], results[3]], solo):
+        assert final.finish_reason == FinishReason.LENGTH and tokens == expected
+    assert engine.health()
+    await settled(engine)
+
+
 async def test_a_failing_model_step_spares_the_other_models(engine) -> None:
     """A fault no request can be blamed for ends that model's requests with an error and
     unloads it; another model's stream in the same loop goes on, and the loop stays up."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
@@ -95,14 +95,12 @@ class AdapterSlots:
         return -1
 
     def can_acquire(self, ref: AdapterRef) -> bool:
-        """True when ``ref`` can take a device slot now (resident, or loaded in host
-        memory with a free or idle slot to go in); starts its load otherwise."""
+        """True when ``ref`` can take a device slot now: resident, or loaded in host memory
+        with a free or idle slot to go in. A check only: loads start in ``arrive`` and
+        ``poll``."""
         if self.slot_of(ref.key) >= 0:
             return True
-        if ref.key not in self.host:
-            self.prefetch(ref)
-            return False
-        return any(slot.refs == 0 for slot in self.slots)
+        return ref.key in self.host and any(slot.refs == 0 for slot in self.slots)
 
     def arrive(self, ref: AdapterRef) -> None:
         """A new request names ``ref``: whatever sits here under its name with other weights
@@ -187,9 +185,12 @@ class AdapterSlots:
 
     # ------------------------------------------------------------ housekeeping
 
-    def poll(self, wanted: set[str]) -> dict[str, str]:
-        """Collects finished loads into host memory and trims the host cache (keeping
-        what ``wanted`` keys need); returns {key: error} for loads that failed."""
+    def poll(self, wanted: Collection[AdapterRef]) -> dict[str, str]:
+        """Housekeeping once per step: starts loading what ``wanted`` (the adapters waiting
+        work names) lacks, collects finished loads into host memory and trims the host
+        cache (keeping what ``wanted`` needs); returns {key: error} for loads that failed."""
+        for ref in wanted:  # e.g. pushed out of host memory while its request waited
+            self.prefetch(ref)
         failed: dict[str, str] = {}
         for key, (future, started) in list(self.loading.items()):
             if not future.done():
@@ -207,8 +208,9 @@ class AdapterSlots:
             self.stats.loads += 1
             self.stats.load_seconds.append(time.perf_counter() - started)
             self.host[key] = weights
-        self._purge(wanted)
-        self._trim(wanted)
+        keys = {ref.key for ref in wanted}
+        self._purge(keys)
+        self._trim(keys)
         return failed
 
     def _purge(self, wanted: set[str]) -> None:

@@ -261,9 +261,9 @@ class ModelWorker:
         """Finished adapter loads go to host memory; requests whose adapter failed end."""
         if self.adapters is None:
             return
-        wanted = {s.adapter.key for s in self.waiting if s.adapter is not None}
-        wanted |= {w.adapter.key for w in self.adapter_waits}
-        failed = self.adapters.poll(wanted)
+        wanted = {s.adapter.key: s.adapter for s in self.waiting if s.adapter is not None}
+        wanted.update((w.adapter.key, w.adapter) for w in self.adapter_waits)
+        failed = self.adapters.poll(list(wanted.values()))
         if not failed:
             return
         for seq in [s for s in self.waiting if s.adapter is not None]:
@@ -324,41 +324,21 @@ class ModelWorker:
             batch.append(admitted)
         if not batch:
             return
-        started = time.perf_counter()
-        try:
-            logits = self.runner.prefill_batch(
-                [s.slot for s in batch],
-                [s.prefill_ids[s.prefilled :] for s in batch],
-                [s.lora for s in batch],
-                [s.prefilled for s in batch],
+
+        def forward(rows: list[Sequence]) -> torch.Tensor:
+            return self.runner.prefill_batch(
+                [s.slot for s in rows],
+                [s.prefill_ids[s.prefilled :] for s in rows],
+                [s.lora for s in rows],
+                [s.prefilled for s in rows],
             )
-        except Exception as exc:
-            if is_oom(exc) and self.running:
-                self.preempt(self._youngest_running())
-                for seq in reversed(batch):  # they wait again, in order
-                    self._release(seq)
-                    self.waiting.appendleft(seq)
-                return
-            if len(batch) == 1:
-                self._fail(batch[0], "prefill failed", exc)
-                return
-            log.warning(
-                "prefill of %d prompts failed (%s); retrying them one by one",
-                len(batch),
-                exc.__class__.__name__,
-            )
-            for seq in batch:
-                started = time.perf_counter()
-                try:
-                    logits = self.runner.prefill_batch(
-                        [seq.slot], [seq.prefill_ids[seq.prefilled :]], [seq.lora], [seq.prefilled]
-                    )
-                except Exception as alone:
-                    self._fail(seq, "prefill failed", alone)
-                    continue
-                self._prefilled([seq], logits, time.perf_counter() - started)
-            return
-        self._prefilled(batch, logits, time.perf_counter() - started)
+
+        def later() -> None:
+            for seq in reversed(batch):  # they wait again, in order
+                self._release(seq)
+                self.waiting.appendleft(seq)
+
+        self._run(batch, "prefill failed", forward, self._prefilled, later)
 
     def _prefilled(self, batch: list[Sequence], logits: torch.Tensor, elapsed: float) -> None:
         """After whole prompts went in (logits: [B, V], one row per sequence): resumed
@@ -378,85 +358,121 @@ class ModelWorker:
             self.running.extend(s for s in seqs if not s.finished)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
-        started = time.perf_counter()
         target = seq.prefill_ids
         scoring = wants_prompt_scores(seq)
         size = min(self.prefill_chunk, PROMPT_SCORE_CHUNK) if scoring else self.prefill_chunk
         chunk = target[seq.prefilled : seq.prefilled + size]
-        try:
-            if scoring:
-                every = self.runner.prefill(
-                    seq.slot, chunk, seq.prefilled, all_logits=True, lora=seq.lora
-                )
-                self._score_prompt(seq, chunk, every)
-                logits = every[-1:]
-            else:
-                logits = self.runner.prefill(seq.slot, chunk, seq.prefilled, lora=seq.lora)
-        except Exception as exc:  # a failing request fails alone
-            if is_oom(exc) and self.running:
-                self.preempt(self._youngest_running())
+
+        def forward(rows: list[Sequence]) -> torch.Tensor:
+            if not scoring:
+                return self.runner.prefill(seq.slot, chunk, seq.prefilled, lora=seq.lora)
+            every = self.runner.prefill(
+                seq.slot, chunk, seq.prefilled, all_logits=True, lora=seq.lora
+            )
+            self._score_prompt(seq, chunk, every)
+            return every[-1:]
+
+        def done(rows: list[Sequence], logits: torch.Tensor, elapsed: float) -> None:
+            seq.prefilled += len(chunk)
+            seq.cached = seq.prefilled
+            seq.prompt_time += elapsed
+            if seq.prefilled < len(target):
                 return
-            log.exception("prefill failed for %s", seq.request.request_id)
-            self.finish(seq, FinishReason.ERROR, error=error_text("prefill failed", exc))
-            return
-        seq.prefilled += len(chunk)
-        seq.cached = seq.prefilled
-        seq.prompt_time += time.perf_counter() - started
-        if seq.prefilled < len(target):
-            return
-        self.prefilling = None
-        if seq.generated:  # resumed after a preemption: the next decode step continues it
-            self.running.append(seq)
-            return
-        if seq.max_tokens == 0:  # scoring only (echo with max_tokens 0)
-            seq.mailbox.put(TokenEvent(prompt_logprobs=seq.prompt_scores))
-            seq.prompt_scores = None
-            self.finish(seq, FinishReason.LENGTH)
-            return
-        self._postprocess(logits, [seq])
-        if not seq.finished:
-            self.running.append(seq)
+            self.prefilling = None
+            if seq.generated:  # resumed after a preemption: the next decode step continues it
+                self.running.append(seq)
+                return
+            if seq.max_tokens == 0:  # scoring only (echo with max_tokens 0)
+                seq.mailbox.put(TokenEvent(prompt_logprobs=seq.prompt_scores))
+                seq.prompt_scores = None
+                self.finish(seq, FinishReason.LENGTH)
+                return
+            self._postprocess(logits, [seq])
+            if not seq.finished:
+                self.running.append(seq)
+
+        # after an out-of-memory step-back the same chunk runs again in the next step
+        self._run([seq], "prefill failed", forward, done)
 
     def _decode_step(self, batch: list[Sequence]) -> None:
         batch = [s for s in batch if not s.finished]
         if not batch:
             return
-        try:
-            logits = self.runner.decode(
-                [s.slot for s in batch],
-                [s.generated[-1] for s in batch],
-                [s.position for s in batch],
-                [s.lora for s in batch],
-            )
-        except Exception as exc:
-            if is_oom(exc) and len(batch) > 1:
-                # out of memory: running requests step back, youngest first, to resume
-                # later, until this batch is a row smaller. The youngest may have been
-                # prefilled this step, outside this batch: preempting it alone would let it
-                # come straight back while the same batch fails again.
-                while True:
-                    victim = self._youngest_running()
-                    self.preempt(victim)
-                    if victim in batch:
-                        return
-            log.exception("decode step failed; retrying its %d rows one by one", len(batch))
-            self._decode_rows_alone(batch)
-            return
-        for seq in batch:
-            seq.cached = seq.position + 1
-        self._postprocess(logits, batch)
 
-    def _decode_rows_alone(self, batch: list[Sequence]) -> None:
-        for seq in batch:
-            try:
-                logits = self.runner.decode(
-                    [seq.slot], [seq.generated[-1]], [seq.position], [seq.lora]
-                )
-            except Exception as exc:
-                self._fail(seq, "generation failed", exc)
-                continue
-            seq.cached = seq.position + 1
-            self._postprocess(logits, [seq])
+        def forward(rows: list[Sequence]) -> torch.Tensor:
+            return self.runner.decode(
+                [s.slot for s in rows],
+                [s.generated[-1] for s in rows],
+                [s.position for s in rows],
+                [s.lora for s in rows],
+            )
+
+        def done(rows: list[Sequence], logits: torch.Tensor, elapsed: float) -> None:
+            for seq in rows:
+                seq.cached = seq.position + 1
+            self._postprocess(logits, rows)
+
+        self._run(batch, "generation failed", forward, done)
+
+    # ------------------------------------------------------------ the one fault policy
+
+    def _run(
+        self,
+        batch: list[Sequence],
+        what: str,
+        forward: Callable[[list[Sequence]], torch.Tensor],
+        done: Callable[[list[Sequence], torch.Tensor, float], None],
+        later: Callable[[], None] | None = None,
+    ) -> None:
+        """Runs one forward over ``batch`` and hands its logits to ``done``, under the
+        engine's one fault policy. Out of memory: running requests step back (youngest
+        first, to resume later) and the batch runs again in a later step (``later`` puts it
+        back in line). Any other fault, or nothing left to step back: each row runs alone,
+        so a fault is pinned on the requests that cause it, which end with an error event
+        while the others go on."""
+        started = time.perf_counter()
+        try:
+            logits = forward(batch)
+        except Exception as exc:
+            if is_oom(exc) and self._step_back(batch):
+                if later is not None:
+                    later()
+                return
+            if len(batch) == 1:
+                self._fail(batch[0], what, exc)
+                return
+            log.warning(
+                "%s for a batch of %d (%s); retrying its rows one by one",
+                what,
+                len(batch),
+                exc.__class__.__name__,
+            )
+            for seq in batch:
+                started = time.perf_counter()
+                try:
+                    logits = forward([seq])
+                except Exception as alone:
+                    self._fail(seq, what, alone)
+                    continue
+                done([seq], logits, time.perf_counter() - started)
+            return
+        done(batch, logits, time.perf_counter() - started)
+
+    def _step_back(self, batch: list[Sequence]) -> bool:
+        """Out of memory: preempts running requests, youngest first. For a prefill (rows
+        not yet running) one is enough; a decode batch steps back until one of its own rows
+        did, so it is a row smaller (the youngest may have been prefilled this step, outside
+        the batch: preempting it alone would let it come straight back while the same batch
+        fails again). False when nothing could step back but a lone row itself."""
+        decoding = any(s is r for s in batch for r in self.running)
+        if not self.running or (decoding and len(batch) == 1):
+            return False
+        while self.running:
+            victim = self._youngest_running()
+            self.preempt(victim)
+            if not decoding or any(victim is s for s in batch):
+                break
+        return True
 
     def _postprocess(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Samples, scores and accepts one new token per row (logits: [B, V]). A row whose
