@@ -222,20 +222,22 @@ def bench_engine(
     capacity: int,
     prefill_chunk: int,
 ) -> tuple[list[Result], dict[int, list[list[int]]]]:
-    from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+    from ollama_compact_server.engine.config import EngineConfig, ModelSource
+    from ollama_compact_server.engine.local import LocalEngine
+    from ollama_compact_server.engine.loop import DeviceLoop
 
     # No end-of-sequence ids: every request generates exactly new_tokens tokens, like HF
     # with min_new_tokens == max_new_tokens.
     serving = copy.copy(loaded)
     serving.stop_ids = set()
-    loop = DeviceLoop(
-        lambda name: serving,
+    config = EngineConfig(
         device=torch.device("cpu"),
         dtype=dtype,
         slots=max(concurrencies),
         capacity=capacity,
         prefill_chunk=prefill_chunk,
     )
+    loop = DeviceLoop(config, ModelSource(lambda name: serving))
     engine = LocalEngine(loop)
     dtype_name = str(dtype).removeprefix("torch.")
     results: list[Result] = []

@@ -88,7 +88,9 @@ def make_adapters(registry: Any, base: str, count: int, rank: int, scratch: Path
 
 
 def start_engine(registry: Any, dtype: torch.dtype, slots: int, max_loras: int) -> Any:
-    from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+    from ollama_compact_server.engine.config import EngineConfig, ModelSource
+    from ollama_compact_server.engine.local import LocalEngine
+    from ollama_compact_server.engine.loop import DeviceLoop
     from ollama_compact_server.engine.provider import RegistryProvider
 
     provider = RegistryProvider(registry, torch.device("cpu"), dtype)
@@ -98,17 +100,16 @@ def start_engine(registry: Any, dtype: torch.dtype, slots: int, max_loras: int) 
         loaded.stop_ids = set()  # every request generates exactly new_tokens tokens
         return loaded
 
-    loop = DeviceLoop(
-        provide,
+    config = EngineConfig(
         device=torch.device("cpu"),
         dtype=dtype,
         slots=slots,
         capacity=512,
         prefill_chunk=256,
-        resolver=provider.resolve,
-        adapter_loader=provider.load_adapter,
         max_loras=max_loras,
     )
+    models = ModelSource(provide, resolve=provider.resolve, load_adapter=provider.load_adapter)
+    loop = DeviceLoop(config, models)
     loop.start()
     return LocalEngine(loop)
 

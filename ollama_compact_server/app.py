@@ -54,8 +54,10 @@ def prepare_default_model(
 
 def build_engine(settings: Settings, registry: Registry) -> Engine:
     """The device loop for the configured device, sized by the memory planner."""
+    from .engine.config import EngineConfig, ModelSource
     from .engine.device import dtype_name, resolve_device, resolve_dtype
-    from .engine.loop import DeviceLoop, LocalEngine
+    from .engine.local import LocalEngine
+    from .engine.loop import DeviceLoop
     from .engine.planner import default_budget
     from .engine.provider import RegistryProvider, RegistrySizing
     from .modeling import cpu_kernels
@@ -72,21 +74,14 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         max_loras=settings.max_loras,
     )
     provider = RegistryProvider(registry, device, dtype)
-    loop = DeviceLoop(
-        provider,
-        device=device,
-        dtype=dtype,
-        max_queue=settings.max_queue,
-        max_loaded_models=settings.max_loaded_models,
-        memory_budget=budget,
+    models = ModelSource(
+        load=provider,
+        resolve=provider.resolve,
+        load_adapter=provider.load_adapter,
         estimate=sizing.estimate,
-        planner=sizing.plan,
-        keep_alive=settings.keep_alive_seconds,
-        resolver=provider.resolve,
-        adapter_loader=provider.load_adapter,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
+        plan=sizing.plan,
     )
+    loop = DeviceLoop(EngineConfig.from_settings(settings, device, dtype, budget), models)
     log.info(
         "engine on %s in %s, memory budget %.1f GiB", device, dtype_name(dtype), budget / (1 << 30)
     )

@@ -124,20 +124,18 @@ async def test_engine_greedy_equality_on_gemma3(gemma_registry: Registry) -> Non
 
     import torch
 
-    from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+    from ollama_compact_server.engine.config import EngineConfig, ModelSource
+    from ollama_compact_server.engine.local import LocalEngine
+    from ollama_compact_server.engine.loop import DeviceLoop
     from ollama_compact_server.engine.provider import RegistryProvider
     from ollama_compact_server.engine.types import GenerateRequest, SamplingParams
 
     provider = RegistryProvider(gemma_registry, torch.device("cpu"), torch.float32)
     loaded = provider("gemma3:270m")
-    loop = DeviceLoop(
-        lambda name: loaded,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        slots=4,
-        capacity=512,
-        prefill_chunk=32,
+    config = EngineConfig(
+        device=torch.device("cpu"), dtype=torch.float32, slots=4, capacity=512, prefill_chunk=32
     )
+    loop = DeviceLoop(config, ModelSource(lambda name: loaded))
     loop.start()
     engine = LocalEngine(loop)
     prompts = [

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ollama_compact_server.engine.config import EngineConfig, ModelSource
 from ollama_compact_server.engine.detok import Detokenizer, StopMatcher
-from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+from ollama_compact_server.engine.local import LocalEngine
+from ollama_compact_server.engine.loop import DeviceLoop
 from ollama_compact_server.engine.provider import stop_ids_of
 from ollama_compact_server.engine.types import (
     EngineError,
@@ -47,14 +49,10 @@ def provider_for(models: dict[str, Path]):
 
 @pytest.fixture
 def engine(tiny_models: dict[str, Path]):
-    loop = DeviceLoop(
-        provider_for(tiny_models),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        slots=6,
-        capacity=256,
-        prefill_chunk=16,
+    config = EngineConfig(
+        device=torch.device("cpu"), dtype=torch.float32, slots=6, capacity=256, prefill_chunk=16
     )
+    loop = DeviceLoop(config, ModelSource(provider_for(tiny_models)))
     loop.start()
     yield LocalEngine(loop)
     loop.stop()
@@ -274,6 +272,7 @@ async def test_error_after_output_is_an_event_even_when_merged() -> None:
 
     class Instant:
         notifier = None
+        models = ModelSource(lambda name: None)  # type: ignore[arg-type, return-value]
 
         def submit(self, item) -> None:
             item.mailbox.put(TokenEvent(text="hi", token_ids=[7]))
@@ -336,7 +335,7 @@ async def test_a_long_prompt_delays_a_running_stream_by_one_chunk_at_most(
     prefill_chunk prompt tokens runs, however long the prompt that arrives meanwhile."""
     await collect(engine, request("llama", [1, 2], greedy(1)))  # load the model
     runner = engine.device_loop.workers["llama"].runner
-    chunk = engine.device_loop.prefill_chunk
+    chunk = engine.device_loop.config.prefill_chunk
     junk = runner.cache.capacity - 1  # the position of batched prefill's pad columns
     stream = PROMPTS[0]  # 20 tokens: its decode steps feed positions 20..79
     long_prompt = list(range(300, 300 + 5 * chunk + 8))  # six chunks, none of one token

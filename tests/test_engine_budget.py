@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+from ollama_compact_server.engine.config import EngineConfig, ModelSource
+from ollama_compact_server.engine.local import LocalEngine
+from ollama_compact_server.engine.loop import DeviceLoop
 from ollama_compact_server.engine.planner import kv_bytes_per_token, plan_memory, weight_bytes
 from ollama_compact_server.engine.provider import RegistryProvider, RegistrySizing
 from ollama_compact_server.engine.types import EngineError
@@ -26,13 +28,14 @@ def engine_for(
         registry, dtype=torch.float32, num_parallel=parallel, context_length=context
     )
     loop = DeviceLoop(
-        RegistryProvider(registry, torch.device("cpu"), torch.float32),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        memory_budget=budget,
-        estimate=sizing.estimate,
-        planner=sizing.plan,
-        prefill_chunk=32,
+        EngineConfig(
+            device=torch.device("cpu"), dtype=torch.float32, memory_budget=budget, prefill_chunk=32
+        ),
+        ModelSource(
+            RegistryProvider(registry, torch.device("cpu"), torch.float32),
+            estimate=sizing.estimate,
+            plan=sizing.plan,
+        ),
     )
     loop.start()
     return LocalEngine(loop)

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+from ollama_compact_server.engine.config import EngineConfig, ModelSource
+from ollama_compact_server.engine.local import LocalEngine
+from ollama_compact_server.engine.loop import DeviceLoop
 from ollama_compact_server.engine.types import EngineError, FinishReason, SamplingParams
 from tests.test_engine import PROMPTS, collect, greedy, provider_for, request
 
 
 def make_engine(tiny_models: dict[str, Path], **options) -> LocalEngine:
     provider = options.pop("provider", None) or provider_for(tiny_models)
-    loop = DeviceLoop(
-        provider,
+    estimate = options.pop("estimate", None)
+    config = EngineConfig(
         device=torch.device("cpu"),
         dtype=torch.float32,
         slots=options.pop("slots", 4),
@@ -27,6 +29,7 @@ def make_engine(tiny_models: dict[str, Path], **options) -> LocalEngine:
         prefill_chunk=16,
         **options,
     )
+    loop = DeviceLoop(config, ModelSource(provider, estimate=estimate))
     loop.start()
     return LocalEngine(loop)
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+from ollama_compact_server.engine.config import EngineConfig, ModelSource
+from ollama_compact_server.engine.local import LocalEngine
+from ollama_compact_server.engine.loop import DeviceLoop
 from ollama_compact_server.engine.provider import RegistryProvider
 from ollama_compact_server.engine.types import FinishReason, GenerateRequest, SamplingParams
 from ollama_compact_server.modeling.lora import LoraBank, LoraError, LoraWeights
@@ -52,17 +54,16 @@ def make_registry(root: Path, base: Path, adapters: dict[str, Path]) -> Registry
 
 def start(registry: Registry, **options) -> LocalEngine:
     provider = RegistryProvider(registry, torch.device("cpu"), torch.float32)
-    loop = DeviceLoop(
-        provider,
+    config = EngineConfig(
         device=torch.device("cpu"),
         dtype=torch.float32,
         slots=options.pop("slots", 8),
         capacity=256,
         prefill_chunk=16,
-        resolver=provider.resolve,
-        adapter_loader=provider.load_adapter,
         **options,
     )
+    models = ModelSource(provider, resolve=provider.resolve, load_adapter=provider.load_adapter)
+    loop = DeviceLoop(config, models)
     loop.start()
     return LocalEngine(loop)
 

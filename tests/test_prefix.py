@@ -13,13 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from ollama_compact_server.engine.config import EngineConfig, ModelSource
 from ollama_compact_server.engine.kv import KVShape, SlotKVCache
-from ollama_compact_server.engine.loop import DeviceLoop, LocalEngine
+from ollama_compact_server.engine.local import LocalEngine
+from ollama_compact_server.engine.loop import DeviceLoop
 from ollama_compact_server.engine.prefix import MIN_COPY, PrefixCache, common_prefix
 from ollama_compact_server.engine.types import GenerateRequest, SamplingParams
 from tests.test_engine import provider_for
 
 _ids = itertools.count()
+
+CONFIG = EngineConfig(
+    device=torch.device("cpu"), dtype=torch.float32, slots=4, capacity=256, prefill_chunk=16
+)
 
 
 def test_common_prefix() -> None:
@@ -87,14 +93,7 @@ def test_bookkeeping_follows_the_slots_through_random_traffic() -> None:
 
 @pytest.fixture
 def engine(tiny_models: dict[str, Path]):
-    loop = DeviceLoop(
-        provider_for(tiny_models),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        slots=4,
-        capacity=256,
-        prefill_chunk=16,
-    )
+    loop = DeviceLoop(CONFIG, ModelSource(provider_for(tiny_models)))
     loop.start()
     yield LocalEngine(loop)
     loop.stop()
@@ -126,14 +125,7 @@ async def test_a_chat_turn_reuses_the_conversation_so_far(
     # the last reply token was never fed back, so everything before it is reused
     assert done2.cached_tokens == len(first) + len(reply) - 1
     assert done2.prompt_tokens == len(second)
-    fresh_loop = DeviceLoop(
-        provider_for(tiny_models),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        slots=4,
-        capacity=256,
-        prefill_chunk=16,
-    )
+    fresh_loop = DeviceLoop(CONFIG, ModelSource(provider_for(tiny_models)))
     fresh_loop.start()
     try:
         expected, done3 = await generate(LocalEngine(fresh_loop), family, second)

@@ -178,3 +178,8 @@ class Resident:
     busy: bool
     device: str = "cpu"
     base: str | None = None  # for a LoRA adapter: the resident model it runs on
+
+
+def error_event(message: str, status: int) -> TokenEvent:
+    """The final event of a request that failed (``status``: the HTTP code to use)."""
+    return TokenEvent(finish_reason=FinishReason.ERROR, error=message, status=status)
