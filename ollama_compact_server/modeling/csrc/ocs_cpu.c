@@ -234,7 +234,7 @@ static void b8_many_rows(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 void OCS_API ocs_b8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* qb,
                        const float* scale, int64_t N, float* out, int64_t ldo, int threads) {
   const int64_t blocks = (N + B8_ROWS - 1) / B8_ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; b++) {
     const int64_t n0 = b * B8_ROWS;
     const int64_t valid = N - n0 < B8_ROWS ? N - n0 : B8_ROWS;
@@ -411,7 +411,7 @@ int OCS_API ocs_w4_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
     }
   }
   const int64_t blocks = (N + 63) / 64;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; b++) {
     const int64_t n0 = b * 64;
     const int64_t valid = N - n0 < 64 ? N - n0 : 64;
