@@ -15,13 +15,13 @@ from ollama_compact_server.engine.detok import Detokenizer, StopMatcher
 from ollama_compact_server.engine.local import LocalEngine
 from ollama_compact_server.engine.loop import DeviceLoop
 from ollama_compact_server.engine.provider import stop_ids_of
+from ollama_compact_server.engine.sequence import LoadedModel
 from ollama_compact_server.engine.types import (
     EngineError,
     FinishReason,
     GenerateRequest,
     SamplingParams,
 )
-from ollama_compact_server.engine.worker import LoadedModel
 from tests.factory import make_tokenizer
 
 _ids = itertools.count()

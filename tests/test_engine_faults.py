@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_compact_server.engine import worker as worker_module
+from ollama_compact_server.engine import postprocess
 from ollama_compact_server.engine.detok import Detokenizer
 from ollama_compact_server.engine.types import (
     EngineError,
@@ -66,14 +66,14 @@ async def test_sampling_error_for_a_fresh_request_fails_it_alone(
 ) -> None:
     solo = await solo_outputs(engine)
     bad = request("llama", list(range(300, 310)), greedy(24))
-    real = worker_module.sample
+    real = postprocess.sample
 
     def sample(logits, params, states):
         if any(p is bad.sampling for p in params):
             raise ValueError("injected sampler fault")
         return real(logits, params, states)
 
-    monkeypatch.setattr(worker_module, "sample", sample)
+    monkeypatch.setattr(postprocess, "sample", sample)
     # the bad request arrives while the others decode, and is prefilled beside a newcomer
     jobs = [outcome(engine, request("llama", p, greedy(24))) for p in GOOD[:2]]
     jobs += [

@@ -165,16 +165,16 @@ async def test_out_of_memory_preempts_the_youngest_and_resumes_it(
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             return real(slots, tokens, positions, loras)
 
-        real_preempt = worker.preempt
+        real_preempt = worker.scheduler.preempt
         victims: list[tuple[str, list[str]]] = []  # (preempted, running youngest first)
 
         def preempt(seq) -> None:
-            youngest_first = sorted(worker.running, key=lambda s: -s.submitted)
+            youngest_first = sorted(worker.scheduler.running, key=lambda s: -s.submitted)
             victims.append((seq.request.request_id, [s.request.request_id for s in youngest_first]))
             real_preempt(seq)
 
         runner.decode = decode  # type: ignore[method-assign]
-        worker.preempt = preempt  # type: ignore[method-assign]
+        worker.scheduler.preempt = preempt  # type: ignore[method-assign]
         results = await asyncio.wait_for(  # a preemption livelock fails, not hangs
             asyncio.gather(
                 *(collect(engine, request("llama", p, greedy(24))) for p in PROMPTS[:4])
@@ -182,7 +182,7 @@ async def test_out_of_memory_preempts_the_youngest_and_resumes_it(
             120,
         )
         runner.decode = real  # type: ignore[method-assign]
-        worker.preempt = real_preempt  # type: ignore[method-assign]
+        worker.scheduler.preempt = real_preempt  # type: ignore[method-assign]
         assert state["ooms"] > 0 and victims
         for victim, running in victims:  # always the youngest of the running requests
             assert victim == running[0], victims

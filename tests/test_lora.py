@@ -330,14 +330,14 @@ async def test_prefill_out_of_memory_preempts_without_decoding_the_preempted(
         fired = []
 
         def prefill_batch(slots, prompts, loras=None, starts=None):
-            if not fired and engine.device_loop.workers["tiny:latest"].running:
+            if not fired and engine.device_loop.workers["tiny:latest"].scheduler.running:
                 fired.append(1)
                 raise torch.OutOfMemoryError("injected")
             return real(slots, prompts, loras, starts)
 
         runner.prefill_batch = prefill_batch  # type: ignore[method-assign]
         first = asyncio.create_task(run(engine, "pirate", PROMPTS[1], n=150))
-        while not engine.device_loop.workers["tiny:latest"].running:
+        while not engine.device_loop.workers["tiny:latest"].scheduler.running:
             await asyncio.sleep(0.001)
         second = await run(engine, "tiny", PROMPTS[1])
         assert await first == long and second == short

@@ -145,7 +145,7 @@ async def test_concurrent_requests_share_a_long_common_prefix(engine: LocalEngin
         tokens, _ = await generate(engine, "llama", prompt, n=40)
         alone.append(tokens)
     for worker in engine.device_loop.workers.values():
-        worker.prefix.clear()
+        worker.scheduler.prefix.clear()
 
     async def later(i: int):
         await asyncio.sleep(0.02 * i)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .adapters import AdapterLoader, Target
-from .worker import LoadedModel, ModelProvider
+from .sequence import LoadedModel, ModelProvider
 
 if TYPE_CHECKING:
     from ..settings import Settings

@@ -19,6 +19,7 @@ from .inbox import Abort, Message, Pending, Unload
 from .mailbox import Mailbox, Notifier
 from .residency import Residency
 from .sampler import RowState
+from .sequence import AdapterWait, Sequence
 from .stats import EngineStats
 from .types import (
     DEFAULT,
@@ -31,7 +32,7 @@ from .types import (
     TokenEvent,
     error_event,
 )
-from .worker import AdapterWait, ModelWorker, Sequence
+from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class DeviceLoop:
             exc_info=(type(exc), exc, exc.__traceback__),
         )
         message = f"generation failed: {exc.__class__.__name__}"
-        seqs = {id(s): s for s in [*worker.sequences(), *worker.by_slot.values()]}
+        seqs = {id(s): s for s in [*worker.sequences(), *worker.scheduler.by_slot.values()]}
         for seq in seqs.values():
             if not seq.finished:
                 seq.finished = True
@@ -253,7 +254,7 @@ class DeviceLoop:
         if max_tokens == 0 and not params.prompt_logprobs:
             worker.finish(seq, FinishReason.LENGTH)
             return
-        worker.waiting.append(seq)
+        worker.admit(seq)
 
     def _wait_for_adapter(self, worker: ModelWorker, item: Pending, load_time: float) -> None:
         """A bare load or an embedding of an adapter model goes on once its adapter has a
@@ -271,7 +272,7 @@ class DeviceLoop:
         def fail(message: str, status: int) -> None:
             mailbox.put(error_event(message, status))
 
-        worker.adapter_waits.append(
+        worker.wait_for_adapter(
             AdapterWait(
                 cast(AdapterRef, item.adapter),
                 run,
@@ -354,7 +355,8 @@ class DeviceLoop:
             self.notifier.flush()
 
     def queued(self) -> int:
-        waiting = sum(len(w.waiting) + len(w.adapter_waits) for w in list(self.workers.values()))
+        schedulers = [w.scheduler for w in list(self.workers.values())]
+        waiting = sum(len(s.waiting) + len(s.adapter_waits) for s in schedulers)
         return waiting + sum(len(q) for q in list(self.residency.pending.values()))
 
     def abort(self, request_id: str) -> None:
@@ -380,7 +382,9 @@ class DeviceLoop:
         banks = [w.adapters for w in workers if w.adapters is not None]
         return {
             "queued": self.queued(),
-            "running": sum(len(w.running) + (w.prefilling is not None) for w in workers),
+            "running": sum(
+                len(w.scheduler.running) + (w.scheduler.prefilling is not None) for w in workers
+            ),
             "kv_tokens_used": kv_used,
             "kv_tokens_free": kv_total - kv_used,
             "resident_models": len(workers),

@@ -14,8 +14,8 @@ from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import ModelRecord, Registry
 from .adapters import AdapterRef, Target
 from .planner import Plan, format_plan, plan_memory, serving_plan
+from .sequence import LoadedModel
 from .types import EngineError
-from .worker import LoadedModel
 
 log = logging.getLogger(__name__)
 COMPRESSED_FORMATS = {

@@ -13,11 +13,12 @@ from typing import Any
 from ..threads import FreshThreadExecutor
 from .adapters import AdapterSlots, Target
 from .config import EngineConfig, ModelSource
+from .faults import release_memory
 from .inbox import Pending
 from .runner import ModelRunner
 from .stats import EngineStats
 from .types import EngineError, error_event
-from .worker import ModelWorker, release_memory
+from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,108 @@
+"""The engine's records of one resident model's work: a sequence (a generate request on
+its way through the batch), the loaded model, and work that waits for an adapter slot."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .adapters import AdapterRef
+from .constraint import GuidedTokenizer, JsonConstraint
+from .detok import Detokenizer, StopMatcher
+from .mailbox import Mailbox
+from .sampler import RowState
+from .types import GenerateRequest, TokenLogprob
+
+
+@dataclass(slots=True)
+class Sequence:
+    request: GenerateRequest
+    mailbox: Mailbox
+    state: RowState
+    detok: Detokenizer
+    stops: StopMatcher
+    stop_ids: set[int]
+    max_tokens: int
+    adapter: AdapterRef | None = None  # the LoRA adapter this request runs with
+    lora: int = -1  # its adapter slot while admitted
+    slot: int = -1
+    prefilled: int = 0
+    cached: int = 0  # positions written to the KV cache
+    reused: int = 0  # prompt positions taken from the cache instead of computed
+    generated: list[int] = field(default_factory=list)
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    first_token: float = 0.0
+    last_token: float = 0.0
+    prompt_time: float = 0.0
+    load_time: float = 0.0
+    preemptions: int = 0
+    finished: bool = False
+    constraint: JsonConstraint | None = None  # structured output
+    prompt_scores: list[TokenLogprob | None] | None = None  # prompt logprobs, when asked
+    carry: torch.Tensor | None = None  # last prompt chunk's final logits (for the next chunk)
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What prefill must put in the cache: the prompt, or after a preemption the prompt
+        plus every generated token but the last (which the next decode step feeds)."""
+        return self.prompt if not self.generated else self.prompt + self.generated[:-1]
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the one the next decode step feeds."""
+        return len(self.prompt) + len(self.generated) - 1
+
+    @property
+    def adapter_key(self) -> str:
+        return self.adapter.key if self.adapter is not None else ""
+
+    def held(self) -> list[int]:
+        """The tokens whose K/V this sequence's slot holds (positions 0..cached-1)."""
+        if self.cached <= len(self.prompt):
+            return self.prompt[: self.cached]
+        return (self.prompt + self.generated)[: self.cached]
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    stop_ids: set[int]
+    guided: GuidedTokenizer | None = None  # built on the first structured-output request
+    pooling: str | None = None  # set for dedicated embedding models (encoders): no generation
+
+    def guided_tokenizer(self) -> GuidedTokenizer:
+        if self.guided is None:
+            vocab = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
+            self.guided = GuidedTokenizer(self.tokenizer, vocab)
+        return self.guided
+
+
+ModelProvider = Callable[[str], LoadedModel]
+
+
+@dataclass(slots=True)
+class AdapterWait:
+    """Work that needs an adapter on the device but no sequence (a bare load of an adapter
+    model, its embeddings): ``run(slot)`` once the adapter has a slot, ``fail`` otherwise."""
+
+    adapter: AdapterRef
+    run: Callable[[int], None]
+    fail: Callable[[str, int], None]
+    request_id: str | None = None
+
+
+PROMPT_SCORE_CHUNK = 64  # prompt scoring keeps every position's logits: keep chunks small
+
+
+def wants_prompt_scores(seq: Sequence) -> bool:
+    return seq.request.sampling.prompt_logprobs and not seq.generated
