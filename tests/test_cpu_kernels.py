@@ -128,23 +128,46 @@ def test_a_library_built_ahead_needs_no_compiler(monkeypatch, lib) -> None:
         cpu_kernels.reset()
 
 
-@pytest.mark.parametrize(("n", "k"), [(130, 96), (64, 640), (1000, 72)])
+@pytest.mark.parametrize(("n", "k"), [(130, 96), (64, 640), (1000, 72), (70, 5)])
 def test_blocked_int8_equals_the_reference_and_is_batch_invariant(lib, n, k) -> None:
-    """The runtime layout of int8 on CPU: blocks of 64 rows, columns side by side; rows of
-    x read it as a stream or share float slabs, each output summed over k in order."""
+    """The runtime layout of int8 on CPU: blocks of 64 rows, groups of 4 columns side by
+    side, columns padded to 32; x quantized per row in blocks of 32 and multiplied in
+    integers, each output summed over the blocks in order, whatever the batch."""
     g = torch.Generator().manual_seed(n + 7 * k)
     t = quant.quantize_int8(torch.randn(n, k, generator=g) * 0.05)
     blocked = quant.block_int8(t["qweight"])
-    assert blocked.shape == (-(-n // 64), k, 64)
-    assert torch.equal(quant.unblock_int8(blocked, n), t["qweight"])
+    assert blocked.shape == (-(-n // 64), -(-k // 32) * 8, 64, 4)
+    assert torch.equal(quant.unblock_int8(blocked, n, k), t["qweight"])
+    ids = torch.tensor([[0, n - 1], [n // 2, 1]])
+    assert torch.equal(quant.blocked_int8_rows(blocked, ids, k), t["qweight"][ids])
     scales = torch.zeros(blocked.shape[0] * 64)
     scales[:n] = t["scales"].float()
     x = torch.randn(50, k, generator=g)  # more rows than one tile of running sums holds
+    x[3] = 0.0  # a row of zeros quantizes to zeros
     full = cpu_kernels.int8_blocked_mm(lib, x, blocked, scales, n)
-    assert rel(full, x @ quant.dequantize_int8(t).t()) < 1e-5
-    for m in (1, 2, 3, 4, 5, 17, 49):
+    expected = cpu_kernels.blocked_int8_reference(x, t["qweight"], scales[:n])
+    assert rel(full, expected.float()) < 1e-5
+    assert torch.equal(full[3], torch.zeros(n))
+    # int8 activations cost about a percent against the float product
+    assert rel(full, x @ quant.dequantize_int8(t).t()) < 0.03
+    for m in (1, 2, 3, 4, 5, 17, 33, 49):
         part = cpu_kernels.int8_blocked_mm(lib, x[:m].contiguous(), blocked, scales, n)
         assert torch.equal(part, full[:m])
+
+
+def test_activation_quantization_matches_the_kernel_on_ties_and_extremes(lib) -> None:
+    """Halfway codes round to even, the block's largest magnitude maps to +-127, and a
+    weight of ones reads each block's code sum back out."""
+    x = torch.zeros(2, 64)
+    x[0, 0], x[0, 1], x[0, 2] = 127.0, 0.5, 1.5  # codes 127, 0 (tie to even), 2
+    x[1, 32], x[1, 33] = -3.0, 1.0  # second block: codes -127, 42 (42.33)
+    codes, d = cpu_kernels.quantize_activations(x)
+    assert codes[0, :3].tolist() == [127.0, 0.0, 2.0]
+    assert codes[1, 32:34].tolist() == [-127.0, 42.0] and d[1, 0] == 0
+    ones = torch.ones(64, 64, dtype=torch.int8)
+    scales = torch.ones(64)
+    got = cpu_kernels.int8_blocked_mm(lib, x, quant.block_int8(ones), scales, 64)
+    assert torch.allclose(got, cpu_kernels.blocked_int8_reference(x, ones, scales).float())
 
 
 def test_an_int8_module_moves_to_the_blocked_layout_and_back() -> None:
@@ -153,7 +176,7 @@ def test_an_int8_module_moves_to_the_blocked_layout_and_back() -> None:
     ids = torch.tensor([0, 63, 64, 99])
     expected = module.rows(ids, torch.float32)
     module.to_blocked()
-    assert module.blocked and module.qweight.shape == (2, 64, 64)
+    assert module.blocked and module.qweight.shape == (2, 16, 64, 4)
     assert torch.equal(module.rows(ids, torch.float32), expected)  # embedding lookups
     module.to_rows()  # what the CUDA and torch kernels read
     assert not module.blocked and module.qweight.shape == (100, 64)

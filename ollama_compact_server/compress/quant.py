@@ -61,23 +61,34 @@ def dequantize_int8(t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 INT8_BLOCK_N = 64  # rows per block of the CPU kernel's runtime layout
+INT8_BLOCK_K = 32  # its columns are padded to a multiple of this (one activation block)
 
 
 def block_int8(qweight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [Npad / 64, K, 64]: the CPU kernel's runtime layout (each column's 64
-    weights side by side; padding rows zero). Not a stored format."""
+    """[N, K] -> [Npad / 64, Kp / 4, 64, 4]: the CPU kernel's runtime layout (for each
+    group of 4 columns, the 64 rows' 4 weights side by side; padding rows and columns
+    zero, Kp a multiple of 32). Not a stored format."""
     n, k = qweight.shape
     npad = -(-n // INT8_BLOCK_N) * INT8_BLOCK_N
+    kpad = -(-k // INT8_BLOCK_K) * INT8_BLOCK_K
     padded = qweight
-    if npad != n:
-        padded = torch.zeros((npad, k), dtype=qweight.dtype, device=qweight.device)
-        padded[:n] = qweight
-    return padded.view(npad // INT8_BLOCK_N, INT8_BLOCK_N, k).transpose(1, 2).contiguous()
+    if (npad, kpad) != (n, k):
+        padded = torch.zeros((npad, kpad), dtype=qweight.dtype, device=qweight.device)
+        padded[:n, :k] = qweight
+    blocks = padded.view(npad // INT8_BLOCK_N, INT8_BLOCK_N, kpad // 4, 4)
+    return blocks.permute(0, 2, 1, 3).contiguous()
 
 
-def unblock_int8(blocked: torch.Tensor, out_features: int) -> torch.Tensor:
-    nb, k, _ = blocked.shape
-    return blocked.transpose(1, 2).reshape(nb * INT8_BLOCK_N, k)[:out_features].contiguous()
+def unblock_int8(blocked: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    nb, groups, _, _ = blocked.shape
+    rows = blocked.permute(0, 2, 1, 3).reshape(nb * INT8_BLOCK_N, groups * 4)
+    return rows[:out_features, :in_features].contiguous()
+
+
+def blocked_int8_rows(blocked: torch.Tensor, ids: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows ``ids`` of a blocked int8 weight as [*ids.shape, K] (an embedding lookup)."""
+    picked = blocked[ids // INT8_BLOCK_N, :, ids % INT8_BLOCK_N]  # [..., Kp / 4, 4]
+    return picked.flatten(-2)[..., :in_features]
 
 
 # ------------------------------------------------------------------------------ group-wise

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "ocs_cpu.c", CSRC / "ocs_decode.c")
 HEADERS = (CSRC / "ocs.h",)
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 COMPILE_TIMEOUT = 120.0
 INT4_MAX_GROUP = 256
@@ -126,15 +126,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         raise RuntimeError("kernel library of another version")
     lib.ocs_w8_mm.restype = None
     lib.ocs_w8_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _C]
-    lib.ocs_b8_mm.restype = None
+    lib.ocs_b8_mm.restype = _C
     lib.ocs_b8_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _C]
     lib.ocs_w4_mm.restype = _C
     lib.ocs_w4_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _I, _C]
     lib.ocs_decode_scratch.restype = _I
     lib.ocs_decode_scratch.argtypes = [_P, _I, _C]
-    lib.ocs_decode_layer.restype = None
+    lib.ocs_decode_layer.restype = _C
     lib.ocs_decode_layer.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _C]
-    lib.ocs_decode_head.restype = None
+    lib.ocs_decode_head.restype = _C
     lib.ocs_decode_head.argtypes = [_P, _P, ctypes.c_float, _P, _I, _I, _P, _P, _C]
     return lib
 
@@ -192,12 +192,13 @@ def _self_test(lib: ctypes.CDLL) -> None:
     padded = torch.zeros(-(-130 // quant.INT8_BLOCK_N) * quant.INT8_BLOCK_N)
     padded[:130] = scales
     got8b = int8_blocked_mm(lib, x, quant.block_int8(t8["qweight"]), padded, 130)
+    expected8b = blocked_int8_reference(x, t8["qweight"], scales)
     t4 = quant.quantize_int4(w, 32)
     expected4 = x @ quant.dequantize_int4(t4, 130).t()
     got4 = int4_mm(lib, x, t4["qweight"], t4["scales_zeros"], 32, 130)
     for name, a, b in (
         ("int8", got, expected),
-        ("int8b", got8b, expected),
+        ("int8b", got8b, expected8b),
         ("int4", got4, expected4),
     ):
         error = float((a - b).abs().max() / b.abs().max())
@@ -240,14 +241,44 @@ def int8_mm(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales: to
     return out
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the blocked int8 kernel does to x [M, K] first: per row, blocks of 32 columns
+    (zero padded) to int8 codes with one scale each -> (codes [M, Kp] float, scales
+    [M, Kp / 32]); codes * scales approximates x."""
+    m, k = x.shape
+    kpad = -(-k // 32) * 32
+    padded = torch.zeros((m, kpad), dtype=torch.float32)
+    padded[:, :k] = x.float()
+    blocks = padded.view(m, kpad // 32, 32)
+    top = blocks.abs().amax(dim=-1)
+    inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    codes = torch.round(blocks * inv[..., None])
+    return codes.view(m, kpad), top / 127.0
+
+
+def blocked_int8_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """The blocked int8 kernel's result computed by torch, in float64: x quantized as
+    quantize_activations does, exact integer block sums, times the scales."""
+    codes, d = quantize_activations(x)
+    m, kpad = codes.shape
+    n, k = qweight.shape
+    w = torch.zeros((n, kpad), dtype=torch.float64)
+    w[:, :k] = qweight.double()
+    sums = torch.einsum("mbk,nbk->mnb", codes.double().view(m, -1, 32), w.view(n, -1, 32))
+    return (sums * d.double()[:, None, :]).sum(-1) * scales.double()
+
+
 def int8_blocked_mm(
     lib: ctypes.CDLL, x: torch.Tensor, blocked: torch.Tensor, scales: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """x [M, K] float32 contiguous, blocked int8 [Npad / 64, K, 64], scales float32 [Npad]
-    -> [M, n]."""
+    """x [M, K] float32 contiguous, blocked int8 [Npad / 64, Kp / 4, 64, 4] (see
+    quant.block_int8), scales float32 [Npad] -> [M, n]. x is quantized per row in blocks
+    of 32 columns on the way (see ocs_cpu.c)."""
     m, k = x.shape
     out = torch.empty((m, n), dtype=torch.float32)
-    lib.ocs_b8_mm(
+    status = lib.ocs_b8_mm(
         x.data_ptr(),
         m,
         k,
@@ -259,6 +290,8 @@ def int8_blocked_mm(
         n,
         torch.get_num_threads(),
     )
+    if status != 0:
+        raise RuntimeError("out of memory: no room for the quantized activations")
     return out
 
 

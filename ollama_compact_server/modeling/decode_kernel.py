@@ -226,7 +226,8 @@ class DecodeKernel:
         angles = {k: (c.data_ptr(), s.data_ptr()) for k, (c, s) in rope.items()}
         for spec, kind in zip(self.layers, self.rope_types):
             cos, sin = angles[kind] if kind in angles else angles["default"]
-            call(ctypes.byref(spec), hp, rows, sp, pp, cos, sin, xp, threads)
+            if call(ctypes.byref(spec), hp, rows, sp, pp, cos, sin, xp, threads) != 0:
+                raise RuntimeError("out of memory: no room for a kernel's scratch")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, hidden] after the layers (overwritten) -> logits [B, V], or none if the
@@ -237,7 +238,7 @@ class DecodeKernel:
         rows = h.shape[0]
         out = torch.empty((rows, head.n), dtype=torch.float32)
         xsum = torch.empty(rows * (self.hidden // 16 + 1), dtype=torch.float32)
-        self.lib.ocs_decode_head(
+        status = self.lib.ocs_decode_head(
             ctypes.byref(head),
             self.norm,
             self.eps,
@@ -248,4 +249,6 @@ class DecodeKernel:
             xsum.data_ptr(),
             torch.get_num_threads(),
         )
+        if status != 0:
+            raise RuntimeError("out of memory: no room for a kernel's scratch")
         return out

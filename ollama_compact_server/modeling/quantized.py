@@ -123,7 +123,8 @@ class CompressedLinear(nn.Module):
 
 class Int8Linear(CompressedLinear):
     """Symmetric int8 per output channel. On CPU with our kernels the weight moves, on first
-    use, into their blocked layout (``blocked``: [Npad / 64, K, 64], see quant.block_int8);
+    use, into their blocked layout (``blocked``: [Npad / 64, Kp / 4, 64, 4], see
+    quant.block_int8);
     elsewhere it stays [N, K] as stored."""
 
     kind = "int8"
@@ -154,7 +155,7 @@ class Int8Linear(CompressedLinear):
 
     def to_rows(self) -> None:
         if self.blocked:
-            self.qweight = quant.unblock_int8(self.qweight, self.out_features)
+            self.qweight = quant.unblock_int8(self.qweight, self.out_features, self.in_features)
             self._scales_f32 = None
             self.blocked = False
 
@@ -193,9 +194,8 @@ class Int8Linear(CompressedLinear):
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         scales = self.scales[ids].to(dtype)[..., None]
-        if self.blocked:  # [Npad / 64, K, 64]: row n is column n % 64 of block n // 64
-            n = quant.INT8_BLOCK_N
-            return self.qweight[ids // n, :, ids % n].to(dtype) * scales
+        if self.blocked:
+            return quant.blocked_int8_rows(self.qweight, ids, self.in_features).to(dtype) * scales
         return self.qweight[ids].to(dtype) * scales
 
 

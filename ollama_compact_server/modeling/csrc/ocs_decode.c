@@ -54,16 +54,18 @@ static void rmsnorm(const float* x, const float* gain, float eps, int64_t n, flo
   for (i = 0; i < n; i++) out[i] = (x[i] * inv) * gain[i];
 }
 
-static void matmul(const ocs_weight* W, const float* x, int64_t M, int64_t ldx, float* out,
-                   int64_t ldo, float* xsum, int threads) {
+/* 0, or -1 when a kernel found no memory for its scratch (the output is then garbage) */
+static int matmul(const ocs_weight* W, const float* x, int64_t M, int64_t ldx, float* out,
+                  int64_t ldo, float* xsum, int threads) {
+  int status = 0;
   if (W->kind == 0) {
     ocs_f32_mm(x, M, W->k, ldx, (const float*)W->w, W->n, out, ldo, threads);
   } else if (W->kind == 1) {
     ocs_w8_mm(x, M, W->k, ldx, (const int8_t*)W->w, (const float*)W->s, W->n, out, ldo,
               threads);
   } else if (W->kind == 3) {
-    ocs_b8_mm(x, M, W->k, ldx, (const int8_t*)W->w, (const float*)W->s, W->n, out, ldo,
-              threads);
+    status = ocs_b8_mm(x, M, W->k, ldx, (const int8_t*)W->w, (const float*)W->s, W->n, out, ldo,
+                       threads);
   } else {
     ocs_w4_mm(x, M, W->k, ldx, (const uint8_t*)W->w, (const uint32_t*)W->s, W->npad, W->n,
               W->group, xsum, out, ldo, threads);
@@ -72,6 +74,7 @@ static void matmul(const ocs_weight* W, const float* x, int64_t M, int64_t ldx, 
     for (int64_t m = 0; m < M; m++)
       for (int64_t j = 0; j < W->n; j++) out[m * ldo + j] += W->bias[j];
   }
+  return status;
 }
 
 /* rope on the first `rotary` dims of one head vector: transformers' q * cos +
@@ -145,11 +148,11 @@ static void act_mul(float* g, const float* u, int64_t n, int gelu) {
 /* The model's end for decode rows: final norm, then the head (any weight kind), row by row
  * the same whatever the batch. x: [B, hidden] (overwritten by the normed values); logits:
  * [B, head.n]; xsum: [B, hidden / 16 + 1] scratch for an int4 head. */
-void OCS_API ocs_decode_head(const ocs_weight* head, const float* norm, float eps, float* x,
+int OCS_API ocs_decode_head(const ocs_weight* head, const float* norm, float eps, float* x,
                              int64_t B, int64_t hidden, float* logits, float* xsum,
                              int threads) {
   for (int64_t b = 0; b < B; b++) rmsnorm(x + b * hidden, norm, eps, hidden, x + b * hidden);
-  matmul(head, x, B, hidden, logits, head->n, xsum, threads);
+  return matmul(head, x, B, hidden, logits, head->n, xsum, threads);
 }
 
 static inline int64_t widest_input(const ocs_layer* L) {
@@ -166,7 +169,7 @@ int64_t OCS_API ocs_decode_scratch(const ocs_layer* L, int64_t B, int threads) {
          B * groups + (int64_t)threads * L->capacity;
 }
 
-void OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int64_t* slots,
+int OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int64_t* slots,
                               const int64_t* positions, const float* cos, const float* sin,
                               float* scratch, int threads) {
   const int64_t H = L->hidden, D = L->head_dim, NH = L->heads, KV = L->kv_heads;
@@ -179,14 +182,15 @@ void OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int
   float* o = gu + B * 2 * L->inter;   /* [B, H] */
   float* xsum = o + B * H;            /* [B, widest / 16 + 1] */
   float* probs = xsum + B * (widest / 16 + 1); /* [threads, capacity] */
+  int status = 0;
 
   for (int64_t b = 0; b < B; b++) rmsnorm(h + b * H, L->in_norm, L->eps, H, x + b * H);
   if (L->n_qkv == 1) {
-    matmul(&L->qkv[0], x, B, H, qkv, QKV, xsum, threads);
+    status |= matmul(&L->qkv[0], x, B, H, qkv, QKV, xsum, threads);
   } else {
     int64_t offset = 0;
     for (int i = 0; i < 3; i++) {
-      matmul(&L->qkv[i], x, B, H, qkv + offset, QKV, xsum, threads);
+      status |= matmul(&L->qkv[i], x, B, H, qkv + offset, QKV, xsum, threads);
       offset += L->qkv[i].n;
     }
   }
@@ -253,7 +257,7 @@ void OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int
       for (; d < D; d++) out[d] += p[j] * inv * vj[d];
     }
   }
-  matmul(&L->o, att, B, NH * D, o, H, xsum, threads);
+  status |= matmul(&L->o, att, B, NH * D, o, H, xsum, threads);
   for (int64_t b = 0; b < B; b++) {
     float* hb = h + b * H;
     float* ob = o + b * H;
@@ -263,21 +267,22 @@ void OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int
   }
   const int64_t I = L->inter;
   if (L->n_gate_up == 1) {
-    matmul(&L->gate_up[0], x, B, H, gu, 2 * I, xsum, threads);
+    status |= matmul(&L->gate_up[0], x, B, H, gu, 2 * I, xsum, threads);
   } else {
-    matmul(&L->gate_up[0], x, B, H, gu, 2 * I, xsum, threads);
-    matmul(&L->gate_up[1], x, B, H, gu + I, 2 * I, xsum, threads);
+    status |= matmul(&L->gate_up[0], x, B, H, gu, 2 * I, xsum, threads);
+    status |= matmul(&L->gate_up[1], x, B, H, gu + I, 2 * I, xsum, threads);
   }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B > 1)
   for (int64_t b = 0; b < B; b++) {
     float* g = gu + b * 2 * I;
     act_mul(g, g + I, I, L->act == 1);
   }
-  matmul(&L->down, gu, B, 2 * I, o, H, xsum, threads);
+  status |= matmul(&L->down, gu, B, 2 * I, o, H, xsum, threads);
   for (int64_t b = 0; b < B; b++) {
     float* hb = h + b * H;
     float* ob = o + b * H;
     if (L->sandwich) rmsnorm(ob, L->post_ff_norm, L->eps, H, ob);
     for (int64_t i = 0; i < H; i++) hb[i] += ob[i];
   }
+  return status;
 }
