@@ -146,7 +146,19 @@ def test_compressed_modules_run_in_the_compact_forward(
     ours, theirs = runner(True), runner(False)
     assert ours.compact is not None
     for a, b in zip(run_steps(ours), run_steps(theirs)):
-        close(a, b)
+        close_quantized(a, b)
+
+
+def close_quantized(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The int8 and int4 kernels quantize activations to int8 per block of 32, so two
+    forwards that differ by float rounding (ours and transformers' norms and attention) may
+    round an activation to neighbouring codes: up to a tenth on a logit of a tiny random
+    model. Beyond that they agree, and so does the greedy choice wherever it is clear."""
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max()) + 0.05
+    top2 = b.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.1
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "up_proj"]])

@@ -170,6 +170,40 @@ def test_activation_quantization_matches_the_kernel_on_ties_and_extremes(lib) ->
     assert torch.allclose(got, cpu_kernels.blocked_int8_reference(x, ones, scales).float())
 
 
+@pytest.mark.parametrize(("n", "k", "g"), [(130, 96, 32), (64, 640, 32), (100, 256, 128)])
+def test_blocked_int4_equals_the_reference_and_is_batch_invariant(lib, n, k, g) -> None:
+    """int4 codes multiplied as integers with the quantized x, group by group, the
+    same bits for a row whatever the rows beside it."""
+    gen = torch.Generator().manual_seed(n + k + g)
+    t = quant.quantize_int4(torch.randn(n, k, generator=gen) * 0.05, g)
+    blocked = quant.block_int4(t["qweight"])
+    assert blocked.shape == (-(-n // 64), k // 8, 64, 4)
+    assert torch.equal(quant.unblock_int4(blocked), t["qweight"])
+    x = torch.randn(37, k, generator=gen)
+    full = cpu_kernels.int4_blocked_mm(lib, x, blocked, t["scales_zeros"], g, n)
+    codes = quant.unpack_int4_rows(t["qweight"], torch.arange(n))
+    sz = t["scales_zeros"].float()[:, :n]  # [K/G, N, 2]
+    expected = cpu_kernels.blocked_int4_reference(x, codes, sz[..., 0].t(), sz[..., 1].t())
+    assert rel(full, expected.float()) < 1e-5
+    assert rel(full, x @ quant.dequantize_int4(t, n).t()) < 0.03
+    for m in (1, 2, 3, 5, 32, 33):
+        part = cpu_kernels.int4_blocked_mm(
+            lib, x[:m].contiguous(), blocked, t["scales_zeros"], g, n
+        )
+        assert torch.equal(part, full[:m])
+
+
+def test_an_int4_module_moves_to_the_blocked_layout_and_back() -> None:
+    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(6)) * 0.05
+    _, module = modules(w)
+    stored = module.qweight.clone()
+    expected = module.rows(torch.arange(100), torch.float32)
+    module.to_blocked()
+    assert module.blocked is not None and module.qweight is None  # one copy in memory
+    assert torch.equal(module.rows(torch.arange(100), torch.float32), expected)
+    assert torch.equal(module.qweight, stored)  # rebuilt for the lookup
+
+
 def test_an_int8_module_moves_to_the_blocked_layout_and_back() -> None:
     w = torch.randn(100, 64, generator=torch.Generator().manual_seed(5)) * 0.05
     module, _ = modules(w)

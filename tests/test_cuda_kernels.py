@@ -178,9 +178,11 @@ def test_leaving_the_gpu(emulated_cuda: None) -> None:
     kept.leave_cuda()
     assert kept.cuda_weight is None
     x = torch.randn(3, K)
-    # back on the CPU: our kernel (float32 activations) or torch's (bf16 activations)
+    # back on the CPU: our kernel (int8 activations) or torch's (bf16 activations), both
+    # within a percent or two of the largest output
     expected = x @ dense.t()
-    assert torch.allclose(kept(x).float(), expected, rtol=2e-2, atol=5e-2)
+    error = (kept(x).float() - expected).abs().max() / expected.abs().max()
+    assert float(error) < 2e-2
 
 
 def test_a_model_wide_dtype_change_keeps_the_kernel_dtypes() -> None:

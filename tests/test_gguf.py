@@ -287,6 +287,6 @@ def test_the_expansion_used_by_other_workflows_computes_what_the_model_serves(
     expanded = load_causal_lm(registry, record, dtype=torch.float32, dequantize=True)
     ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
     with torch.no_grad():
-        # the served int8 kernels quantize activations too (a percent or two on a tiny
+        # the served int8 and int4 kernels quantize activations (a few percent on a tiny
         # random model); a re-drawn or misplaced table is off by about 100%
-        assert rel(expanded(ids).logits, served(ids).logits) < 0.05
+        assert rel(expanded(ids).logits, served(ids).logits) < 0.1

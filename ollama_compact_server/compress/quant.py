@@ -200,6 +200,29 @@ def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(high, raw >> 4, raw & 0xF)
 
 
+def block_int4(packed: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """The stored int4 layout [Npad, K/2] -> the CPU integer kernel's [Npad / 64, K / 8,
+    64, 4]: per chunk of 8 columns, each row's codes in 4 bytes (byte t: column 8c + t in
+    the low nibble, 8c + 4 + t in the high one). Not a stored format."""
+    npad, half = packed.shape
+    k = half * 2
+    out = torch.empty((npad, k // 8, 4), dtype=torch.uint8, device=packed.device)
+    for start in range(0, npad, chunk):  # in row chunks: a vocabulary-sized head is big
+        rows = torch.arange(start, min(start + chunk, npad), device=packed.device)
+        codes = unpack_int4_rows(packed, rows).view(len(rows), k // 8, 2, 4)
+        out[start : start + len(rows)] = codes[:, :, 0] | (codes[:, :, 1] << 4)
+    blocks = out.view(npad // INT4_BLOCK_N, INT4_BLOCK_N, k // 8, 4)
+    return blocks.permute(0, 2, 1, 3).contiguous()
+
+
+def unblock_int4(blocked: torch.Tensor) -> torch.Tensor:
+    """block_int4's inverse: the stored layout back."""
+    nb, chunks, _, _ = blocked.shape
+    rows = blocked.permute(0, 2, 1, 3).reshape(nb * INT4_BLOCK_N, chunks, 4)
+    codes = torch.stack([rows & 0xF, rows >> 4], dim=2).reshape(nb * INT4_BLOCK_N, chunks * 8)
+    return pack_int4_cpu(codes.to(torch.int32))
+
+
 def quantize_int4(
     weight: torch.Tensor, group_size: int = 32, importance: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:

@@ -12,6 +12,9 @@ import torch
 
 from .types import EngineError
 
+JSON_SPACE = r"( |\n{1,2}[ \t]{0,20})?"
+"""Whitespace allowed between JSON tokens: one space, or a line break or two and an indent."""
+
 
 def grammar_for(schema: str, wrap: tuple[str, str] | None = None) -> str:
     """An llguidance grammar for a JSON schema given as text, optionally between fixed
@@ -19,9 +22,14 @@ def grammar_for(schema: str, wrap: tuple[str, str] | None = None) -> str:
     import llguidance
 
     try:
-        json.loads(schema)
+        parsed = json.loads(schema)
     except json.JSONDecodeError:
         raise EngineError("the JSON schema is not valid JSON") from None
+    if isinstance(parsed, dict) and "x-guidance" not in parsed:
+        # whitespace as llama.cpp's schema grammars allow it: a small model left free to
+        # write any run of it can fill its whole budget with newlines inside the object
+        parsed["x-guidance"] = {"whitespace_flexible": True, "whitespace_pattern": JSON_SPACE}
+        schema = json.dumps(parsed)
     if wrap is None:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
     else:

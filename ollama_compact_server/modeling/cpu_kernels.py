@@ -129,6 +129,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ocs_b8_mm.restype = _C
     lib.ocs_b8_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _C]
     lib.ocs_w4_mm.restype = _C
+    lib.ocs_b4_mm.restype = _C
+    lib.ocs_b4_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _I, _C]
     lib.ocs_w4_mm.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _I, _C]
     lib.ocs_decode_scratch.restype = _I
     lib.ocs_decode_scratch.argtypes = [_P, _I, _C]
@@ -270,6 +272,23 @@ def blocked_int8_reference(
     return (sums * d.double()[:, None, :]).sum(-1) * scales.double()
 
 
+def blocked_int4_reference(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """The blocked int4 kernel's result computed by torch, in float64: codes [N, K] in
+    0..15, scales and zeros [N, K/G]; x quantized as quantize_activations does for the
+    code products, its float group sums for the -8 and zero terms."""
+    q, d = quantize_activations(x)
+    m, k = x.shape
+    n, groups = scales.shape
+    g = k // groups
+    sums = torch.einsum("mbk,nbk->mnb", q.double().view(m, -1, 32), codes.double().view(n, -1, 32))
+    acc = (sums * d.double()[:, None, :]).view(m, n, groups, g // 32).sum(-1)  # [M, N, K/G]
+    xs = x.double().view(m, groups, g).sum(-1)[:, None, :]  # [M, 1, K/G]
+    s, z = scales.double()[None], zeros.double()[None]
+    return (s * (acc - 8 * xs) + z * xs).sum(-1)
+
+
 def int8_blocked_mm(
     lib: ctypes.CDLL, x: torch.Tensor, blocked: torch.Tensor, scales: torch.Tensor, n: int
 ) -> torch.Tensor:
@@ -327,3 +346,41 @@ def int4_mm(
     if status != 0:
         raise ValueError(f"int4 kernel: unsupported group size {group_size}")
     return out
+
+
+def int4_blocked_mm(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    blocked: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """x [M, K] float32 contiguous; blocked uint8 [Npad / 64, K / 8, 64, 4] (see
+    quant.block_int4); scales_zeros bf16 [K/G, Npad, 2] -> [M, out_features]. x is
+    quantized per row in blocks of 32 columns on the way (see ocs_cpu.c)."""
+    m, k = x.shape
+    out = torch.empty((m, out_features), dtype=torch.float32)
+    status = lib.ocs_b4_mm(
+        x.data_ptr(),
+        m,
+        k,
+        k,
+        blocked.data_ptr(),
+        scales_zeros.data_ptr(),
+        blocked.shape[0] * quant_block_n(),
+        out_features,
+        group_size,
+        out.data_ptr(),
+        out_features,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError("out of memory: no room for the quantized activations")
+    return out
+
+
+def quant_block_n() -> int:
+    from ..compress import quant
+
+    return quant.INT4_BLOCK_N

@@ -113,8 +113,20 @@ def describe(module: Any, keep: list[torch.Tensor]) -> Weight:
         npad = q.shape[0] * quant.INT8_BLOCK_N
         n, k = module.out_features, module.in_features
         return Weight(3, 0, n, k, npad, int(q.data_ptr()), int(scales.data_ptr()), bias_ptr)
+    if type(module) is Int4Linear and module.blockable():
+        if not module.serves_matmul:
+            raise Unsupported("an int4 embedding table")
+        module.to_blocked()
+        b, sz = module.blocked, module.scales_zeros
+        if b is None or not (b.is_contiguous() and sz.is_contiguous()):
+            raise Unsupported("int4 weight not in the kernel layout")
+        if sz.dtype != torch.bfloat16 or b.device.type != "cpu":
+            raise Unsupported("int4 tensors not in the kernel layout")
+        npad = b.shape[0] * quant.INT4_BLOCK_N
+        n, k, g = module.out_features, module.in_features, module.group_size
+        return Weight(4, g, n, k, npad, int(b.data_ptr()), int(sz.data_ptr()), bias_ptr)
     if type(module) is Int4Linear:
-        q, sz = module.qweight, module.scales_zeros
+        q, sz = module.stored(), module.scales_zeros
         if q is None or module.group_size > cpu_kernels.INT4_MAX_GROUP:
             raise Unsupported("int4 weight without its CPU layout or with a large group")
         if not (q.is_contiguous() and sz.is_contiguous()) or sz.dtype != torch.bfloat16:

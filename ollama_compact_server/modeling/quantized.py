@@ -206,6 +206,7 @@ class Int4Linear(CompressedLinear):
     qweight: torch.Tensor
     scales_zeros: torch.Tensor
     cuda_weight: torch.Tensor | None
+    blocked: torch.Tensor | None
 
     def __init__(self, t: dict[str, torch.Tensor], spec: ModuleSpec, bias: torch.Tensor | None):
         super().__init__(spec.in_features, spec.out_features, bias)
@@ -213,9 +214,30 @@ class Int4Linear(CompressedLinear):
         self.register_buffer("qweight", t["qweight"])  # [Npad, K/2] uint8
         self.register_buffer("scales_zeros", t["scales_zeros"].to(KERNEL_DTYPE))  # [K/G, Npad, 2]
         self.register_buffer("cuda_weight", None)  # tinygemm layout, made by prepare_cuda
+        # our CPU kernel's layout (see quant.block_int4), made by to_blocked; not stored
+        self.register_buffer("blocked", None, persistent=False)
         self.serves_rows = False  # an embedding table: keeps the stored layout for lookups
         self.serves_matmul = True  # False for an embedding table that no head shares
         self._torch_packed: torch.Tensor | None = None  # torch's own CPU layout, if it differs
+
+    def blockable(self) -> bool:
+        """Our integer CPU kernel takes groups that are whole blocks of 32 columns."""
+        return self.group_size % 32 == 0 and self.in_features % self.group_size == 0
+
+    def to_blocked(self) -> None:
+        """Our CPU kernel's layout (once); the stored layout is released unless the module
+        also serves embedding lookups."""
+        if self.blocked is not None or self.qweight is None or not self.blockable():
+            return
+        self.blocked = quant.block_int4(self.qweight)
+        if not self.serves_rows:
+            self.qweight = None  # type: ignore[assignment]
+
+    def stored(self) -> torch.Tensor:
+        """The stored layout [Npad, K/2] (rebuilt from the blocked one if it was released)."""
+        if self.qweight is None and self.blocked is not None:
+            self.qweight = quant.unblock_int4(self.blocked)
+        return self.qweight
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -227,6 +249,19 @@ class Int4Linear(CompressedLinear):
 
     def _cpu(self, x: torch.Tensor) -> torch.Tensor:
         lib = cpu_kernels.get()
+        if lib is not None and self.serves_matmul and self.blockable():
+            self.to_blocked()
+            if self.blocked is None:
+                raise RuntimeError("int4 weight without its blocked layout")
+            return cpu_kernels.int4_blocked_mm(
+                lib,
+                x.float().contiguous(),
+                self.blocked,
+                self.scales_zeros,
+                self.group_size,
+                self.out_features,
+            )
+        self.stored()
         if lib is not None and self.group_size <= cpu_kernels.INT4_MAX_GROUP:
             return cpu_kernels.int4_mm(
                 lib,
@@ -260,8 +295,12 @@ class Int4Linear(CompressedLinear):
         scales and zeros are already in its [K/G, N, 2] layout with the same dequantization,
         (code - 8) * scale + zero. The stored layout is dropped afterwards unless the module
         also serves embedding lookups."""
-        if self.cuda_weight is not None or self.qweight is None or not self.serves_matmul:
+        if self.cuda_weight is not None or not self.serves_matmul:
             return
+        if self.qweight is None and self.blocked is None:
+            return
+        self.stored()
+        self.blocked = None
         npad, half = self.qweight.shape
         k = half * 2
         if self.group_size not in INT4_CUDA_GROUPS or k % 32 or npad % 8:
@@ -304,6 +343,8 @@ class Int4Linear(CompressedLinear):
         self.cuda_weight = None
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.qweight is None and self.blocked is not None:
+            self.stored()
         if self.qweight is None:
             raise RuntimeError("int4 module without its stored layout cannot look up rows")
         flat = ids.reshape(-1)
@@ -587,12 +628,16 @@ def load_dequantized(directory: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def prepare_for_cpu(model: nn.Module) -> None:
-    """Moves int8 weights into our CPU kernels' layout now (on the loader thread), not in a
-    request's first forward; nothing happens without the kernels."""
+    """Moves int8 and int4 weights into our CPU kernels' layouts now (on the loader thread),
+    not in a request's first forward; nothing happens without the kernels."""
     if cpu_kernels.get() is None:
         return
     for module in model.modules():
-        if isinstance(module, Int8Linear) and module.qweight.device.type == "cpu":
+        on_cpu = (
+            getattr(module, "qweight", None) is not None and module.qweight.device.type == "cpu"
+        )
+        serves = getattr(module, "serves_matmul", True)
+        if isinstance(module, Int8Linear | Int4Linear) and on_cpu and serves:
             module.to_blocked()
 
 

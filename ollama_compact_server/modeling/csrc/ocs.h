@@ -13,13 +13,17 @@ void ocs_w8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* 
                const float* scale, int64_t N, float* out, int64_t ldo, int threads);
 int ocs_b8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* qb,
               const float* scale, int64_t N, float* out, int64_t ldo, int threads);
+int ocs_b4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* qb,
+              const uint32_t* sz, int64_t npad, int64_t N, int64_t G, float* out, int64_t ldo,
+              int threads);
 int ocs_w4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
               const uint32_t* sz, int64_t npad, int64_t N, int64_t G, float* xsum, float* out,
               int64_t ldo, int threads);
 
 /* One stored weight: kind 0 dense float32 [n, k]; 1 int8 [n, k] with float32 scales [n];
  * 2 int4 in torch's 64-row CPU packing with bf16 (scale, zero) words [k / group, npad];
- * 3 int8 blocked (ocs_b8_mm's layout, columns padded to 32) with float32 scales [npad]. */
+ * 3 int8 blocked (ocs_b8_mm's layout, columns padded to 32) with float32 scales [npad];
+ * 4 int4 blocked (ocs_b4_mm's layout) with kind 2's (scale, zero) words. */
 typedef struct {
   int32_t kind;
   int32_t group;

@@ -464,6 +464,135 @@ static void w4_block(const float* x, int64_t M, int64_t ldx, const float* xsum, 
   }
 }
 
+/* ------------------------------------------------------------------------ int4, blocked */
+
+/* The runtime layout of int4 weights on CPU when the group size is a multiple of 32:
+ * blocks of 64 output rows; within a block, for each chunk of 8 input columns, each row's
+ * 8 codes in 4 bytes side by side (byte (k / 8) * 256 + j * 4 + t of block b holds row
+ * b * 64 + j, columns k + t in its low nibble and k + 4 + t in its high one). With x
+ * quantized as for blocked int8 (ocs_b8_mm), the codes (0..15) go straight into
+ * vpmaddubsw as its unsigned operand; eight products of one block of 32 columns stay
+ * within 16 bits (8 * 2 * 15 * 127 < 32768). Every output is, per group, in order:
+ *   acc = sum over the group's blocks, in order, of d_b * (exact int sum of q_x * code)
+ *   total += scale * (acc - 8 * sum_x) + zero * sum_x
+ * with sum_x the float sum of x over the group: the same in every tiling and batch. */
+
+static inline __attribute__((always_inline)) void b4_tile(
+    const uint8_t* blk, int part, int W, const int8_t* xq, const float* d, const float* xsum,
+    int64_t K, int64_t G, const uint32_t* sz, int64_t npad, int64_t n0, int MB,
+    float* totals) {
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+  const int64_t groups = K / G, nblk = K / QBLOCK;
+  const int64_t row0 = part * W * 8; /* first row of the block this pass covers */
+  for (int64_t g = 0; g < groups; g++) {
+    __m256 acc[2][4];
+    for (int m = 0; m < MB; m++)
+      for (int i = 0; i < W; i++) acc[m][i] = _mm256_setzero_ps();
+    for (int64_t kb = g * (G / QBLOCK); kb < (g + 1) * (G / QBLOCK); kb++) {
+      __m256i sum[2][4];
+      for (int m = 0; m < MB; m++)
+        for (int i = 0; i < W; i++) sum[m][i] = _mm256_setzero_si256();
+      for (int c = 0; c < QBLOCK / 8; c++) {
+        const int64_t k = kb * QBLOCK + c * 8;
+        const uint8_t* wp = blk + k * 32 + row0 * 4;
+        if (MB == 1 && W == 4) _mm_prefetch((const char*)(wp + PREFETCH), _MM_HINT_T0);
+        __m256i lo_x[2], hi_x[2];
+        for (int m = 0; m < MB; m++) {
+          lo_x[m] = _mm256_set1_epi32(*(const int32_t*)(xq + m * K + k));
+          hi_x[m] = _mm256_set1_epi32(*(const int32_t*)(xq + m * K + k + 4));
+        }
+        for (int i = 0; i < W; i++) {
+          const __m256i v = _mm256_load_si256((const __m256i*)(wp + i * 32));
+          const __m256i lo = _mm256_and_si256(v, mask);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+          for (int m = 0; m < MB; m++) {
+            sum[m][i] = _mm256_add_epi16(sum[m][i], _mm256_maddubs_epi16(lo, lo_x[m]));
+            sum[m][i] = _mm256_add_epi16(sum[m][i], _mm256_maddubs_epi16(hi, hi_x[m]));
+          }
+        }
+      }
+      for (int m = 0; m < MB; m++) {
+        const __m256 dv = _mm256_set1_ps(d[m * nblk + kb]);
+        for (int i = 0; i < W; i++)
+          acc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m][i], ones)), dv, acc[m][i]);
+      }
+    }
+    const uint32_t* words = sz + g * npad + n0 + row0;
+    for (int i = 0; i < W; i++) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(words + i * 8));
+      const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 ze = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      for (int m = 0; m < MB; m++) {
+        const float s = xsum[m * groups + g];
+        float* t = totals + m * 64 + row0 + i * 8;
+        __m256 total = _mm256_loadu_ps(t);
+        total = _mm256_fmadd_ps(sc, _mm256_sub_ps(acc[m][i], _mm256_set1_ps(8.0f * s)), total);
+        total = _mm256_fmadd_ps(ze, _mm256_set1_ps(s), total);
+        _mm256_storeu_ps(t, total);
+      }
+    }
+  }
+}
+
+#define B4_TILE_ROWS 32
+
+static void b4_block(const uint8_t* blk, const int8_t* xq, const float* d, const float* xsum,
+                     int64_t M, int64_t K, int64_t G, const uint32_t* sz, int64_t npad,
+                     int64_t n0, int64_t valid, float* out, int64_t ldo) {
+  float totals[B4_TILE_ROWS * 64] __attribute__((aligned(32)));
+  const int64_t groups = K / G, nblk = K / QBLOCK;
+  for (int64_t r0 = 0; r0 < M; r0 += B4_TILE_ROWS) {
+    const int64_t rows = M - r0 < B4_TILE_ROWS ? M - r0 : B4_TILE_ROWS;
+    memset(totals, 0, sizeof(float) * (size_t)rows * 64);
+    int64_t m = 0;
+    for (; m + 2 <= rows; m += 2) /* two rows share each unpacked vector: 16 rows a pass */
+      for (int part = 0; part < 4; part++)
+        b4_tile(blk, part, 2, xq + (r0 + m) * K, d + (r0 + m) * nblk, xsum + (r0 + m) * groups,
+                K, G, sz, npad, n0, 2, totals + m * 64);
+    if (m < rows) /* one row: 32 rows a pass, two passes over the block */
+      for (int part = 0; part < 2; part++)
+        b4_tile(blk, part, 4, xq + (r0 + m) * K, d + (r0 + m) * nblk, xsum + (r0 + m) * groups,
+                K, G, sz, npad, n0, 1, totals + m * 64);
+    for (int64_t j = 0; j < rows; j++)
+      memcpy(out + (r0 + j) * ldo + n0, totals + j * 64, (size_t)valid * sizeof(float));
+  }
+}
+
+/* x [M, K] times the blocked int4 weight (uint8 [Npad / 64, K / 8, 64, 4]) -> out [M, N];
+ * sz: bf16 (scale, zero) words [K / G, Npad]. Returns -1 for a group size that is not a
+ * multiple of 32 (nothing computed) or no memory for the quantized activations. */
+int OCS_API ocs_b4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* qb,
+                      const uint32_t* sz, int64_t npad, int64_t N, int64_t G, float* out,
+                      int64_t ldo, int threads) {
+  if (G <= 0 || G % QBLOCK || K % G) return -1;
+  const int64_t groups = K / G, nblk = K / QBLOCK;
+  const size_t bytes = (size_t)(M * K) * 2 + (size_t)(M * nblk + M * groups) * sizeof(float);
+  int8_t* xq = (int8_t*)aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (xq == NULL) return -1;
+  int8_t* xa = xq + M * K; /* |xq|: unused here, written by the shared quantizer */
+  float* d = (float*)(xa + M * K);
+  float* xsum = d + M * nblk;
+  quantize_rows(x, M, K, ldx, K, xq, xa, d);
+  for (int64_t m = 0; m < M; m++) {
+    for (int64_t g = 0; g < groups; g++) {
+      const float* xr = x + m * ldx + g * G;
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t k = 0; k < G; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xr + k));
+      xsum[m * groups + g] = hsum(a);
+    }
+  }
+  const int64_t blocks = (N + 63) / 64;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    const int64_t n0 = b * 64;
+    const int64_t valid = N - n0 < 64 ? N - n0 : 64;
+    b4_block(qb + b * 64 * (K / 2), xq, d, xsum, M, K, G, sz, npad, n0, valid, out, ldo);
+  }
+  free(xq);
+  return 0;
+}
+
 /* x [M, K] times the packed int4 weight -> out [M, N] (N <= Npad, only N columns written).
  * packed: uint8 [Npad, K/2]; sz: bf16 [K/G, Npad, 2]; xsum: float [M, K/G] scratch.
  * Returns -1 (nothing computed) for a group size above W4_MAX_G. */

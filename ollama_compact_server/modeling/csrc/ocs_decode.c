@@ -66,6 +66,9 @@ static int matmul(const ocs_weight* W, const float* x, int64_t M, int64_t ldx, f
   } else if (W->kind == 3) {
     status = ocs_b8_mm(x, M, W->k, ldx, (const int8_t*)W->w, (const float*)W->s, W->n, out, ldo,
                        threads);
+  } else if (W->kind == 4) {
+    status = ocs_b4_mm(x, M, W->k, ldx, (const uint8_t*)W->w, (const uint32_t*)W->s, W->npad,
+                       W->n, W->group, out, ldo, threads);
   } else {
     ocs_w4_mm(x, M, W->k, ldx, (const uint8_t*)W->w, (const uint32_t*)W->s, W->npad, W->n,
               W->group, xsum, out, ldo, threads);
