@@ -472,3 +472,32 @@ async def test_different_adapters_and_the_base_decode_in_one_step(
         assert mixed, f"no decode step mixed two adapters and the base: {steps[:5]}"
     finally:
         engine.close()
+
+
+async def test_a_request_is_resolved_once_and_off_the_device_thread(
+    tmp_path: Path, tiny_models: dict[str, Path], adapter_dirs
+) -> None:
+    """The engine front names the base and the adapter once per request, on a worker
+    thread: the device thread never reads the registry or hashes a manifest for it."""
+    import threading
+
+    dirs = {name: adapter_dirs["llama", name] for name in ADAPTERS}
+    registry = make_registry(tmp_path / "reg", tiny_models["llama"], dirs)
+    engine = start(registry)
+    models = engine.device_loop.models
+    assert models.resolve is not None
+    real = models.resolve
+    calls: list[tuple[str, str]] = []
+
+    def resolve(name: str):
+        calls.append((name, threading.current_thread().name))
+        return real(name)
+
+    object.__setattr__(models, "resolve", resolve)  # a frozen dataclass
+    try:
+        await run(engine, "pirate", PROMPTS[0])
+        await run(engine, "tiny", PROMPTS[0])
+    finally:
+        engine.close()
+    assert [name for name, _ in calls] == ["pirate", "tiny"]
+    assert not any(thread.startswith("ocs-engine") for _, thread in calls)
