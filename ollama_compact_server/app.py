@@ -55,7 +55,7 @@ def prepare_default_model(
 def build_engine(settings: Settings, registry: Registry) -> Engine:
     """The device loop for the configured device, sized by the memory planner."""
     from .engine.config import EngineConfig, ModelSource
-    from .engine.device import dtype_name, resolve_device, resolve_dtype
+    from .engine.device import dtype_name, keep_freed_memory, resolve_device, resolve_dtype
     from .engine.local import LocalEngine
     from .engine.loop import DeviceLoop
     from .engine.planner import default_budget
@@ -63,6 +63,8 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
     from .modeling import cpu_kernels
 
     cpu_kernels.configure(settings.cpu_kernels, settings.kernel_cache)
+    if not keep_freed_memory():
+        log.info("large allocations map fresh pages (no glibc mallopt here)")
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     budget = settings.memory_budget_bytes or default_budget(device.type)

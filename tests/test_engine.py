@@ -376,3 +376,20 @@ async def test_a_long_prompt_delays_a_running_stream_by_one_chunk_at_most(
                 interleaved += bool(between)
             between = []
     assert interleaved >= 5, steps  # the long prompt went in between the stream's steps
+
+
+def test_large_freed_blocks_are_kept_for_reuse_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon asks glibc to serve big allocations (a step's logits) from its heap; where
+    the C library has no mallopt nothing changes and the call says so."""
+    import ctypes.util
+    import platform
+
+    from ollama_compact_server.engine import device
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert device.keep_freed_memory()
+        big = torch.empty((64, 262144))  # 67 MB: served from the heap now, and freed back
+        big.fill_(1.0)
+        del big
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert not device.keep_freed_memory()

@@ -70,3 +70,34 @@ def planned_dtype(setting: str, device: str) -> str:
     if device.startswith("cuda"):
         return "bfloat16"
     return dtype_name(resolve_dtype("auto", torch.device("cpu")))
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+KEEP_FREED_BYTES = 256 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Lets glibc's malloc serve allocations up to 256 MiB from its heap and keep up to
+    512 MiB freed there, instead of mapping fresh pages for each large one. A decode step
+    of 64 rows of gemma3:270m allocates 67 MB of logits: as a fresh mapping, touching it
+    costs about 37 ms of page faults, reused it costs 5 ms (same box, in one run). The
+    price is a resident size that shrinks less after a model unloads (what stays is reused
+    by the next). False where the C library is not glibc (nothing changes there)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mmap_ok = mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) == 1
+    trim_ok = mallopt(_M_TRIM_THRESHOLD, 2 * KEEP_FREED_BYTES) == 1
+    return mmap_ok and trim_ok
