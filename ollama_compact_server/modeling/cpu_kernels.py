@@ -368,7 +368,7 @@ def int4_blocked_mm(
         k,
         blocked.data_ptr(),
         scales_zeros.data_ptr(),
-        blocked.shape[0] * quant_block_n(),
+        blocked.shape[0] * blocked.shape[2],  # Npad: blocks x 64 rows
         out_features,
         group_size,
         out.data_ptr(),
@@ -378,9 +378,3 @@ def int4_blocked_mm(
     if status != 0:
         raise RuntimeError("out of memory: no room for the quantized activations")
     return out
-
-
-def quant_block_n() -> int:
-    from ..compress import quant
-
-    return quant.INT4_BLOCK_N

@@ -3,9 +3,22 @@
 #ifndef OCS_H
 #define OCS_H
 
+#include <immintrin.h>
 #include <stdint.h>
 
 #define OCS_API __attribute__((visibility("default")))
+
+/* the sum of 8 floats, lanes added pairwise in a fixed order */
+static inline float ocs_hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  lo = _mm_add_ss(lo, sh);
+  return _mm_cvtss_f32(lo);
+}
 
 void ocs_f32_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N,
                 float* out, int64_t ldo, int threads);

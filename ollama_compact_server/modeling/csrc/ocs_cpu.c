@@ -26,17 +26,6 @@ int OCS_API ocs_abi_version(void) { return 5; }
  * took 15-16 ms against 13 ms with this, in one run). */
 #define PREFETCH 4096
 
-static inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  lo = _mm_add_ss(lo, sh);
-  return _mm_cvtss_f32(lo);
-}
-
 static inline __m256 load8_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
@@ -59,7 +48,7 @@ static inline float w8_dot(const float* x, const int8_t* r, int64_t K, float sca
     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8_i8(r + k + 24), a3);
   }
   for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8_i8(r + k), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = ocs_hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; k < K; k++) s += x[k] * (float)r[k];
   return s * scale;
 }
@@ -100,7 +89,7 @@ static inline __attribute__((always_inline)) void w8_tile(
   for (int m = 0; m < MB; m++) {
     for (int n = 0; n < NB; n++) {
       __m256* p = part[m][n];
-      float s = hsum(_mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])));
+      float s = ocs_hsum(_mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])));
       for (int64_t k = K8; k < K; k++) s += x[m * ldx + k] * (float)q[n * K + k];
       out[m * ldo + n] = s * scale[n];
     }
@@ -164,7 +153,8 @@ void OCS_API ocs_w8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const 
 
 static inline int64_t kpad32(int64_t K) { return (K + QBLOCK - 1) / QBLOCK * QBLOCK; }
 
-/* x [M, K] (stride ldx) -> xq, xa = |xq| int8 [M, Kp] (zero padded), d [M, Kp / 32] */
+/* x [M, K] (stride ldx) -> xq, xa = |xq| (unless NULL) int8 [M, Kp] (zero padded),
+ * d [M, Kp / 32] */
 static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t Kp,
                           int8_t* xq, int8_t* xa, float* d) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -198,7 +188,7 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int
       const __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
       const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), order);
       _mm256_storeu_si256((__m256i*)(xq + m * Kp + k0), bytes);
-      _mm256_storeu_si256((__m256i*)(xa + m * Kp + k0), _mm256_abs_epi8(bytes));
+      if (xa != NULL) _mm256_storeu_si256((__m256i*)(xa + m * Kp + k0), _mm256_abs_epi8(bytes));
     }
   }
 }
@@ -338,7 +328,7 @@ static inline float f32_dot(const float* x, const float* r, int64_t K) {
     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(r + k + 24), a3);
   }
   for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(r + k), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = ocs_hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; k < K; k++) s += x[k] * r[k];
   return s;
 }
@@ -568,19 +558,19 @@ int OCS_API ocs_b4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const u
                       int64_t ldo, int threads) {
   if (G <= 0 || G % QBLOCK || K % G) return -1;
   const int64_t groups = K / G, nblk = K / QBLOCK;
-  const size_t bytes = (size_t)(M * K) * 2 + (size_t)(M * nblk + M * groups) * sizeof(float);
+  const size_t codes = (size_t)(M * K + 63) / 64 * 64; /* the floats after them aligned */
+  const size_t bytes = codes + (size_t)(M * nblk + M * groups) * sizeof(float);
   int8_t* xq = (int8_t*)aligned_alloc(64, (bytes + 63) / 64 * 64);
   if (xq == NULL) return -1;
-  int8_t* xa = xq + M * K; /* |xq|: unused here, written by the shared quantizer */
-  float* d = (float*)(xa + M * K);
+  float* d = (float*)(xq + codes);
   float* xsum = d + M * nblk;
-  quantize_rows(x, M, K, ldx, K, xq, xa, d);
+  quantize_rows(x, M, K, ldx, K, xq, NULL, d);
   for (int64_t m = 0; m < M; m++) {
     for (int64_t g = 0; g < groups; g++) {
       const float* xr = x + m * ldx + g * G;
       __m256 a = _mm256_setzero_ps();
       for (int64_t k = 0; k < G; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xr + k));
-      xsum[m * groups + g] = hsum(a);
+      xsum[m * groups + g] = ocs_hsum(a);
     }
   }
   const int64_t blocks = (N + 63) / 64;
@@ -608,7 +598,7 @@ int OCS_API ocs_w4_mm(const float* x, int64_t M, int64_t K, int64_t ldx,
       __m256 a = _mm256_setzero_ps();
       int64_t k = 0;
       for (; k + 8 <= G; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xr + k));
-      float s = hsum(a);
+      float s = ocs_hsum(a);
       for (; k < G; k++) s += xr[k];
       xsum[m * groups + g] = s;
     }

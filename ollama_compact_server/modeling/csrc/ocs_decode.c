@@ -16,17 +16,6 @@
 
 #include "ocs.h"
 
-static inline float hsum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  lo = _mm_add_ss(lo, sh);
-  return _mm_cvtss_f32(lo);
-}
-
 static inline float dot(const float* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t i = 0;
@@ -35,7 +24,7 @@ static inline float dot(const float* a, const float* b, int64_t n) {
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
   }
   for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-  float s = hsum8(_mm256_add_ps(s0, s1));
+  float s = ocs_hsum(_mm256_add_ps(s0, s1));
   for (; i < n; i++) s += a[i] * b[i];
   return s;
 }
@@ -48,7 +37,7 @@ static void rmsnorm(const float* x, const float* gain, float eps, int64_t n, flo
     __m256 v = _mm256_loadu_ps(x + i);
     acc = _mm256_fmadd_ps(v, v, acc);
   }
-  float ss = hsum8(acc);
+  float ss = ocs_hsum(acc);
   for (; i < n; i++) ss += x[i] * x[i];
   const float inv = 1.0f / sqrtf(ss / (float)n + eps);
   for (i = 0; i < n; i++) out[i] = (x[i] * inv) * gain[i];
@@ -243,7 +232,7 @@ int OCS_API ocs_decode_layer(const ocs_layer* L, float* h, int64_t B, const int6
       _mm256_storeu_ps(p + j, e);
       vtotal = _mm256_add_ps(vtotal, e);
     }
-    total = hsum8(vtotal);
+    total = ocs_hsum(vtotal);
     for (; j <= pos; j++) {
       p[j] = expf(p[j] - top);
       total += p[j];
