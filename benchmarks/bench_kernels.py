@@ -3,7 +3,8 @@ intermediate 2048, vocab 262144) at 1, 4, 16 and 64 rows, in one run: float32 F.
 torch's packed kernels (bf16 activations; int4 in the layout torch packs on this CPU) and
 ours (ollama_compact_server/modeling/csrc/ocs_cpu.c): the float-activation kernels over the
 stored layouts ("f32 x") and the integer ones the daemon serves with, over the runtime
-layouts, activations rounded to int8 per block of 32 ("int8 x").
+layouts, activations rounded to int8 per block of 32 ("int8 x"). On a CPU with
+AVX512-VNNI those run ocs_vnni.c, and the AVX2 kernels are timed beside them.
 
     .venv/bin/python benchmarks/bench_kernels.py
 """
@@ -43,12 +44,14 @@ def main() -> int:
         f"command: {' '.join(sys.argv)}  (torch {torch.__version__}, {threads} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()})"
     )
+    vnni = lib.ocs_set_isa(1) == 1
+    print(f"served integer kernels: {'AVX512-VNNI' if vnni else 'AVX2'}")
     print(
         "| N x K | rows | f32 F.linear ms | int8 torch ms | int8 ours, f32 x | int8 ours, int8 x "
-        "| int8 torch / served | int4 torch ms | int4 ours, f32 x | int4 ours, int8 x "
-        "| int4 torch / served |"
+        "| int8 torch / served | int8 AVX2 / VNNI | int4 torch ms | int4 ours, f32 x "
+        "| int4 ours, int8 x | int4 torch / served | int4 AVX2 / VNNI |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     int8_mm, int4_mm = torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu
     for n, k in ((2048, 640), (640, 2048), (262144, 640)):
@@ -74,9 +77,17 @@ def main() -> int:
             t4_ms = ms(int4_mm, xb, theirs, 32, sz4, repeat=repeat)
             o4 = ms(cpu_kernels.int4_mm, lib, x, q4, sz4, 32, n, repeat=repeat)
             i4 = ms(cpu_kernels.int4_blocked_mm, lib, x, b4, sz4, 32, n, repeat=repeat)
+            v8 = v4 = "-"
+            if vnni:  # the same products on the AVX2 kernels
+                lib.ocs_set_isa(0)
+                a8 = ms(cpu_kernels.int8_blocked_mm, lib, x, b8, s8p, n, repeat=repeat)
+                a4 = ms(cpu_kernels.int4_blocked_mm, lib, x, b4, sz4, 32, n, repeat=repeat)
+                lib.ocs_set_isa(1)
+                v8, v4 = f"{a8 / i8:.2f}x", f"{a4 / i4:.2f}x"
             print(
                 f"| {n} x {k} | {batch} | {f32:.3f} | {t8:.3f} | {o8:.3f} | {i8:.3f} "
-                f"| {t8 / i8:.2f}x | {t4_ms:.3f} | {o4:.3f} | {i4:.3f} | {t4_ms / i4:.2f}x |"
+                f"| {t8 / i8:.2f}x | {v8} | {t4_ms:.3f} | {o4:.3f} | {i4:.3f} "
+                f"| {t4_ms / i4:.2f}x | {v4} |"
             )
     return 0
 

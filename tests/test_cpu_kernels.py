@@ -193,6 +193,43 @@ def test_blocked_int4_equals_the_reference_and_is_batch_invariant(lib, n, k, g) 
         assert torch.equal(part, full[:m])
 
 
+@pytest.mark.parametrize(
+    ("n", "k", "g"), [(130, 96, 32), (64, 640, 32), (200, 256, 128), (7, 64, 64)]
+)
+def test_vnni_kernels_give_the_avx2_kernels_bits(lib, n, k, g) -> None:
+    """On a CPU with AVX512-VNNI the blocked products run ocs_vnni.c; every output must be
+    bit for bit what the AVX2 kernels give (the same integer block sums, the same float
+    steps), at every batch size, so neither the CPU nor the batch changes a result."""
+    if lib.ocs_set_isa(1) != 1:
+        pytest.skip("the CPU lacks AVX512-VNNI")
+    gen = torch.Generator().manual_seed(n * k + g)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    t8, t4 = quant.quantize_int8(w), quant.quantize_int4(w, g)
+    t8["qweight"][0, :4] = torch.tensor([127, -127, 127, -127], dtype=torch.int8)  # extremes
+    b8, b4 = quant.block_int8(t8["qweight"]), quant.block_int4(t4["qweight"])
+    scales = torch.zeros(b8.shape[0] * 64)
+    scales[:n] = t8["scales"].float()
+    x = torch.randn(70, k, generator=gen)
+    x[5] = 0.0
+    x[6, : min(k, 32)] = -1.0  # every code -127: the correction term at its largest
+    try:
+        for m in (1, 2, 3, 4, 5, 6, 7, 31, 64, 70):
+            rows = x[:m].contiguous()
+            got = []
+            for level in (1, 0):
+                assert lib.ocs_set_isa(level) == level
+                got.append(
+                    (
+                        cpu_kernels.int8_blocked_mm(lib, rows, b8, scales, n),
+                        cpu_kernels.int4_blocked_mm(lib, rows, b4, t4["scales_zeros"], g, n),
+                    )
+                )
+            assert torch.equal(got[0][0], got[1][0]), f"int8, {m} rows"
+            assert torch.equal(got[0][1], got[1][1]), f"int4, {m} rows"
+    finally:
+        lib.ocs_set_isa(1)
+
+
 def test_an_int4_module_moves_to_the_blocked_layout_and_back() -> None:
     w = torch.randn(100, 64, generator=torch.Generator().manual_seed(6)) * 0.05
     _, module = modules(w)

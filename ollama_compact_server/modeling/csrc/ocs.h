@@ -33,6 +33,16 @@ int ocs_w4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* 
               const uint32_t* sz, int64_t npad, int64_t N, int64_t G, float* xsum, float* out,
               int64_t ldo, int threads);
 
+int ocs_isa(void);
+/* one block of 64 weight rows of ocs_b8_mm / ocs_b4_mm with AVX512-VNNI (ocs_vnni.c);
+ * xc: 128 * each activation block's sum of codes [M, Kp / 32] */
+void ocs_b8_block_vnni(const int8_t* blk, const int8_t* xq, const int32_t* xc, const float* d,
+                       int64_t M, int64_t Kp, const float* scale, int64_t n0, int64_t valid,
+                       float* out, int64_t ldo);
+void ocs_b4_block_vnni(const uint8_t* blk, const int8_t* xq, const float* d, const float* xsum,
+                       int64_t M, int64_t K, int64_t G, const uint32_t* sz, int64_t npad,
+                       int64_t n0, int64_t valid, float* out, int64_t ldo);
+
 /* One stored weight: kind 0 dense float32 [n, k]; 1 int8 [n, k] with float32 scales [n];
  * 2 int4 in torch's 64-row CPU packing with bf16 (scale, zero) words [k / group, npad];
  * 3 int8 blocked (ocs_b8_mm's layout, columns padded to 32) with float32 scales [npad];

@@ -19,7 +19,29 @@
 
 #include "ocs.h"
 
-int OCS_API ocs_abi_version(void) { return 5; }
+int OCS_API ocs_abi_version(void) { return 6; }
+
+/* Which kernels the blocked products use: 1 AVX512-VNNI (ocs_vnni.c) where the CPU has it,
+ * 0 AVX2. Chosen on first use; ocs_set_isa(0) keeps to AVX2 (tests compare the two). */
+static int isa = -1;
+
+static int cpu_has_vnni(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+/* level 0: AVX2 only; 1: the best the CPU has. Returns the level now in force. */
+int OCS_API ocs_set_isa(int level) {
+  isa = level > 0 && cpu_has_vnni() ? 1 : 0;
+  return isa;
+}
+
+int OCS_API ocs_isa(void) {
+  if (isa < 0) ocs_set_isa(1);
+  return isa;
+}
 
 /* Bytes ahead of the weight stream to prefetch: the hardware prefetcher alone left the
  * one-row products at 75-80% of the memory bandwidth on a 2-core EPYC (a head of 168 MB
@@ -299,8 +321,26 @@ int OCS_API ocs_b8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const i
   if (xq == NULL) return -1;
   int8_t* xa = xq + M * Kp;
   float* d = (float*)(xa + M * Kp);
-  quantize_rows(x, M, K, ldx, Kp, xq, xa, d);
   const int64_t blocks = (N + B8_ROWS - 1) / B8_ROWS;
+  if (ocs_isa() == 1) {
+    /* the VNNI kernel reads no |x|: its place holds 128 * each block's sum of codes */
+    int32_t* xc = (int32_t*)xa;
+    quantize_rows(x, M, K, ldx, Kp, xq, NULL, d);
+    for (int64_t i = 0; i < M * (Kp / QBLOCK); i++) {
+      int32_t s = 0;
+      for (int j = 0; j < QBLOCK; j++) s += xq[i * QBLOCK + j];
+      xc[i] = 128 * s;
+    }
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+      const int64_t n0 = b * B8_ROWS;
+      const int64_t valid = N - n0 < B8_ROWS ? N - n0 : B8_ROWS;
+      ocs_b8_block_vnni(qb + b * B8_ROWS * Kp, xq, xc, d, M, Kp, scale, n0, valid, out, ldo);
+    }
+    free(xq);
+    return 0;
+  }
+  quantize_rows(x, M, K, ldx, Kp, xq, xa, d);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; b++) {
     const int64_t n0 = b * B8_ROWS;
@@ -574,11 +614,16 @@ int OCS_API ocs_b4_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const u
     }
   }
   const int64_t blocks = (N + 63) / 64;
+  const int vnni = ocs_isa() == 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; b++) {
     const int64_t n0 = b * 64;
     const int64_t valid = N - n0 < 64 ? N - n0 : 64;
-    b4_block(qb + b * 64 * (K / 2), xq, d, xsum, M, K, G, sz, npad, n0, valid, out, ldo);
+    if (vnni)
+      ocs_b4_block_vnni(qb + b * 64 * (K / 2), xq, d, xsum, M, K, G, sz, npad, n0, valid, out,
+                        ldo);
+    else
+      b4_block(qb + b * 64 * (K / 2), xq, d, xsum, M, K, G, sz, npad, n0, valid, out, ldo);
   }
   free(xq);
   return 0;
