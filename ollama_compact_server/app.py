@@ -55,7 +55,13 @@ def prepare_default_model(
 def build_engine(settings: Settings, registry: Registry) -> Engine:
     """The device loop for the configured device, sized by the memory planner."""
     from .engine.config import EngineConfig, ModelSource
-    from .engine.device import dtype_name, keep_freed_memory, resolve_device, resolve_dtype
+    from .engine.device import (
+        dtype_name,
+        keep_freed_memory,
+        model_dtype,
+        resolve_device,
+        resolve_dtype,
+    )
     from .engine.local import LocalEngine
     from .engine.loop import DeviceLoop
     from .engine.planner import default_budget
@@ -66,7 +72,8 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
     if not keep_freed_memory():
         log.info("large allocations map fresh pages (no glibc mallopt here)")
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype, device)  # float models'
+    integer_dtype = model_dtype(settings.dtype, device, "int8")  # int8 / int4 models'
     budget = settings.memory_budget_bytes or default_budget(device.type)
     sizing = RegistrySizing(
         registry,
@@ -74,8 +81,9 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         num_parallel=settings.num_parallel,
         context_length=settings.context_length,
         max_loras=settings.max_loras,
+        integer_dtype=dtype_name(integer_dtype),
     )
-    provider = RegistryProvider(registry, device, dtype)
+    provider = RegistryProvider(registry, device, settings.dtype)
     models = ModelSource(
         load=provider,
         resolve=provider.resolve,
@@ -84,9 +92,10 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         plan=sizing.plan,
     )
     loop = DeviceLoop(EngineConfig.from_settings(settings, device, dtype, budget), models)
-    log.info(
-        "engine on %s in %s, memory budget %.1f GiB", device, dtype_name(dtype), budget / (1 << 30)
-    )
+    served = dtype_name(dtype)
+    if integer_dtype != dtype:
+        served += f" (int8 / int4 models in {dtype_name(integer_dtype)})"
+    log.info("engine on %s in %s, memory budget %.1f GiB", device, served, budget / (1 << 30))
     loop.start()
     return LocalEngine(loop)
 

@@ -473,6 +473,7 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
         if path.suffix == ".json" and path.is_file():
             config = json.loads(path.read_text())
             name = path.parent.name or path.name
+            dtype = planned_dtype(settings.dtype, args.plan_device, weight_format)
         else:
             from .engine.provider import RegistrySizing
 
@@ -486,8 +487,10 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
                 num_parallel=num_parallel,
                 context_length=context_length,
                 max_loras=settings.max_loras,
+                integer_dtype=planned_dtype(settings.dtype, args.plan_device, "int8"),
             )
             name = record.name.display()
+            dtype = sizing.serving_dtype(name)
             config = sizing.hf_config(name)
             weight_format = weight_format or sizing.weight_format(name)
             if args.plan_adapters is None:  # the adapter slots the engine would reserve

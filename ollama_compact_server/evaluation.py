@@ -280,7 +280,8 @@ def evaluate(
     """Measures ``name`` (its parent first with ``with_parent``), records each report in the
     registry (unless ``save`` is false) and returns them, the parent's first."""
     from .app import build_engine
-    from .engine.device import dtype_name, resolve_device, resolve_dtype
+    from .engine.device import dtype_name, model_dtype, resolve_device
+    from .engine.provider import scheme_of
 
     record = registry.get(name)
     targets = [record]
@@ -292,12 +293,19 @@ def evaluate(
     heldout = heldout_text(options.text)
     settings = eval_settings(settings)
     device = resolve_device(settings.device)
-    dtype = dtype_name(resolve_dtype(settings.dtype, device))
     engine = build_engine(settings, registry)
 
     async def run() -> list[EvalReport]:
         return [
-            await measure(engine, registry, target, heldout, options, str(device), dtype)
+            await measure(
+                engine,
+                registry,
+                target,
+                heldout,
+                options,
+                str(device),
+                dtype_name(model_dtype(settings.dtype, device, scheme_of(target))),
+            )
             for target in targets
         ]
 

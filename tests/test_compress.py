@@ -263,3 +263,37 @@ def test_fisher_diagonal_is_the_sum_of_squared_loss_gradients(tiny_registry: Reg
         assert got[name].sum() > 0
     # the weights' requires_grad flags are as they were, and no gradient is left behind
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_auto_serves_integer_models_in_float32_on_a_bf16_cpu(
+    tiny_registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU with native bfloat16, OCS_DTYPE=auto serves float models in bfloat16 but
+    int8 / int4 models in float32 (what our integer kernels and the C decode step take);
+    the planner sizes each one's KV cache in the dtype it gets, and a set dtype wins."""
+    from ollama_compact_server.engine import device
+    from ollama_compact_server.engine.provider import RegistryProvider, RegistrySizing
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    compress_registry_model(tiny_registry, "tiny-llama", "tiny-llama-q8", "int8")
+    cpu = torch.device("cpu")
+    assert device.model_dtype("auto", cpu, None) == torch.bfloat16
+    assert device.model_dtype("auto", cpu, "int4") == torch.float32
+    assert device.model_dtype("bfloat16", cpu, "int8") == torch.bfloat16
+    assert device.planned_dtype("auto", "cpu", "gguf") == "float32"
+    assert device.planned_dtype("auto", "cuda", "int8") == "bfloat16"
+    provider = RegistryProvider(tiny_registry, cpu, "auto")
+    compressed, plain = provider("tiny-llama-q8"), provider("tiny-llama")
+    assert compressed.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert plain.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    sizing = RegistrySizing(
+        tiny_registry,
+        dtype=torch.bfloat16,
+        num_parallel=1,
+        context_length=256,
+        integer_dtype="float32",
+    )
+    assert sizing.serving_dtype("tiny-llama-q8") == "float32"
+    assert sizing.serving_dtype("tiny-llama") == "bfloat16"
+    fixed = RegistryProvider(tiny_registry, cpu, torch.bfloat16)
+    assert fixed("tiny-llama-q8").dtype == torch.bfloat16

@@ -57,19 +57,36 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+# compression schemes whose weights our integer CPU kernels serve (int2 runs as int4, mixed
+# and imported GGUF files are int8 and int4 modules)
+INTEGER_SCHEMES = frozenset({"int8", "int4", "int2", "mixed", "gguf"})
+
+
+def model_dtype(setting: str, device: torch.device, scheme: str | None) -> torch.dtype:
+    """The dtype one model serves in (``scheme``: its compression scheme, None for a float
+    model). ``auto`` on the CPU gives int8 / int4 models float32: our integer kernels and the
+    C decode step take float32 activations, and in bfloat16 the same model leaves the C
+    step for torch's modules (gemma3:270m as imported, one stream on an AVX512-BF16 box:
+    42.6 tok/s in bfloat16 against 66.3 in float32, benchmarks/bench_servers.py). Float
+    models get :func:`resolve_dtype`'s choice (bfloat16 where the CPU has it natively)."""
+    if setting == "auto" and device.type == "cpu" and scheme in INTEGER_SCHEMES:
+        return torch.float32
+    return resolve_dtype(setting, device)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def planned_dtype(setting: str, device: str) -> str:
+def planned_dtype(setting: str, device: str, scheme: str | None = None) -> str:
     """The serving dtype's name for a plan made away from the device: the setting, or what
     auto would pick there (bfloat16 on CUDA, as on any card since Ampere; on the CPU what
-    :func:`resolve_dtype` picks on this machine)."""
+    :func:`model_dtype` picks on this machine for a model of ``scheme``)."""
     if setting != "auto":
         return setting
     if device.startswith("cuda"):
         return "bfloat16"
-    return dtype_name(resolve_dtype("auto", torch.device("cpu")))
+    return dtype_name(model_dtype("auto", torch.device("cpu"), scheme))
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -13,6 +13,7 @@ from ..modeling.lora import LoraWeights, read_peft_adapter
 from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import ModelRecord, Registry
 from .adapters import AdapterRef, Target
+from .device import INTEGER_SCHEMES, dtype_name, model_dtype
 from .planner import Plan, format_plan, plan_memory, serving_plan
 from .sequence import LoadedModel
 from .types import EngineError
@@ -41,12 +42,25 @@ def stop_ids_of(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def scheme_of(record: ModelRecord) -> str | None:
+    quantization = record.config.quantization
+    return quantization.scheme if quantization is not None else None
+
+
 class RegistryProvider:
-    def __init__(self, registry: Registry, device: torch.device, dtype: torch.dtype) -> None:
+    """``dtype``: one torch dtype for every model, or the OCS_DTYPE setting (``"auto"``...),
+    then chosen per model by :func:`model_dtype`."""
+
+    def __init__(self, registry: Registry, device: torch.device, dtype: torch.dtype | str) -> None:
         self.registry = registry
         self.device = device
         self.dtype = dtype
         self.warned: set[str] = set()  # adapters whose base changed, logged once
+
+    def dtype_for(self, record: ModelRecord) -> torch.dtype:
+        if isinstance(self.dtype, str):
+            return model_dtype(self.dtype, self.device, scheme_of(record))
+        return self.dtype
 
     def resolve(self, name: str) -> Target:
         """An adapter model runs on its base; the adapter is named by its weights' digests."""
@@ -80,16 +94,18 @@ class RegistryProvider:
         record = self.registry.get(name)
         if record.is_adapter and record.config.base_model:
             record = self.registry.get(record.config.base_model)
+        dtype = self.dtype_for(record)
         if record.config.embedding is not None:  # a dedicated embedding model
-            encoder = load_encoder(self.registry, record, dtype=self.dtype)
+            encoder = load_encoder(self.registry, record, dtype=dtype)
             encoder.to(self.device)
             return LoadedModel(
                 model=encoder,
                 tokenizer=load_tokenizer(self.registry, record),
                 stop_ids=set(),
                 pooling=record.config.embedding.pooling,
+                dtype=dtype,
             )
-        model = load_causal_lm(self.registry, record, dtype=self.dtype)
+        model = load_causal_lm(self.registry, record, dtype=dtype)
         model.to(self.device)
         if self.device.type == "cpu":
             from ..modeling.quantized import prepare_for_cpu
@@ -101,7 +117,9 @@ class RegistryProvider:
             else record
         )
         tokenizer = load_tokenizer(self.registry, base)  # an adapter uses its base's
-        return LoadedModel(model=model, tokenizer=tokenizer, stop_ids=stop_ids_of(model, tokenizer))
+        return LoadedModel(
+            model=model, tokenizer=tokenizer, stop_ids=stop_ids_of(model, tokenizer), dtype=dtype
+        )
 
 
 class RegistrySizing:
@@ -116,18 +134,13 @@ class RegistrySizing:
         num_parallel: int,
         context_length: int,
         max_loras: int = 0,
+        integer_dtype: str | None = None,
     ) -> None:
         self.registry = registry
         self.max_loras = max_loras
-        self.dtype_name = (
-            dtype
-            if isinstance(dtype, str)
-            else {
-                torch.float32: "float32",
-                torch.bfloat16: "bfloat16",
-                torch.float16: "float16",
-            }[dtype]
-        )
+        self.dtype_name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+        # the dtype of int8 / int4 models where it differs (auto on CPU: float32)
+        self.integer_dtype = integer_dtype or self.dtype_name
         self.num_parallel = num_parallel
         self.context_length = context_length
 
@@ -136,6 +149,12 @@ class RegistrySizing:
         if record.is_adapter and record.config.base_model:
             return self.registry.get(record.config.base_model)
         return record
+
+    def serving_dtype(self, name: str) -> str:
+        """The dtype ``name`` serves in: its KV cache's and its activations'."""
+        if scheme_of(self._base(name)) in INTEGER_SCHEMES:
+            return self.integer_dtype
+        return self.dtype_name
 
     def weight_format(self, name: str) -> str:
         """The planner's weight format: a compressed model's scheme where the planner knows
@@ -176,7 +195,7 @@ class RegistrySizing:
         plan = plan_memory(
             config,
             budget=1 << 62,
-            kv_dtype=self.dtype_name,
+            kv_dtype=self.serving_dtype(name),
             weight_format=self.weight_format(name),
             num_parallel=1,
             context=self.context_for(config),
@@ -191,7 +210,7 @@ class RegistrySizing:
         return serving_plan(
             config,
             budget=budget,
-            dtype=self.dtype_name,
+            dtype=self.serving_dtype(name),
             weight_format=self.weight_format(name),
             num_parallel=self.num_parallel,
             context_length=self.context_length,

@@ -82,7 +82,11 @@ class Residency:
                 available = config.memory_budget - used
             slots, capacity = self.models.plan(name, loaded, available)
         runner = ModelRunner(
-            loaded.model, slots=slots, capacity=capacity, dtype=config.dtype, device=config.device
+            loaded.model,
+            slots=slots,
+            capacity=capacity,
+            dtype=loaded.dtype or config.dtype,
+            device=config.device,
         )
         adapters = None
         if self.models.load_adapter is not None and loaded.pooling is None:

@@ -79,6 +79,7 @@ class LoadedModel:
     stop_ids: set[int]
     guided: GuidedTokenizer | None = None  # built on the first structured-output request
     pooling: str | None = None  # set for dedicated embedding models (encoders): no generation
+    dtype: Any = None  # the torch dtype it serves in, where the provider chose one per model
 
     def guided_tokenizer(self) -> GuidedTokenizer:
         if self.guided is None:
