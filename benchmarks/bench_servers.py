@@ -35,7 +35,8 @@ Run it from the repository root::
     .venv/bin/python benchmarks/bench_servers.py --servers ours,llama-server --concurrency 1
 
 Options: ``--registry PATH`` (default ``.cache/test-registry``), ``--model NAME``,
-``--models NAME,...`` (more of ours), ``--dtype auto|bfloat16|float32`` (ours),
+``--models NAME,...`` (more of ours), ``--dtype auto|bfloat16|float32`` and ``--device
+cpu|cuda`` (ours),
 ``--transformers-model NAME`` and ``--transformers-dtype``, ``--concurrency 1,16,64``,
 ``--requests 16``, ``--new-tokens 64``, ``--servers ours,llama-server,transformers-cb``,
 ``--chat-turns 10``, ``--json OUT``.
@@ -107,14 +108,16 @@ class Server:
     port: int
 
 
-def our_server(registry: Path, model: str, dtype: str, slots: int, port: int) -> Server:
+def our_server(
+    registry: Path, model: str, dtype: str, slots: int, port: int, device: str = "cpu"
+) -> Server:
     env = {
         "OLLAMA_HOST": f"127.0.0.1:{port}",
         "OCS_MODELS": str(registry),
         "OCS_DEFAULT_MODEL": model,
         "OCS_IMPORT_DEFAULT": "false",
         "OCS_DTYPE": dtype,
-        "OCS_DEVICE": "cpu",  # the others run on the CPU too
+        "OCS_DEVICE": device,  # cpu unless --device says otherwise: the peers run on the CPU
         "OCS_NUM_PARALLEL": str(slots),
         "OCS_MAX_QUEUE": str(max(256, 4 * slots)),
         "OCS_LOG_LEVEL": "warning",
@@ -405,6 +408,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--models", default="", help="more registry models for ours, NAME or NAME@DTYPE"
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument(
+        "--device", default="cpu", help="ours: cpu, cuda or cuda:N (the peers stay on the CPU)"
+    )
     parser.add_argument("--transformers-model", default="gemma3:270m-f32")
     parser.add_argument("--transformers-dtype", default="float32")
     parser.add_argument("--concurrency", default="1,16,64")
@@ -456,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                     model, _, dtype = spec.partition("@")  # NAME@DTYPE: a dtype for this one
                     slots = max(args.concurrency)
                     server = our_server(
-                        args.registry, model, dtype or args.dtype, slots, free_port()
+                        args.registry, model, dtype or args.dtype, slots, free_port(), args.device
                     )
                     if dtype:
                         server.name += f" {dtype}"
