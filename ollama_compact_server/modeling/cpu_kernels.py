@@ -43,7 +43,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-s
 COMPILE_TIMEOUT = 120.0
 INT4_MAX_GROUP = 256
 # ocs_isa(): which kernels the blocked int8 / int4 products run (ocs_vnni.c where the CPU
-# has AVX512-VNNI: 2-2.7x the AVX2 ones at 16-64 rows, the same bits)
+# has AVX512-VNNI: 1.7-2.9x the AVX2 ones at 16-64 rows, the same bits)
 ISA_NAMES = {0: "AVX2", 1: "AVX512-VNNI"}
 
 _P = ctypes.c_void_p
