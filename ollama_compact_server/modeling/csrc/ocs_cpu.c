@@ -322,30 +322,23 @@ int OCS_API ocs_b8_mm(const float* x, int64_t M, int64_t K, int64_t ldx, const i
   int8_t* xa = xq + M * Kp;
   float* d = (float*)(xa + M * Kp);
   const int64_t blocks = (N + B8_ROWS - 1) / B8_ROWS;
-  if (ocs_isa() == 1) {
-    /* the VNNI kernel reads no |x|: its place holds 128 * each block's sum of codes */
-    int32_t* xc = (int32_t*)xa;
-    quantize_rows(x, M, K, ldx, Kp, xq, NULL, d);
-    for (int64_t i = 0; i < M * (Kp / QBLOCK); i++) {
-      int32_t s = 0;
-      for (int j = 0; j < QBLOCK; j++) s += xq[i * QBLOCK + j];
-      xc[i] = 128 * s;
-    }
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
-    for (int64_t b = 0; b < blocks; b++) {
-      const int64_t n0 = b * B8_ROWS;
-      const int64_t valid = N - n0 < B8_ROWS ? N - n0 : B8_ROWS;
-      ocs_b8_block_vnni(qb + b * B8_ROWS * Kp, xq, xc, d, M, Kp, scale, n0, valid, out, ldo);
-    }
-    free(xq);
-    return 0;
+  const int vnni = ocs_isa() == 1;
+  /* the VNNI kernel reads no |x|: its place holds 128 * each block's sum of codes */
+  int32_t* xc = (int32_t*)xa;
+  quantize_rows(x, M, K, ldx, Kp, xq, vnni ? NULL : xa, d);
+  for (int64_t i = 0; vnni && i < M * (Kp / QBLOCK); i++) {
+    int32_t s = 0;
+    for (int j = 0; j < QBLOCK; j++) s += xq[i * QBLOCK + j];
+    xc[i] = 128 * s;
   }
-  quantize_rows(x, M, K, ldx, Kp, xq, xa, d);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; b++) {
     const int64_t n0 = b * B8_ROWS;
     const int64_t valid = N - n0 < B8_ROWS ? N - n0 : B8_ROWS;
-    b8_block(qb + b * B8_ROWS * Kp, xq, xa, d, M, Kp, scale, n0, valid, out, ldo);
+    if (vnni)
+      ocs_b8_block_vnni(qb + b * B8_ROWS * Kp, xq, xc, d, M, Kp, scale, n0, valid, out, ldo);
+    else
+      b8_block(qb + b * B8_ROWS * Kp, xq, xa, d, M, Kp, scale, n0, valid, out, ldo);
   }
   free(xq);
   return 0;

@@ -27,12 +27,13 @@
 
 /* ------------------------------------------------------------------------------ int8 */
 
-/* MB activation rows against NW x 16 weight rows (part `off` bytes into each group of 4
- * columns: the block's rows 16 * off / 64 ...), over all of K: per block of 32 columns,
- * the exact integer sum, then total += (float)sum * d_block, in block order. */
+/* MB activation rows against the block's 64 weight rows (4 x 16), over all of K: per block
+ * of 32 columns, the exact integer sum, then total += (float)sum * d_block, in block
+ * order. */
 static inline __attribute__((always_inline)) void b8v_tile(
-    const int8_t* blk, int64_t off, int NW, const int8_t* xq, const int32_t* xc,
-    const float* d, int64_t Kp, int MB, int prefetch, __m512 tot[4][4]) {
+    const int8_t* blk, const int8_t* xq, const int32_t* xc, const float* d, int64_t Kp, int MB,
+    int prefetch, __m512 tot[4][4]) {
+  enum { NW = 4 };
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const int64_t nb = Kp / QB;
   for (int m = 0; m < MB; m++)
@@ -43,7 +44,7 @@ static inline __attribute__((always_inline)) void b8v_tile(
       for (int i = 0; i < NW; i++) acc[m][i] = _mm512_setzero_si512();
     for (int g = 0; g < QB / 4; g++) {
       const int64_t k = kb * QB + g * 4;
-      const int8_t* wp = blk + k * 64 + off;
+      const int8_t* wp = blk + k * 64;
       if (prefetch) {
         _mm_prefetch((const char*)(wp + PF), _MM_HINT_T0);
         _mm_prefetch((const char*)(wp + PF + 64), _MM_HINT_T0);
@@ -68,18 +69,20 @@ static inline __attribute__((always_inline)) void b8v_tile(
   }
 }
 
-/* rows m of out[., n0 + first .. n0 + first + 16 NW) = tot * scale, within `valid` */
-static inline __attribute__((always_inline)) void b8v_store(
-    __m512 tot[4][4], int MB, int NW, int first, const float* scale, int64_t n0,
-    int64_t valid, float* out, int64_t ldo) {
+/* out[m, first + 16 i + lane] = tot[m][i] (times scale[first + ...] unless scale is NULL),
+ * for the columns below `valid` */
+static inline __attribute__((always_inline)) void store_tiles(
+    __m512 tot[4][4], int MB, int NW, int64_t first, const float* scale, int64_t valid,
+    float* out, int64_t ldo) {
   for (int i = 0; i < NW; i++) {
     const int64_t c0 = first + i * 16;
     if (c0 >= valid) break;
     const __mmask16 mask = valid - c0 >= 16 ? (__mmask16)0xFFFF
                                             : (__mmask16)((1u << (valid - c0)) - 1);
-    const __m512 s = _mm512_loadu_ps(scale + n0 + c0);
-    for (int m = 0; m < MB; m++)
-      _mm512_mask_storeu_ps(out + m * ldo + n0 + c0, mask, _mm512_mul_ps(tot[m][i], s));
+    for (int m = 0; m < MB; m++) {
+      const __m512 v = scale ? _mm512_mul_ps(tot[m][i], _mm512_loadu_ps(scale + c0)) : tot[m][i];
+      _mm512_mask_storeu_ps(out + m * ldo + c0, mask, v);
+    }
   }
 }
 
@@ -90,24 +93,26 @@ void ocs_b8_block_vnni(const int8_t* blk, const int8_t* xq, const int32_t* xc, c
                        float* out, int64_t ldo) {
   const int64_t nb = Kp / QB;
   __m512 tot[4][4];
+  const float* sc = scale + n0;
+  float* o = out + n0;
   if (M == 1) { /* the weight stream of one sequence: read once, prefetched ahead */
-    b8v_tile(blk, 0, 4, xq, xc, d, Kp, 1, 1, tot);
-    b8v_store(tot, 1, 4, 0, scale, n0, valid, out, ldo);
+    b8v_tile(blk, xq, xc, d, Kp, 1, 1, tot);
+    store_tiles(tot, 1, 4, 0, sc, valid, o, ldo);
     return;
   }
   int64_t m = 0;
   for (; m + B8V_ROWS <= M; m += B8V_ROWS) {
-    b8v_tile(blk, 0, 4, xq + m * Kp, xc + m * nb, d + m * nb, Kp, B8V_ROWS, 0, tot);
-    b8v_store(tot, B8V_ROWS, 4, 0, scale, n0, valid, out + m * ldo, ldo);
+    b8v_tile(blk, xq + m * Kp, xc + m * nb, d + m * nb, Kp, B8V_ROWS, 0, tot);
+    store_tiles(tot, B8V_ROWS, 4, 0, sc, valid, o + m * ldo, ldo);
   }
   switch (M - m) {
     case 2:
-      b8v_tile(blk, 0, 4, xq + m * Kp, xc + m * nb, d + m * nb, Kp, 2, 0, tot);
-      b8v_store(tot, 2, 4, 0, scale, n0, valid, out + m * ldo, ldo);
+      b8v_tile(blk, xq + m * Kp, xc + m * nb, d + m * nb, Kp, 2, 0, tot);
+      store_tiles(tot, 2, 4, 0, sc, valid, o + m * ldo, ldo);
       break;
     case 1:
-      b8v_tile(blk, 0, 4, xq + m * Kp, xc + m * nb, d + m * nb, Kp, 1, 0, tot);
-      b8v_store(tot, 1, 4, 0, scale, n0, valid, out + m * ldo, ldo);
+      b8v_tile(blk, xq + m * Kp, xc + m * nb, d + m * nb, Kp, 1, 0, tot);
+      store_tiles(tot, 1, 4, 0, sc, valid, o + m * ldo, ldo);
       break;
     default:
       break;
@@ -181,18 +186,6 @@ static inline __attribute__((always_inline)) void b4v_tile(
   }
 }
 
-static inline __attribute__((always_inline)) void b4v_store(__m512 tot[4][4], int MB, int NW,
-                                                            int64_t first, int64_t valid,
-                                                            float* out, int64_t ldo) {
-  for (int i = 0; i < NW; i++) {
-    const int64_t c0 = first + i * 16;
-    if (c0 >= valid) break;
-    const __mmask16 mask = valid - c0 >= 16 ? (__mmask16)0xFFFF
-                                            : (__mmask16)((1u << (valid - c0)) - 1);
-    for (int m = 0; m < MB; m++) _mm512_mask_storeu_ps(out + m * ldo + c0, mask, tot[m][i]);
-  }
-}
-
 #define B4V_ROWS 3 /* 3 x 2 x 3 + 2 x 2 + 2 = 24 registers */
 
 void ocs_b4_block_vnni(const uint8_t* blk, const int8_t* xq, const float* d, const float* xsum,
@@ -203,7 +196,7 @@ void ocs_b4_block_vnni(const uint8_t* blk, const int8_t* xq, const float* d, con
   float* o = out + n0;
   if (M == 1) {
     b4v_tile(blk, 0, 4, xq, d, xsum, K, G, sz, npad, n0, 1, 1, tot);
-    b4v_store(tot, 1, 4, 0, valid, o, ldo);
+    store_tiles(tot, 1, 4, 0, NULL, valid, o, ldo);
     return;
   }
   for (int64_t half = 0; half < 2; half++) {
@@ -213,18 +206,18 @@ void ocs_b4_block_vnni(const uint8_t* blk, const int8_t* xq, const float* d, con
     for (; m + B4V_ROWS <= M; m += B4V_ROWS) {
       b4v_tile(blk, row0, 2, xq + m * K, d + m * nblk, xsum + m * groups, K, G, sz, npad, n0,
                B4V_ROWS, 0, tot);
-      b4v_store(tot, B4V_ROWS, 2, row0, valid, o + m * ldo, ldo);
+      store_tiles(tot, B4V_ROWS, 2, row0, NULL, valid, o + m * ldo, ldo);
     }
     switch (M - m) {
       case 2:
         b4v_tile(blk, row0, 2, xq + m * K, d + m * nblk, xsum + m * groups, K, G, sz, npad, n0,
                  2, 0, tot);
-        b4v_store(tot, 2, 2, row0, valid, o + m * ldo, ldo);
+        store_tiles(tot, 2, 2, row0, NULL, valid, o + m * ldo, ldo);
         break;
       case 1:
         b4v_tile(blk, row0, 2, xq + m * K, d + m * nblk, xsum + m * groups, K, G, sz, npad, n0,
                  1, 0, tot);
-        b4v_store(tot, 1, 2, row0, valid, o + m * ldo, ldo);
+        store_tiles(tot, 1, 2, row0, NULL, valid, o + m * ldo, ldo);
         break;
       default:
         break;
