@@ -13,11 +13,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
-from .api import health, metrics, ollama, openai
+from .api import anthropic, health, metrics, ollama, openai
 from .api.auth import APIKeyMiddleware
 from .api.errors import DrainGuard, install_error_handlers
 from .api.guard import LOCAL_ORIGIN, HostCheck, NetworkGuard, is_loopback_host
+from .api.openai.responses_store import ResponseStore
 from .engine.protocol import Engine
+from .jobs import ModelJobs
 from .registry.dropin import register_dropins
 from .registry.store import ProgressFn, Registry
 from .settings import Settings
@@ -146,10 +148,13 @@ def create_app(
     install_error_handlers(app)
     app.state.draining = False
     app.state.metrics = metrics.Metrics()
+    app.state.jobs = ModelJobs(registry)
+    app.state.responses = ResponseStore()  # /v1/responses kept for previous_response_id
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(ollama.router)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
     # Starlette runs the last added middleware first: CORS answers preflights, the request
     # log counts and times everything after it, the guard checks Host and Origin, then the
     # key is checked.

@@ -123,27 +123,7 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        from sse_starlette.sse import AppStatus
-
-        # SSE streams end when the drain says so, not when the signal arrives
-        disable = getattr(AppStatus, "disable_automatic_graceful_drain", None)
-        if disable is None:
-            log.warning("this sse-starlette ends OpenAI streams at once on shutdown")
-        else:
-            disable()
-        AppStatus.should_exit = False
-        try:
-            await super().serve(sockets)
-        finally:
-            AppStatus.should_exit = False  # process-wide: later servers start afresh
-            enable = getattr(AppStatus, "enable_automatic_graceful_drain_mode", None)
-            if enable is not None:
-                enable()
-
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        from sse_starlette.sse import AppStatus
-
         log.info(
             "shutting down: no new connections; running requests get up to %gs",
             self.drain_timeout,
@@ -162,7 +142,8 @@ class GracefulServer(uvicorn.Server):
             )
             await asyncio.to_thread(self.on_timeout)
             if not await self._drained(FINAL_GRACE):
-                AppStatus.should_exit = True  # last resort: close SSE streams, cancel tasks
+                # last resort: cancel what is left (SSE streams included: they end with
+                # their request, api/streaming.py)
                 for task in self.server_state.tasks:
                     task.cancel(msg="shutdown timeout")
                 await self._drained(1.0)

@@ -251,7 +251,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="When set, every route but HEAD /, GET / and /health needs "
-        "'Authorization: Bearer <key>'.",
+        "'Authorization: Bearer <key>' (or Anthropic's 'x-api-key: <key>').",
     )
     insecure_no_auth: bool = Field(
         False,

@@ -189,6 +189,7 @@ class Served:
     openai: Any
     registry: Registry
     engine: Any
+    anthropic: Any = None
 
 
 @asynccontextmanager
@@ -196,7 +197,10 @@ async def serve_app(
     registry: Registry, engine: Any = None, **settings: Any
 ) -> AsyncIterator[Served]:
     """Runs the real app (lifespan included) on ``registry``, with the real engine unless a
-    fake one is given, and yields raw httpx, ollama and openai clients bound to it."""
+    fake one is given, and yields raw httpx, ollama, openai and anthropic clients bound
+    to it."""
+    import anthropic
+    import httpx2  # the anthropic SDK's own httpx fork
     import ollama
     import openai
 
@@ -214,10 +218,19 @@ async def serve_app(
                     transport=transport, base_url=base + "/v1", timeout=60
                 ),
             )
+            claude = anthropic.AsyncAnthropic(
+                base_url=base,
+                api_key="unused",
+                max_retries=0,
+                http_client=httpx2.AsyncClient(
+                    transport=httpx2.ASGITransport(app=app), base_url=base, timeout=60
+                ),
+            )
             yield Served(
                 raw,
                 ollama.AsyncClient(host=base, transport=transport),
                 oai,
                 registry,
                 app.state.engine,
+                claude,
             )

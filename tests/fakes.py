@@ -25,6 +25,8 @@ class FakeEngine:
     def __init__(self, script: str = "one two three", fail_after: int | None = None) -> None:
         self.script = script.split(" ")
         self.fail_after = fail_after
+        self.finish_with: tuple[str, str | None] = ("stop", None)  # reason, stop sequence
+        self.fail_only: int | None = None  # with fail_after: only this request (by order) fails
         self.busy = False
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
@@ -35,18 +37,22 @@ class FakeEngine:
         if self.busy:
             raise EngineBusy("server busy, please try again.  maximum pending requests exceeded")
         self.requests.append(request)
+        number = len(self.requests) - 1
+        fails = self.fail_only is None or self.fail_only == number
         finished = False
         try:
             for i, word in enumerate(self.script):
-                if self.fail_after is not None and i == self.fail_after:
+                if fails and self.fail_after is not None and i == self.fail_after:
                     finished = True
                     yield TokenEvent(finish_reason=FinishReason.ERROR, error="injected failure")
                     return
                 await asyncio.sleep(0)
                 yield TokenEvent(text=(" " if i else "") + word, token_ids=[i + 10])
             finished = True
+            reason, stop_sequence = self.finish_with
             yield TokenEvent(
-                finish_reason=FinishReason.STOP,
+                finish_reason=FinishReason(reason),
+                stop_sequence=stop_sequence,
                 prompt_tokens=len(request.prompt_ids),
                 completion_tokens=len(self.script),
                 prompt_time=0.01,

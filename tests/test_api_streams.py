@@ -74,7 +74,7 @@ def test_stream_lines_survive_splitlines() -> None:
     sent raw (a tiny model emitted one during the 2-minute load test)."""
     import json as json_module
 
-    from ollama_compact_server.api.common import stream_json
+    from ollama_compact_server.api.streaming import stream_json
 
     item = {"message": {"content": "a\u2028b\u2029c\x85d\ne"}}
     line = stream_json(item)
@@ -84,9 +84,10 @@ def test_stream_lines_survive_splitlines() -> None:
 
 async def test_a_failed_choice_aborts_the_other_choices(fake) -> None:
     """n=2 without streaming: the first choice fails, so the answer is a 500 and the
-    second choice, already started, is aborted rather than left to the garbage collector."""
+    second choice, still running, is aborted rather than left to the garbage collector."""
     client, engine = fake
-    engine.fail_after = 1
+    engine.fail_after, engine.fail_only = 1, 0
+    engine.script = ["w"] * 10_000
     body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}
     r = await client.post("/v1/chat/completions", json=body)
     assert r.status_code == 500 and r.json()["error"]["message"] == "injected failure"

@@ -11,7 +11,7 @@ import ollama
 import openai
 import pytest
 
-from ollama_compact_server.chat.tools import ToolStream, parse_tool_calls
+from ollama_compact_server.chat.toolcalls import ToolStream, parse_tool_calls
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import serve_app

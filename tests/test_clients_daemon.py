@@ -1,11 +1,12 @@
-"""The official ollama and openai clients against the daemon started as a process on a
-free loopback port (tiny model registry): every generation endpoint, streaming and not,
-and the process survives malformed requests."""
+"""The official ollama, openai and anthropic clients against the daemon started as a
+process on a free loopback port (tiny model registry): every generation endpoint of every
+dialect, streaming and not, and the process survives malformed requests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -120,6 +121,48 @@ def test_openai_client(daemon: Daemon) -> None:
         client.models.retrieve("absent")
 
 
+def test_openai_responses(daemon: Daemon) -> None:
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=4, temperature=0)
+    assert r.status == "incomplete" and r.usage.output_tokens == 4
+    assert r.output[0].type == "message"
+    with client.responses.stream(
+        model="tiny", input="hi", max_output_tokens=4, temperature=0
+    ) as stream:
+        events = list(stream)
+    # cut by max_output_tokens: response.incomplete ends the stream, as OpenAI sends it
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == r.output_text  # greedy: streamed equals whole
+    follow = client.responses.create(
+        model="tiny", input="more", max_output_tokens=2, previous_response_id=r.id
+    )
+    assert follow.previous_response_id == r.id and follow.usage.input_tokens > r.usage.input_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="tiny", input=[{"type": "mystery"}])
+
+
+def test_anthropic_client(daemon: Daemon) -> None:
+    client = anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
+    ask = [{"role": "user", "content": "hi"}]
+    message = client.messages.create(
+        model="tiny", max_tokens=4, messages=ask, extra_body={"temperature": 0}
+    )
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 4
+    with client.messages.stream(
+        model="tiny", max_tokens=4, messages=ask, extra_body={"temperature": 0}
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert final.content[0].text == message.content[0].text  # greedy: streamed equals whole
+    assert client.messages.count_tokens(model="tiny", messages=ask).input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="absent", max_tokens=4, messages=ask)
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="tiny", max_tokens=0, messages=ask)
+
+
 def test_malformed_requests_never_5xx(daemon: Daemon) -> None:
     bodies = [
         b"[]",
@@ -142,6 +185,11 @@ def test_malformed_requests_never_5xx(daemon: Daemon) -> None:
         b' "stream": "yes", "options": {"num_ctx": "big"}}',
         b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": "x"}',
         b'{"model": "tiny", "input": "x", "options": "x", "prompt": [1]}',
+        b'{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [{}]}]}',
+        b'{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user"}], "system": [1]}',
+        b'{"model": "tiny", "input": [{"role": "user", "content": [{"type": 5}]}]}',
+        b'{"model": "tiny", "input": "x", "tools": [{"type": "function", "name": 5}]}',
+        b'{"model": "tiny", "input": "x", "text": {"format": {"type": "json_schema"}}}',
     ]
     paths = [
         "/api/generate",
@@ -154,6 +202,9 @@ def test_malformed_requests_never_5xx(daemon: Daemon) -> None:
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
     ]
     with httpx.Client(base_url=daemon.url, timeout=30) as http:
         for path in paths:

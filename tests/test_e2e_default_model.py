@@ -239,3 +239,16 @@ async def test_clients_in_process_on_gemma3(gemma_registry: Registry) -> None:
         )
         values = scored.choices[0].logprobs.token_logprobs[1:]
         assert values and all(v <= 0 for v in values)
+        # SentencePiece tokens keep their leading spaces: the token texts add up to the
+        # answer (decoded alone, "▁Paris" would read "Paris")
+        chat = await oai.chat.completions.create(
+            model="gemma3:270m",
+            messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=12,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+        )
+        content = chat.choices[0].logprobs.content
+        assert "".join(c.token for c in content) == chat.choices[0].message.content
+        assert any(a.token.startswith(" ") for c in content for a in c.top_logprobs)

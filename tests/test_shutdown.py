@@ -192,3 +192,52 @@ async def test_new_requests_while_draining_get_503_in_their_dialect(registry: Re
             assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
             app.state.draining = False
             assert (await raw.get("/api/tags")).status_code == 200
+
+
+class CountingEngine(SlowEngine):
+    """SlowEngine that records the requests whose stream was closed before its end."""
+
+    def __init__(self, words: int, delay: float) -> None:
+        super().__init__(words, delay)
+        self.abandoned: list[str] = []
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        finished = False
+        try:
+            async for event in super().generate(request):
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.abandoned.append(request.request_id)
+
+
+async def test_a_client_that_hangs_up_aborts_its_request_in_every_dialect(
+    registry: Registry,
+) -> None:
+    engine = CountingEngine(words=2000, delay=0.01)  # 20 s per stream unless abandoned
+    app = create_app(settings_for(registry), registry=registry, engine=engine)
+    server, task, url = await start(app, drain_timeout=5)
+    ask = [{"role": "user", "content": "hello"}]
+    requests = [
+        ("/api/chat", {"model": "tiny", "messages": ask}),
+        ("/v1/chat/completions", {"model": "tiny", "messages": ask, "stream": True}),
+        ("/v1/responses", {"model": "tiny", "input": "hello", "stream": True}),
+        ("/v1/messages", {"model": "tiny", "max_tokens": 4000, "messages": ask, "stream": True}),
+    ]
+    try:
+        for number, (path, body) in enumerate(requests, start=1):
+            async with (
+                httpx.AsyncClient(timeout=30) as http,
+                http.stream("POST", url + path, json=body) as response,
+            ):
+                assert response.status_code == 200
+                async for _ in response.aiter_bytes():
+                    break  # the first bytes arrived: hang up
+            deadline = time.monotonic() + 5
+            while len(engine.abandoned) < number:
+                assert time.monotonic() < deadline, (path, engine.abandoned)
+                await asyncio.sleep(0.05)
+    finally:
+        server.handle_exit(signal.SIGTERM, None)
+        await asyncio.wait_for(task, 30)

@@ -1,5 +1,6 @@
-"""Bearer-key check: with OCS_API_KEY set, every route but the public probes needs
-`Authorization: Bearer <key>`, compared in constant time."""
+"""API-key check: with OCS_API_KEY set, every route but the public probes needs the key,
+as `Authorization: Bearer <key>` or as Anthropic's `x-api-key: <key>`, compared in constant
+time."""
 
 from __future__ import annotations
 
@@ -16,17 +17,22 @@ class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app = app
         self.expected = f"Bearer {key}".encode()
+        self.expected_key = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (scope["method"], scope["path"]) in PUBLIC:
             await self.app(scope, receive, send)
             return
-        given = b""
+        bearer = key = b""
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                given = value
-                break
-        if not hmac.compare_digest(given, self.expected):
+                bearer = value
+            elif name == b"x-api-key":
+                key = value
+        # both compared, always: the time taken says nothing about which one was sent
+        good_bearer = hmac.compare_digest(bearer, self.expected)
+        good_key = hmac.compare_digest(key, self.expected_key)
+        if not (good_bearer or good_key):
             response = error_response(
                 401, "unauthorized: a valid 'Authorization: Bearer' key is required", scope["path"]
             )

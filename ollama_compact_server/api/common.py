@@ -81,18 +81,3 @@ def registry_of(request: Request) -> Registry:
 def chat_service(request: Request) -> ChatService:
     service: ChatService = request.app.state.chat
     return service
-
-
-LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
-
-
-def stream_json(item: Any) -> str:
-    """One JSON document for a stream line (NDJSON or SSE data). Unicode line and paragraph
-    separators and NEL are escaped: JSON allows them raw, but clients that split streams
-    with str.splitlines (httpx's aiter_lines, so the ollama and openai Python clients)
-    would cut the document in two."""
-    text = json.dumps(item, ensure_ascii=False)
-    for raw, escaped in LINE_BREAKS.items():
-        if raw in text:
-            text = text.replace(raw, escaped)
-    return text

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from ..engine.types import SamplingParams
+from .errors import ChatError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "top_k": 40,
     "top_p": 0.9,
     "min_p": 0.0,
-    "repeat_penalty": 1.0,
+    "repeat_penalty": 1.1,
     "repeat_last_n": 64,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
@@ -63,8 +64,8 @@ IGNORED_BOOLS = {
 IGNORED = IGNORED_INTS | IGNORED_FLOATS | IGNORED_BOOLS
 
 
-class OptionError(ValueError):
-    pass
+class OptionError(ChatError):
+    """An option of the wrong type or out of range (a 400)."""
 
 
 def _number(key: str, value: Any, kind: type) -> float | int:

@@ -1,6 +1,7 @@
-"""The one path from either API dialect to the engine: resolves the model, applies its
-template, system prompt and default parameters, tokenizes off the event loop, and turns
-engine events into text deltas with usage and timings."""
+"""The one path from every API dialect to the engine: a ``ChatRequest`` in, a started
+``Turn`` out. It resolves the model, checks what the model can do, merges the options once
+(defaults, the model's parameters, the request), renders the prompt with the model's
+template off the event loop, fans out ``n`` choices and starts the engine requests."""
 
 from __future__ import annotations
 
@@ -8,39 +9,28 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..engine.protocol import Engine
-from ..engine.types import (
-    DEFAULT,
-    FinishReason,
-    GenerateRequest,
-    KeepAlive,
-    SamplingParams,
-    TokenEvent,
-    TokenLogprob,
-)
+from ..engine.types import EngineError, GenerateRequest, KeepAlive, SamplingParams, TokenEvent
 from ..logs import note_request
 from ..logs import request_id as current_request_id
-from ..registry.errors import ModelNotFound
+from ..registry.errors import InvalidName
+from ..registry.errors import ModelNotFound as RegistryModelNotFound
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
+from .errors import ChatError, ModelNotFound, Unsupported
 from .options import merge_options, to_sampling
 from .templates import plain_chat, render
+from .thinking import ThinkSplitter
+from .toolcalls import ToolFormat, ToolStream, forced_call, tool_format
+from .turn import ChatRequest, Running, ToolChoice, Turn, check_roles
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES = 4096
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class ChatError(ValueError):
-    """A bad request found by the chat layer (400 unless ``status`` says otherwise)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(slots=True)
@@ -58,26 +48,6 @@ class ModelView:
         return self.record.name.display()
 
 
-@dataclass(slots=True)
-class Completion:
-    """What both dialects need to frame a finished or streaming completion."""
-
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt tokens, reused from the KV cache
-    completion_tokens: int = 0
-    prompt_ids: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    load_time: float = 0.0
-    prompt_time: float = 0.0
-    decode_time: float = 0.0
-    total_time: float = 0.0
-
-
 class ChatService:
     def __init__(self, registry: Registry, engine: Engine, tokenizers: Any) -> None:
         self.registry = registry
@@ -88,13 +58,14 @@ class ChatService:
     # ------------------------------------------------------------------ models
 
     def model(self, name: str) -> ModelView:
-        parsed = ModelName.parse(name)
+        try:
+            parsed = ModelName.parse(name)
+        except InvalidName:
+            raise ChatError(f'invalid model name "{name[:100]}"') from None
         try:
             record = self.registry.get(parsed)
-        except ModelNotFound:
-            raise ChatError(
-                f'model "{parsed.display()}" not found, try pulling it first', 404
-            ) from None
+        except RegistryModelNotFound:
+            raise ModelNotFound(parsed.display()) from None
         view = self._views.get(record.digest)
         if view is None:
             view = ModelView(
@@ -114,49 +85,170 @@ class ChatService:
     async def token_texts(self, view: ModelView, ids: list[int]) -> list[str]:
         """Each token's own text (special tokens as empty strings), off the event loop."""
         tokenizer = await self.tokenizer(view)
-        return await asyncio.to_thread(
-            lambda: [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+        return await asyncio.to_thread(texts_of_tokens, tokenizer, ids)
+
+    # ------------------------------------------------------------------ turns
+
+    async def start(self, request: ChatRequest) -> Turn:
+        """Checks, renders and starts a turn; every choice has produced its first event
+        when this returns, so refusals come before any byte is sent (with their status)."""
+        prepared = await self.prepare(request)
+        view, sampling = prepared.view, prepared.sampling
+        runs: list[tuple[Running, AsyncGenerator[TokenEvent, None]]] = []
+        for index, (prompt_ids, inside) in enumerate(zip(prepared.prompts, prepared.inside)):
+            for sample in range(request.n):
+                params = SamplingParams(**{f: getattr(sampling, f) for f in sampling.__slots__})
+                if params.seed is not None:
+                    params.seed += sample
+                running = Running(
+                    prompt_ids=prompt_ids,
+                    prompt_index=index,
+                    thinking=ThinkSplitter(inside) if inside is not None else None,
+                    tools=ToolStream(prepared.tool_format, prepared.tool_names)
+                    if prepared.tools
+                    else None,
+                )
+                runs.append((running, self._generate(view, prompt_ids, params, request.keep_alive)))
+        # every choice is submitted at once (they share prefill steps); each first event
+        # is awaited, so a refusal has its status before any byte goes out
+        try:
+            firsts = await asyncio.gather(*(anext(g) for _, g in runs), return_exceptions=True)
+            failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+            if isinstance(failed, StopAsyncIteration):
+                raise ChatError("the engine returned nothing", 500)
+            if failed is not None:
+                raise failed
+        except BaseException:
+            for _, stream in runs:
+                await stream.aclose()  # abort what already started
+            raise
+        streams = [
+            (first, running, stream)
+            for first, (running, stream) in zip(firsts, runs)
+            if isinstance(first, TokenEvent)
+        ]
+        return Turn(
+            view.name,
+            streams,
+            lambda ids: self.token_texts(view, ids),
+            [len(p) for p in prepared.prompts],
+            request.n,
         )
 
-    # ------------------------------------------------------------------ prompts
+    async def count_tokens(self, request: ChatRequest) -> int:
+        """The prompt's length in tokens, as ``start`` would render it."""
+        prepared = await self.prepare(request)
+        return sum(len(p) for p in prepared.prompts)
 
-    def sampling(
-        self, view: ModelView, options: dict[str, Any] | None, **overrides: Any
-    ) -> SamplingParams:
-        merged = merge_options(
-            view.params, options, {k: v for k, v in overrides.items() if v is not None}
+    async def prepare(self, request: ChatRequest) -> Prepared:
+        view = self.model(request.model)
+        capabilities = view.record.config.capabilities
+        if "completion" not in capabilities:
+            what = "chat" if request.messages else "generate"
+            raise Unsupported(f'"{view.name}" does not support {what}')
+        if request.images or any(m.images for m in request.messages):
+            raise Unsupported(f'"{view.name}" does not support vision')
+        if len(request.messages) > MAX_MESSAGES:
+            raise ChatError(f"too many messages (at most {MAX_MESSAGES})")
+        check_roles(request.messages)
+        think = self._think(view, request)
+        tools = request.tools if request.tool_choice != ToolChoice.NONE else None
+        if tools and "tools" not in capabilities:
+            raise Unsupported(f'"{view.name}" does not support tools')
+        fmt = tool_format(view.template)
+        sampling = self._sampling(view, request, tools, fmt)
+        tokenizer = await self.tokenizer(view)
+        prompts, inside = await asyncio.to_thread(
+            self._render_all, view, tokenizer, request, tools, think
         )
-        return to_sampling(merged)
+        if request.context or sampling.logit_bias:
+            vocab = len(tokenizer)
+            if request.context and any(t < 0 or t >= vocab for t in request.context):
+                raise ChatError("context holds token ids outside the vocabulary")
+            if sampling.logit_bias and max(sampling.logit_bias) >= vocab:
+                raise ChatError("logit_bias holds token ids outside the vocabulary")
+        names = frozenset(t["function"]["name"] for t in tools or [])
+        return Prepared(view, sampling, prompts, inside, bool(tools), fmt, names)
 
-    async def chat_prompt(
+    def _think(self, view: ModelView, request: ChatRequest) -> bool | None:
+        """None for a model that does not think; else whether this turn thinks."""
+        capable = "thinking" in view.record.config.capabilities
+        if not capable:
+            if request.think and request.think_strict:
+                raise Unsupported(f'"{view.name}" does not support thinking')
+            return None
+        if request.raw:
+            return None
+        return request.think is not False
+
+    def _sampling(
         self,
         view: ModelView,
-        messages: list[dict[str, Any]],
-        tools: list[Any] | None = None,
-        think: bool | None = None,
-    ) -> list[int]:
-        check_messages(messages)
-        history = [*view.messages, *messages]
-        if view.system and not any(m["role"] == "system" for m in history[:1]):
-            history = [{"role": "system", "content": view.system}, *history]
-        tokenizer = await self.tokenizer(view)
-        return await asyncio.to_thread(
-            self._render_and_encode, view, tokenizer, history, tools, think
-        )
+        request: ChatRequest,
+        tools: list[dict[str, Any]] | None,
+        fmt: ToolFormat,
+    ) -> SamplingParams:
+        """Defaults, then the model's parameters, then the request: merged here, once."""
+        sampling = to_sampling(merge_options(view.params, request.options))
+        sampling.logit_bias = dict(request.logit_bias)
+        sampling.logprobs = request.logprobs
+        sampling.prompt_logprobs = request.echo and request.logprobs is not None
+        sampling.json_schema = request.json_schema
+        if request.tool_choice == ToolChoice.REQUIRED:
+            if not tools:
+                raise ChatError("tool_choice requires tools")
+            if sampling.json_schema is not None:
+                raise ChatError(
+                    "a response format (response_format, format, text.format) cannot be "
+                    "combined with a tool choice that forces a call"
+                )
+            sampling.json_schema, sampling.json_wrap = forced_call(tools, request.tool_name, fmt)
+        try:
+            sampling.validate()
+        except EngineError as exc:
+            raise ChatError(str(exc)) from None
+        return sampling
 
-    async def opens_thinking(self, view: ModelView, prompt_ids: list[int]) -> bool:
-        """True when the rendered prompt itself ends inside a <think> block."""
-        tokenizer = await self.tokenizer(view)
-        tail = await asyncio.to_thread(tokenizer.decode, prompt_ids[-8:])
-        return str(tail).rstrip().endswith("<think>")
+    def _render_all(
+        self,
+        view: ModelView,
+        tokenizer: Any,
+        request: ChatRequest,
+        tools: list[dict[str, Any]] | None,
+        think: bool | None,
+    ) -> tuple[list[list[int]], list[bool | None]]:
+        """Each prompt's token ids, and for a thinking turn whether the rendered prompt
+        already opened the <think> block (some templates do)."""
+        if request.messages:
+            history = [*view.messages, *(m.for_template() for m in request.messages)]
+            if view.system and not any(m["role"] == "system" for m in history[:1]):
+                history = [{"role": "system", "content": view.system}, *history]
+            prompts = [self._encode(view, tokenizer, history, tools, think)]
+        elif request.raw:
+            prompts = [list(tokenizer(p)["input_ids"]) for p in request.prompts]
+        else:
+            system = request.system if request.system else view.system
+            prompts = []
+            for prompt in request.prompts:
+                history = [{"role": "system", "content": system}] if system else []
+                history.append({"role": "user", "content": prompt})
+                ids = self._encode(view, tokenizer, history, None, think)
+                prompts.append([*(request.context or []), *ids])
+        if not prompts:
+            raise ChatError("nothing to generate from: no messages and no prompt")
+        inside: list[bool | None] = [
+            None if not think else str(tokenizer.decode(p[-8:])).rstrip().endswith("<think>")
+            for p in prompts
+        ]
+        return prompts, inside
 
-    def _render_and_encode(
+    def _encode(
         self,
         view: ModelView,
         tokenizer: Any,
         history: list[dict[str, Any]],
         tools: list[Any] | None,
-        think: bool | None = None,
+        think: bool | None,
     ) -> list[int]:
         if view.template:
             extra = {} if think is None else {"enable_thinking": think}
@@ -172,68 +264,27 @@ class ChatService:
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(tokenizer(plain_chat(history))["input_ids"])
 
-    async def generate_prompt(
-        self,
-        view: ModelView,
-        prompt: str,
-        *,
-        system: str | None,
-        raw: bool,
-        context: list[int] | None,
-        think: bool | None = None,
-    ) -> list[int]:
-        tokenizer = await self.tokenizer(view)
-        if raw:
-            return list(await asyncio.to_thread(lambda: tokenizer(prompt)["input_ids"]))
-        messages: list[dict[str, Any]] = []
-        chosen_system = system if system else view.system
-        if chosen_system:
-            messages.append({"role": "system", "content": chosen_system})
-        messages.append({"role": "user", "content": prompt})
-        ids = await asyncio.to_thread(
-            self._render_and_encode, view, tokenizer, messages, None, think
-        )
-        return [*(context or []), *ids]
-
-    # ------------------------------------------------------------------ generation
-
-    async def stream(
+    async def _generate(
         self,
         view: ModelView,
         prompt_ids: list[int],
         sampling: SamplingParams,
-        *,
-        keep_alive: KeepAlive = DEFAULT,
-        request_id: str | None = None,
-    ) -> AsyncGenerator[tuple[TokenEvent, Completion], None]:
-        """Yields (event, running totals). Raises EngineError before any output."""
+        keep_alive: KeepAlive,
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """One engine request; its usage is logged when it ends. Raises EngineError before
+        any output."""
         http_id = current_request_id()
         request = GenerateRequest(
-            request_id=request_id or f"{http_id or 'req'}-{uuid.uuid4().hex[:8]}",
+            request_id=f"{http_id or 'req'}-{uuid.uuid4().hex[:8]}",
             model=view.name,
             prompt_ids=prompt_ids,
             sampling=sampling,
             keep_alive=keep_alive,
         )
-        totals = Completion(prompt_ids=prompt_ids)
         events = self.engine.generate(request)
         try:
             async for event in events:
-                totals.text += event.text
-                totals.token_ids += event.token_ids
-                totals.logprobs += event.logprobs
-                if event.prompt_logprobs is not None:
-                    totals.prompt_logprobs = event.prompt_logprobs
-                if event.finished:
-                    totals.finish_reason = event.finish_reason
-                    totals.error = event.error
-                    totals.prompt_tokens = event.prompt_tokens
-                    totals.cached_tokens = event.cached_tokens
-                    totals.completion_tokens = event.completion_tokens
-                    totals.load_time = event.load_time
-                    totals.prompt_time = event.prompt_time
-                    totals.decode_time = event.decode_time
-                    totals.total_time = event.total_time
+                if event.finished and not event.error:
                     note_request(
                         model=view.name,
                         adapter=view.name if view.record.is_adapter else None,
@@ -242,7 +293,7 @@ class ChatService:
                         prompt_eval_seconds=event.prompt_time,
                         eval_seconds=event.decode_time,
                     )
-                yield event, totals
+                yield event
         finally:
             # Closing this generator does not close the engine's: `async for` leaves it
             # suspended until the garbage collector finalises it. Close it now, so the
@@ -250,6 +301,35 @@ class ChatService:
             close = getattr(events, "aclose", None)
             if close is not None:
                 await close()
+
+
+def texts_of_tokens(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Token texts as they read inside a text: decoded after an anchor token, since alone
+    a SentencePiece token loses its leading space ("▁Paris" decodes to "Paris")."""
+    anchor = list(tokenizer("a", add_special_tokens=False)["input_ids"])[:1]
+    base = str(tokenizer.decode(anchor)) if anchor else ""
+    out = []
+    for token in ids:
+        alone = str(tokenizer.decode([token], skip_special_tokens=True))
+        if not anchor or not alone:
+            out.append(alone)
+            continue
+        both = str(tokenizer.decode([*anchor, token], skip_special_tokens=True))
+        out.append(both[len(base) :] if both.startswith(base) else alone)
+    return out
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A checked turn, rendered and ready to start."""
+
+    view: ModelView
+    sampling: SamplingParams
+    prompts: list[list[int]]
+    inside: list[bool | None]
+    tools: bool
+    tool_format: ToolFormat
+    tool_names: frozenset[str]
 
 
 def check_messages(messages: Any) -> None:

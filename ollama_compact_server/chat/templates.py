@@ -18,6 +18,8 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
+from .errors import ChatError
+
 MAX_SECONDS = 2.0
 MAX_CHARS = 8 << 20  # also the most items in a list a template builds
 MAX_INT_BITS = 1 << 16  # integers past ~20 000 digits: pow / multiply would stall the thread
@@ -30,7 +32,7 @@ _BIG_PERCENT = re.compile(r"%[#0 +\-]*(?:\*|\d{7,})|%[#0 +\-]*\d*\.(?:\*|\d{7,})
 _BIG_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(?:\d{7,}|\{)")
 
 
-class TemplateError(ValueError):
+class TemplateError(ChatError):
     """The template failed or ran past its caps; the message is safe to show."""
 
 

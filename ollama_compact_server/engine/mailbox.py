@@ -91,6 +91,7 @@ def merge(events: list[TokenEvent]) -> TokenEvent:
     last.text = "".join(e.text for e in events)
     last.token_ids = [t for e in events for t in e.token_ids]
     last.logprobs = [lp for e in events for lp in e.logprobs]
+    last.token_texts = [t for e in events for t in e.token_texts]
     prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
     last.prompt_logprobs = prompt
     return last

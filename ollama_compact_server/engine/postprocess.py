@@ -82,26 +82,29 @@ class Postprocessor:
         if token in seq.stop_ids:
             self.finish(seq, FinishReason.STOP, flush=True)
             return True
-        text, stopped = seq.stops.feed(seq.detok.add(token))
+        piece = seq.detok.add(token)
+        text, stopped = seq.stops.feed(piece)
         if stopped:
-            self._emit(seq, text, [token], score)
+            self._emit(seq, text, token, score, piece)
             self.finish(seq, FinishReason.STOP)
             return True
         if seq.constraint is not None and seq.constraint.done:  # the JSON value is complete
-            self._emit(seq, text, [token], score)
+            self._emit(seq, text, token, score, piece)
             self.finish(seq, FinishReason.STOP, flush=True)
             return True
         if len(seq.generated) >= seq.max_tokens or seq.position + 1 >= self.capacity:
-            self._emit(seq, text, [token], score)
+            self._emit(seq, text, token, score, piece)
             self.finish(seq, FinishReason.LENGTH, flush=True)
             return True
-        self._emit(seq, text, [token], score)
+        self._emit(seq, text, token, score, piece)
         return False
 
     def _emit(
-        self, seq: Sequence, text: str, tokens: list[int], score: TokenLogprob | None
+        self, seq: Sequence, text: str, token: int, score: TokenLogprob | None, piece: str
     ) -> None:
-        event = TokenEvent(text=text, token_ids=tokens, logprobs=[score] if score else [])
+        event = TokenEvent(text=text, token_ids=[token])
+        if score is not None:
+            event.logprobs, event.token_texts = [score], [piece]
         if seq.prompt_scores is not None:  # the prompt's scores ride on the first event
             event.prompt_logprobs, seq.prompt_scores = seq.prompt_scores, None
         seq.mailbox.put(event)
@@ -163,6 +166,7 @@ class Postprocessor:
                 text=tail,
                 finish_reason=reason,
                 error=error,
+                stop_sequence=seq.stops.matched if reason == FinishReason.STOP else None,
                 prompt_tokens=len(seq.prompt),
                 cached_tokens=seq.reused,
                 completion_tokens=len(counted),

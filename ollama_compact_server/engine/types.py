@@ -148,8 +148,12 @@ class TokenEvent:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the request, if one did
     embeddings: list[list[float]] | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in token_ids
+    # with logprobs: each token's own text, as the detokenizer gave it (so the pieces add
+    # up to the output; "" for a token that ends inside a UTF-8 character)
+    token_texts: list[str] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first event, when asked
     status: int = 500  # HTTP status for an error that ends a request before any output
     prompt_tokens: int = 0

@@ -1,0 +1,129 @@
+"""OpenAI's legacy /v1/completions: raw prompts (several at once), ``n``, ``echo`` and the
+legacy logprobs shape, streamed as ``text_completion`` chunks or answered whole."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ...chat.turn import ScoredToken
+from ..common import chat_service, json_body
+from ..errors import Dialect
+from ..streaming import Frame, sse
+from .chat import finish_reason, usage_json
+from .wire import COMPLETION_FIELDS, checked, completion_request
+
+router = APIRouter(prefix="/v1")
+
+
+def text_logprobs(scores: list[ScoredToken], offset: int) -> dict[str, Any]:
+    """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset (with
+    echo the prompt's tokens come first; the very first has no score)."""
+    offsets = []
+    for score in scores:
+        offsets.append(offset)
+        offset += len(score.token)
+    return {
+        "tokens": [s.token for s in scores],
+        "token_logprobs": [s.logprob for s in scores],
+        "top_logprobs": [
+            None if s.logprob is None else {a.token: a.logprob for a in s.top} for s in scores
+        ],
+        "text_offset": offsets,
+    }
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Response:
+    body = await json_body(request)
+    checked(body, COMPLETION_FIELDS)
+    wire = completion_request(body)
+    turn = await chat_service(request).start(wire)
+    ident = "cmpl-" + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    scored = wire.logprobs is not None
+    echo = wire.prompts if wire.echo else None
+
+    def prompt_of(index: int) -> str:
+        return echo[index // wire.n] if echo else ""
+
+    if not body.get("stream"):
+        result = await turn.collect()
+        choices = []
+        for c in result.choices:
+            scores = [*(c.prompt_logprobs or []), *c.logprobs] if echo else c.logprobs
+            choices.append(
+                {
+                    "index": c.index,
+                    "text": prompt_of(c.index) + c.text,
+                    "logprobs": text_logprobs(scores, 0) if scored else None,
+                    "finish_reason": finish_reason(c.finish),
+                }
+            )
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": turn.model,
+                "system_fingerprint": "ocs",
+                "choices": choices,
+                "usage": usage_json(result.usage),
+            }
+        )
+
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def chunk(index: int, text: str, finish: str | None = None, scores: Any = None) -> Frame:
+        return (
+            None,
+            {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": turn.model,
+                "system_fingerprint": "ocs",
+                "choices": [
+                    {"index": index, "text": text, "logprobs": scores, "finish_reason": finish}
+                ],
+            },
+        )
+
+    async def frames() -> AsyncIterator[Frame]:
+        offsets = [0] * turn.choices
+        try:
+            if echo:
+                for index in range(turn.choices):
+                    yield chunk(index, prompt_of(index))
+            async for delta in turn.deltas():
+                i = delta.index
+                scores: Any = None
+                if scored and (delta.logprobs or delta.prompt_logprobs):
+                    tokens = [*(delta.prompt_logprobs or []), *delta.logprobs]
+                    scores = text_logprobs(tokens, offsets[i])
+                    offsets[i] += sum(len(t.token) for t in tokens)
+                if delta.text or scores is not None:
+                    yield chunk(i, delta.text, None, scores)
+                if delta.finish is not None:
+                    yield chunk(i, "", finish_reason(delta.finish))
+            if include_usage:
+                yield (
+                    None,
+                    {
+                        "id": ident,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": turn.model,
+                        "choices": [],
+                        "usage": usage_json(turn.usage),
+                    },
+                )
+        finally:
+            await turn.close()
+
+    return sse(frames(), Dialect.OPENAI, done=True, on_close=turn.close)
