@@ -16,7 +16,7 @@ M = TypeVar("M", bound="WireModel")
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="wrap")
     @classmethod

@@ -12,22 +12,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...chat.errors import Unsupported
-from ...chat.service import ChatService, ModelView
-from ...chat.tools import check_tools
+from ...chat.service import ChatService
 from ...chat.turn import ChatDelta, Finish, ScoredToken, Turn, Usage
 from ...engine.types import KeepAlive
-from ..common import chat_service, check_fields, json_body
+from ..common import chat_service, json_body
 from ..streaming import ndjson
+from ..wire import parse
 from .wire import (
-    CHAT_FIELDS,
-    GENERATE_FIELDS,
-    chat_request,
-    check_options,
-    check_think,
-    generate_request,
-    keep_alive_of,
+    ChatRequestWire,
+    GenerateRequestWire,
+    Run,
     metrics,
-    model_field,
     now_rfc3339,
     ollama_tool_calls,
 )
@@ -36,10 +31,17 @@ router = APIRouter()
 
 
 async def load_or_unload(
-    service: ChatService, view: ModelView, keep_alive: KeepAlive, shape: dict[str, Any]
+    service: ChatService,
+    name: str,
+    keep_alive: KeepAlive,
+    think: bool | None,
+    shape: dict[str, Any],
 ) -> JSONResponse:
     """Empty prompt or messages: load the model, or with keep_alive 0 unload it (before
     any think check, as Ollama does)."""
+    view = service.model(name)
+    if keep_alive != 0 and think and "thinking" not in view.record.config.capabilities:
+        raise Unsupported(f'"{view.name}" does not support thinking')
     if keep_alive == 0:
         service.engine.unload(view.name)
         reason = "unload"
@@ -60,22 +62,15 @@ async def load_or_unload(
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
     started = time.perf_counter()
-    body = await json_body(request)
-    check_fields(body, GENERATE_FIELDS)
-    check_options(body)
+    wire = parse(GenerateRequestWire, await json_body(request))
+    chat = wire.to_chat_request()
     service = chat_service(request)
-    name = model_field(body)
-    if not body.get("prompt") and not body.get("images"):
-        view = service.model(name)
-        keep_alive = keep_alive_of(body)
-        if keep_alive != 0:
-            check_think(body, view)
-        return await load_or_unload(service, view, keep_alive, {"response": ""})
-    wire = generate_request(body, name)
-    if body.get("suffix"):
-        raise Unsupported(f'"{service.model(name).name}" does not support insert')
-    turn = await service.start(wire)
-    raw = wire.raw
+    if not wire.prompt and not wire.images:
+        shape = {"response": ""}
+        return await load_or_unload(service, chat.model, chat.keep_alive, chat.think, shape)
+    if wire.suffix:
+        raise Unsupported(f'"{service.model(chat.model).name}" does not support insert')
+    turn = await service.start(chat)
 
     def frame(text: str) -> dict[str, Any]:
         return {"model": turn.model, "created_at": now_rfc3339(), "response": text}
@@ -84,29 +79,21 @@ async def generate(request: Request) -> Response:
         item["thinking"] = text
 
     def extra(usage: Usage, token_ids: list[int]) -> dict[str, Any]:
-        return {} if raw else {"context": [*turn.prompt_ids(0), *token_ids]}
+        return {} if chat.raw else {"context": [*turn.prompt_ids(0), *token_ids]}
 
-    return await respond(turn, body, started, frame, put_thinking, extra)
+    return await respond(turn, wire, started, frame, put_thinking, extra)
 
 
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     started = time.perf_counter()
-    body = await json_body(request)
-    check_fields(body, CHAT_FIELDS)
-    check_options(body)
+    wire = parse(ChatRequestWire, await json_body(request))
+    chat = wire.to_chat_request()
     service = chat_service(request)
-    name = model_field(body)
-    check_tools(body.get("tools"))  # also on a load
-    if not body.get("messages"):
-        view = service.model(name)
-        keep_alive = keep_alive_of(body)
-        if keep_alive != 0:
-            check_think(body, view)
-        return await load_or_unload(
-            service, view, keep_alive, {"message": {"role": "assistant", "content": ""}}
-        )
-    turn = await service.start(chat_request(body, name))
+    if not wire.messages:
+        shape = {"message": {"role": "assistant", "content": ""}}
+        return await load_or_unload(service, chat.model, chat.keep_alive, chat.think, shape)
+    turn = await service.start(chat)
 
     def frame(text: str) -> dict[str, Any]:
         return {
@@ -118,7 +105,7 @@ async def chat(request: Request) -> Response:
     def put_thinking(item: dict[str, Any], text: str) -> None:
         item["message"]["thinking"] = text
 
-    return await respond(turn, body, started, frame, put_thinking, lambda usage, ids: {})
+    return await respond(turn, wire, started, frame, put_thinking, lambda usage, ids: {})
 
 
 def logprobs_json(scores: list[ScoredToken]) -> list[dict[str, Any]]:
@@ -134,7 +121,7 @@ def done_reason(finish: Finish) -> str:
 
 async def respond(
     turn: Turn,
-    body: dict[str, Any],
+    wire: Run,
     started: float,
     frame: Callable[[str], dict[str, Any]],
     put_thinking: Callable[[dict[str, Any], str], None],
@@ -152,7 +139,7 @@ async def respond(
             **extra(usage, token_ids),
         }
 
-    if body.get("stream") is False:
+    if wire.stream is False:
         result = await turn.collect()
         choice = result.choices[0]
         item = final(choice.finish, choice.usage, choice.token_ids)
@@ -161,7 +148,7 @@ async def respond(
             put_thinking(item, choice.thinking)
         if choice.tool_calls:
             item["message"]["tool_calls"] = ollama_tool_calls(choice.tool_calls)
-        if choice.logprobs or (body.get("logprobs") or body.get("top_logprobs")):
+        if choice.logprobs or wire.scored() is not None:
             item["logprobs"] = logprobs_json(choice.logprobs)
         return JSONResponse(item)
 

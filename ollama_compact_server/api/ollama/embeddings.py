@@ -52,9 +52,9 @@ async def embed(request: Request) -> Response:
     )
     if not texts:
         service = chat_service(request)
-        view = service.model(model_field(body))
-        await load_or_unload(service, view, keep_alive_of(body), {})
-        return JSONResponse({"model": view.name, "embeddings": []})
+        name = service.model(model_field(body)).name
+        await load_or_unload(service, name, keep_alive_of(body), None, {})
+        return JSONResponse({"model": name, "embeddings": []})
     started = time.perf_counter()
     view, event = await _embed(request, body, texts)
     vectors = _dimensions(event.embeddings or [], body.get("dimensions"))
@@ -77,8 +77,7 @@ async def embeddings_legacy(request: Request) -> Response:
     prompt = body.get("prompt") or ""
     if not prompt:
         service = chat_service(request)
-        view = service.model(model_field(body))
-        await load_or_unload(service, view, keep_alive_of(body), {})
+        await load_or_unload(service, model_field(body), keep_alive_of(body), None, {})
         return JSONResponse({"embedding": []})
     _, event = await _embed(request, body, [prompt])
     return JSONResponse({"embedding": (event.embeddings or [[]])[0]})

@@ -8,9 +8,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ...chat.errors import ChatError
+from pydantic import Field
+
 from ...chat.options import merge_options
-from ...chat.service import ModelView, check_messages
 from ...chat.tools import ToolCall, check_tools, template_tool_calls
 from ...chat.turn import CallSpec, ChatRequest, Message, Usage
 from ...engine.types import ANY_JSON_OBJECT, DEFAULT, KeepAlive
@@ -19,6 +19,7 @@ from ...registry.names import ModelName
 from ...registry.store import ModelRecord
 from ...settings import parse_duration
 from ..errors import APIError
+from ..wire import WireModel
 
 
 def rfc3339(moment: datetime) -> str:
@@ -59,33 +60,6 @@ def list_entry(record: ModelRecord) -> dict[str, Any]:
 
 # the JSON types of each route's known fields (model / name are checked by model_field)
 KEEP_ALIVE = ("string", "number")
-# what /api/generate and /api/chat both take
-_RUN_FIELDS: dict[str, tuple[str, ...]] = {
-    "format": ("string", "object"),
-    "options": ("object",),
-    "stream": ("boolean",),
-    "keep_alive": KEEP_ALIVE,
-    "think": ("boolean", "string"),
-    "logprobs": ("boolean",),
-    "top_logprobs": ("integer",),
-    "truncate": ("boolean",),
-    "shift": ("boolean",),
-}
-GENERATE_FIELDS: dict[str, tuple[str, ...]] = {
-    "prompt": ("string",),
-    "suffix": ("string",),
-    "system": ("string",),
-    "template": ("string",),
-    "images": ("array",),
-    "context": ("array",),
-    "raw": ("boolean",),
-    **_RUN_FIELDS,
-}
-CHAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "messages": ("array",),
-    "tools": ("array",),
-    **_RUN_FIELDS,
-}
 EMBED_FIELDS: dict[str, tuple[str, ...]] = {
     "input": ("string", "array"),
     "truncate": ("boolean",),
@@ -177,19 +151,12 @@ def schema_of(body: dict[str, Any]) -> str | None:
 THINK_LEVELS = ("low", "medium", "high", "max")
 
 
-def think_of(body: dict[str, Any]) -> bool | None:
+def think_of(think: bool | str | None) -> bool | None:
     """Ollama's think: true, false or a level (which turns thinking on); absent: the
     model's default."""
-    think = body.get("think")
     if not (think is None or isinstance(think, bool) or think in THINK_LEVELS):
         raise APIError(400, f"invalid think value: {str(think)[:20]}")
     return None if think is None else think is not False
-
-
-def check_think(body: dict[str, Any], view: ModelView) -> None:
-    """A think request is refused for a model that does not think (also on a load)."""
-    if think_of(body) and "thinking" not in view.record.config.capabilities:
-        raise ChatError(f'"{view.name}" does not support thinking')
 
 
 def check_options(body: dict[str, Any]) -> None:
@@ -198,79 +165,131 @@ def check_options(body: dict[str, Any]) -> None:
     merge_options(body.get("options"))
 
 
-def logprobs_of(body: dict[str, Any]) -> int | None:
-    top = body.get("top_logprobs")
-    if top is not None and (
-        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20
-    ):
-        raise APIError(400, "top_logprobs must be between 0 and 20")
-    return (top or 0) if body.get("logprobs") or top else None
+class FunctionCall(WireModel):
+    name: str
+    arguments: dict[str, Any] | str | None = None
+    index: int | None = None
 
 
-def messages_of(value: Any) -> list[Message]:
-    """Ollama messages (checked as JSON first) as dialect-free messages."""
-    check_messages(value)
-    out = []
-    for raw in value:
-        calls = [
-            CallSpec(c["function"]["name"], c["function"]["arguments"])
-            for c in template_tool_calls(raw.get("tool_calls"))
-        ]
-        out.append(
-            Message(
-                role=raw["role"].lower(),
-                content=raw.get("content") or "",
-                thinking=raw.get("thinking") or None,
-                tool_calls=calls,
-                tool_call_id=raw.get("tool_call_id"),
-                name=raw.get("tool_name") or raw.get("name"),
-                images=list(raw.get("images") or []),
-            )
+class ToolCallParam(WireModel):
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCall
+
+
+class OllamaMessage(WireModel):
+    role: str
+    content: str | None = None
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[ToolCallParam] | None = Field(default=None, max_length=128)
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def to_message(self) -> Message:
+        calls = template_tool_calls(
+            [c.model_dump(exclude_none=True) for c in self.tool_calls or []]
         )
-    return out
+        return Message(
+            role=self.role.lower(),
+            content=self.content or "",
+            thinking=self.thinking or None,
+            tool_calls=[CallSpec(c["function"]["name"], c["function"]["arguments"]) for c in calls],
+            tool_call_id=self.tool_call_id,
+            name=self.tool_name or self.name,
+            images=list(self.images or []),
+        )
 
 
-def chat_request(body: dict[str, Any], name: str) -> ChatRequest:
-    return ChatRequest(
-        model=name,
-        messages=messages_of(body.get("messages")),
-        tools=check_tools(body.get("tools")),
-        think=think_of(body),
-        json_schema=schema_of(body),
-        options=dict(body.get("options") or {}),
-        logprobs=logprobs_of(body),
-        keep_alive=keep_alive_of(body),
-    )
+class Run(WireModel):
+    """What /api/generate and /api/chat both take."""
+
+    model: str | None = None
+    name: str | None = None  # deprecated; the CLI sends "model": "" beside it
+    format: str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    stream: bool | None = None
+    keep_alive: str | float | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    truncate: bool | None = None
+    shift: bool | None = None
+
+    def model_name(self) -> str:
+        for value in (self.model, self.name):
+            if value and value.strip():
+                return value
+        raise APIError(400, "model is required")
+
+    def keep(self) -> KeepAlive:
+        return keep_alive_of({"keep_alive": self.keep_alive})
+
+    def checked_think(self) -> bool | None:
+        return think_of(self.think)
+
+    def schema_text(self) -> str | None:
+        return schema_of({"format": self.format})
+
+    def scored(self) -> int | None:
+        top = self.top_logprobs
+        return (top or 0) if self.logprobs or top else None
+
+    def common(self) -> dict[str, Any]:
+        merge_options(self.options)  # typed before anything else, also for a load
+        return {
+            "model": self.model_name(),
+            "think": self.checked_think(),
+            "json_schema": self.schema_text(),
+            "options": dict(self.options or {}),
+            "logprobs": self.scored(),
+            "keep_alive": self.keep(),
+        }
 
 
-def generate_request(body: dict[str, Any], name: str) -> ChatRequest:
-    raw = bool(body.get("raw"))
-    system = body.get("system") or None
-    context = body.get("context") or None
-    if raw and (body.get("template") or system or context):
-        raise APIError(400, "raw mode does not support template, system, or context")
-    if body.get("template"):
-        raise APIError(400, "request templates are not supported; set the template on the model")
-    if context is not None and not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in context
-    ):
-        raise APIError(400, "context must be a list of token ids")
-    images = body.get("images") or []
-    if not all(isinstance(i, str) for i in images):
-        raise APIError(400, "images must be a list of base64 strings")
-    return ChatRequest(
-        model=name,
-        prompts=[body.get("prompt") or ""],
-        images=list(images),
-        raw=raw,
-        system=system,
-        context=context,
-        think=None if raw else think_of(body),
-        json_schema=schema_of(body),
-        options=dict(body.get("options") or {}),
-        logprobs=logprobs_of(body),
-        keep_alive=keep_alive_of(body),
-    )
+class ChatRequestWire(Run):
+    messages: list[OllamaMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def to_chat_request(self) -> ChatRequest:
+        return ChatRequest(
+            messages=[m.to_message() for m in self.messages or []],
+            tools=check_tools(self.tools),
+            **self.common(),
+        )
+
+
+class GenerateRequestWire(Run):
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    images: list[str] | None = None
+    context: list[int] | None = None
+    raw: bool | None = None
+
+    def to_chat_request(self) -> ChatRequest:
+        raw = bool(self.raw)
+        system = self.system or None
+        context = self.context or None
+        if raw and (self.template or system or context):
+            raise APIError(400, "raw mode does not support template, system, or context")
+        if self.template:
+            raise APIError(
+                400, "request templates are not supported; set the template on the model"
+            )
+        common = self.common()
+        if raw:
+            common["think"] = None
+        return ChatRequest(
+            prompts=[self.prompt or ""],
+            images=list(self.images or []),
+            raw=raw,
+            system=system,
+            context=context,
+            **common,
+        )
 
 
 def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:

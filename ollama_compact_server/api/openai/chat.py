@@ -15,7 +15,8 @@ from ...chat.turn import Choice, Finish, ScoredToken, Usage
 from ..common import chat_service, json_body
 from ..errors import Dialect
 from ..streaming import Frame, sse
-from .wire import CHAT_FIELDS, chat_request, checked, openai_tool_calls
+from ..wire import parse
+from .wire import ChatCompletionRequest, openai_tool_calls
 
 router = APIRouter(prefix="/v1")
 
@@ -55,15 +56,14 @@ def message_json(choice: Choice) -> dict[str, Any]:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    body = await json_body(request)
-    checked(body, CHAT_FIELDS)
-    wire = chat_request(body)
-    turn = await chat_service(request).start(wire)
+    wire = parse(ChatCompletionRequest, await json_body(request))
+    chat = wire.to_chat_request()
+    turn = await chat_service(request).start(chat)
     ident = "chatcmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
-    scored = wire.logprobs is not None
+    scored = chat.logprobs is not None
 
-    if not body.get("stream"):
+    if not wire.stream:
         result = await turn.collect()
         return JSONResponse(
             {
@@ -85,7 +85,7 @@ async def chat_completions(request: Request) -> Response:
             }
         )
 
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = wire.include_usage
 
     def chunk(
         index: int, delta: dict[str, Any], finish: str | None = None, scores: Any = None

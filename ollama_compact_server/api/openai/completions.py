@@ -15,8 +15,9 @@ from ...chat.turn import ScoredToken
 from ..common import chat_service, json_body
 from ..errors import Dialect
 from ..streaming import Frame, sse
+from ..wire import parse
 from .chat import finish_reason, usage_json
-from .wire import COMPLETION_FIELDS, checked, completion_request
+from .wire import CompletionRequest
 
 router = APIRouter(prefix="/v1")
 
@@ -40,19 +41,18 @@ def text_logprobs(scores: list[ScoredToken], offset: int) -> dict[str, Any]:
 
 @router.post("/completions")
 async def completions(request: Request) -> Response:
-    body = await json_body(request)
-    checked(body, COMPLETION_FIELDS)
-    wire = completion_request(body)
-    turn = await chat_service(request).start(wire)
+    wire = parse(CompletionRequest, await json_body(request))
+    chat = wire.to_chat_request()
+    turn = await chat_service(request).start(chat)
     ident = "cmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
-    scored = wire.logprobs is not None
-    echo = wire.prompts if wire.echo else None
+    scored = chat.logprobs is not None
+    echo = chat.prompts if chat.echo else None
 
     def prompt_of(index: int) -> str:
-        return echo[index // wire.n] if echo else ""
+        return echo[index // chat.n] if echo else ""
 
-    if not body.get("stream"):
+    if not wire.stream:
         result = await turn.collect()
         choices = []
         for c in result.choices:
@@ -77,7 +77,7 @@ async def completions(request: Request) -> Response:
             }
         )
 
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = wire.include_usage
 
     def chunk(index: int, text: str, finish: str | None = None, scores: Any = None) -> Frame:
         return (
