@@ -188,6 +188,16 @@ async def test_tool_choice_forces_a_call(env) -> None:
         model="agent", max_tokens=64, messages=ASK, tools=[WEATHER], tool_choice={"type": "none"}
     )
     assert engine.requests[-1].sampling.json_schema is None
+    # server tools have nothing here to run them: left out, the client tools still served
+    await client.messages.create(
+        model="agent",
+        max_tokens=64,
+        messages=ASK,
+        tools=[{"type": "web_search_20250305", "name": "web_search"}, WEATHER],
+        tool_choice={"type": "any"},
+    )
+    schema = engine.requests[-1].sampling.json_schema
+    assert "get_weather" in schema and "web_search" not in schema
     with pytest.raises(anthropic.BadRequestError, match="not among the tools"):
         await client.messages.create(
             model="agent",

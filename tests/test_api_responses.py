@@ -224,7 +224,6 @@ async def test_malformed_bodies_are_openai_4xx(env) -> None:
         {"model": "plain", "input": "x", "max_output_tokens": "9"},
         {"model": "plain", "input": "x", "temperature": 9},
         {"model": "plain", "input": "x", "stream": "yes"},
-        {"model": "plain", "input": "x", "tools": [{"type": "web_search"}]},
         {"model": "plain", "input": "x", "tools": [WEATHER]},  # plain has no tools
         {"model": "agent", "input": "x", "tools": [WEATHER], "tool_choice": "sometimes"},
         {"model": "plain", "input": "x", "tool_choice": "required"},
@@ -238,3 +237,13 @@ async def test_malformed_bodies_are_openai_4xx(env) -> None:
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
         assert isinstance(r.json()["error"]["message"], str), r.text
     assert not engine.requests
+    # hosted tools have nothing here to run them: left out, the turn still answers
+    hosted = [{"type": "web_search"}, WEATHER]
+    body = {"model": "agent", "input": "x", "tools": hosted, "tool_choice": "required"}
+    r = await raw.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    schema = engine.requests[-1].sampling.json_schema
+    assert "get_weather" in schema and "web_search" not in schema
+    body["tools"] = [{"type": "web_search"}]
+    r = await raw.post("/v1/responses", json=body)
+    assert r.status_code == 400 and "requires tools" in r.json()["error"]["message"]

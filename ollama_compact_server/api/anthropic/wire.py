@@ -4,6 +4,7 @@ conversion to a dialect-free ChatRequest."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from pydantic import Field
@@ -13,6 +14,7 @@ from ...chat.turn import CallSpec, ChatRequest, Message, ToolChoice
 from ..errors import APIError
 from ..wire import WireModel
 
+log = logging.getLogger(__name__)
 MAX_TOKENS = 1 << 20
 
 
@@ -66,7 +68,7 @@ class CountTokensRequest(WireModel):
     def to_chat_request(self) -> ChatRequest:
         request = ChatRequest(model=self.model, messages=self._messages(), think_strict=False)
         if self.tools:
-            request.tools = check_tools([_function(t) for t in self.tools])
+            request.tools = check_tools(_functions(self.tools))
         if self.tool_choice is not None:
             request.tool_choice, request.tool_name = _choice(self.tool_choice)
         if self.thinking is not None:
@@ -111,13 +113,22 @@ class MessagesRequest(CountTokensRequest):
         return request
 
 
-def _function(tool: Tool) -> dict[str, Any]:
-    if tool.type not in (None, "custom"):
-        raise APIError(400, f"tools: server tools of type {tool.type[:40]!r} are not supported")
-    function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
-    if tool.description is not None:
-        function["description"] = tool.description
-    return {"type": "function", "function": function}
+def _functions(tools: list[Tool]) -> list[dict[str, Any]]:
+    """Client tools in the chat layer's shape. Anthropic's server tools (web_search,
+    code_execution...) have nothing here to run them: they are left out, loudly, so an
+    agent that offers them still gets its turn."""
+    out = []
+    for tool in tools:
+        if tool.type not in (None, "custom"):
+            log.warning(
+                "messages: server tools of type %r are not served; left out", tool.type[:40]
+            )
+            continue
+        function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+        if tool.description is not None:
+            function["description"] = tool.description
+        out.append({"type": "function", "function": function})
+    return out
 
 
 def _choice(choice: ToolChoiceParam) -> tuple[ToolChoice, str | None]:

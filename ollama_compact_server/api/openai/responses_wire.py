@@ -4,6 +4,7 @@ conversion to a dialect-free ChatRequest."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from pydantic import Field
@@ -14,6 +15,8 @@ from ...engine.types import ANY_JSON_OBJECT
 from ..errors import APIError
 from ..wire import WireModel
 from .wire import REASONING_EFFORTS
+
+log = logging.getLogger(__name__)
 
 
 class Part(WireModel):
@@ -98,7 +101,7 @@ class ResponsesRequest(WireModel):
             logprobs=self.top_logprobs,
         )
         if self.tools:
-            request.tools = check_tools([_function(t) for t in self.tools])
+            request.tools = check_tools(_functions(self.tools))
         choice = self.tool_choice
         if choice == "none":
             request.tool_choice = ToolChoice.NONE
@@ -202,13 +205,22 @@ def _text(content: str | list[Part] | None) -> str:
     return "".join(texts)
 
 
-def _function(tool: FunctionTool) -> dict[str, Any]:
-    if tool.type != "function" or not tool.name:
-        raise APIError(400, f"tools: only function tools are supported, not {tool.type[:40]!r}")
-    function: dict[str, Any] = {
-        "name": tool.name,
-        "parameters": tool.parameters or {"type": "object"},
-    }
-    if tool.description is not None:
-        function["description"] = tool.description
-    return {"type": "function", "function": function}
+def _functions(tools: list[FunctionTool]) -> list[dict[str, Any]]:
+    """The function tools, in the chat layer's shape. Hosted tools (web_search, file_search,
+    custom grammar tools...) have nothing here to run them: they are left out, loudly, so
+    an agent that offers them still gets its turn."""
+    out = []
+    for tool in tools:
+        if tool.type != "function":
+            log.warning("responses: tools of type %r are not served; left out", tool.type[:40])
+            continue
+        if not tool.name:
+            raise APIError(400, "tools: a function tool needs a name")
+        function: dict[str, Any] = {
+            "name": tool.name,
+            "parameters": tool.parameters or {"type": "object"},
+        }
+        if tool.description is not None:
+            function["description"] = tool.description
+        out.append({"type": "function", "function": function})
+    return out
