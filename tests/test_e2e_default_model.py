@@ -252,3 +252,32 @@ async def test_clients_in_process_on_gemma3(gemma_registry: Registry) -> None:
         content = chat.choices[0].logprobs.content
         assert "".join(c.token for c in content) == chat.choices[0].message.content
         assert any(a.token.startswith(" ") for c in content for a in c.top_logprobs)
+        # the same turn through every dialect: greedy, so the same words
+        import anthropic
+        import httpx2
+
+        ask = [{"role": "user", "content": "Name three colours."}]
+        claude = anthropic.AsyncAnthropic(
+            base_url="http://127.0.0.1:11434",
+            api_key="x",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(
+                transport=httpx2.ASGITransport(app=app), base_url="http://127.0.0.1:11434"
+            ),
+        )
+        async with claude.messages.stream(
+            model="gemma3:270m", max_tokens=12, messages=ask, extra_body={"temperature": 0}
+        ) as stream:
+            message = await stream.get_final_message()
+        said = chat.choices[0].message.content
+        assert message.content[0].text == said and message.usage.output_tokens == 12
+        response = await oai.responses.create(
+            model="gemma3:270m", input=ask, max_output_tokens=12, temperature=0
+        )
+        assert response.output_text == said
+        ollama_reply = await client.chat(
+            model="gemma3:270m",
+            messages=ask,
+            options={"temperature": 0, "num_predict": 12, "repeat_penalty": 1.1},
+        )
+        assert ollama_reply.message.content == said
