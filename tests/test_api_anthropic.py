@@ -218,6 +218,10 @@ async def test_stop_reasons(env) -> None:
         model="plain", max_tokens=30, messages=ASK, stop_sequences=["###"]
     )
     assert reply.stop_reason == "stop_sequence" and reply.stop_sequence == "###"
+    # a stop string of the model's own (its end-of-turn marker) ends the turn as end_turn
+    engine.finish_with = ("stop", "<end_of_turn>")
+    reply = await client.messages.create(model="plain", max_tokens=30, messages=ASK)
+    assert reply.stop_reason == "end_turn" and reply.stop_sequence is None
 
 
 async def test_count_tokens(env) -> None:

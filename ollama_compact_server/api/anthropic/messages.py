@@ -61,6 +61,11 @@ async def messages(request: Request) -> Response:
     turn = await chat_service(request).start(wire.to_chat_request())
     ident = "msg_" + uuid.uuid4().hex[:24]
 
+    def asked(stop: str | None) -> str | None:
+        """A stop sequence of the request's own; the model's (its Modelfile's end-of-turn
+        markers) end a turn as end_turn, as Anthropic's own turn markers would."""
+        return stop if stop is not None and stop in (wire.stop_sequences or []) else None
+
     def message(content: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": ident,
@@ -77,8 +82,8 @@ async def messages(request: Request) -> Response:
         result = await turn.collect()
         choice = result.choices[0]
         body = message(content_json(choice), usage_json(choice.usage))
-        body["stop_reason"] = stop_reason(choice.finish, choice.stop_sequence)
-        body["stop_sequence"] = choice.stop_sequence
+        body["stop_reason"] = stop_reason(choice.finish, asked(choice.stop_sequence))
+        body["stop_sequence"] = asked(choice.stop_sequence)
         return JSONResponse(body)
 
     async def frames() -> AsyncIterator[Frame]:
@@ -100,8 +105,10 @@ async def messages(request: Request) -> Response:
                         {
                             "type": "message_delta",
                             "delta": {
-                                "stop_reason": stop_reason(delta.finish, delta.stop_sequence),
-                                "stop_sequence": delta.stop_sequence,
+                                "stop_reason": stop_reason(
+                                    delta.finish, asked(delta.stop_sequence)
+                                ),
+                                "stop_sequence": asked(delta.stop_sequence),
                             },
                             "usage": usage,
                         },
