@@ -1,4 +1,4 @@
-"""What both dialects' routes share: reading the JSON body and reaching app services."""
+"""What every dialect's routes share: reading the JSON body and reaching app services."""
 
 from __future__ import annotations
 
@@ -35,42 +35,6 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
-
-
-KIND_NAMES = {
-    "string": "a string",
-    "boolean": "true or false",
-    "integer": "an integer",
-    "number": "a number",
-    "object": "an object",
-    "array": "an array",
-}
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    if kind == "boolean":
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False  # JSON true is no number, whatever Python's bool says
-    if kind == "string":
-        return isinstance(value, str)
-    if kind == "integer":
-        return isinstance(value, int)
-    if kind == "number":
-        return isinstance(value, (int, float))
-    if kind == "object":
-        return isinstance(value, dict)
-    return kind == "array" and isinstance(value, list)
-
-
-def check_fields(body: dict[str, Any], fields: dict[str, tuple[str, ...]]) -> None:
-    """The JSON type of each known field (null counts as absent), checked before any
-    other work so no later code meets a type it does not expect. Raises a 400."""
-    for key, kinds in fields.items():
-        value = body.get(key)
-        if value is not None and not any(_is_kind(value, kind) for kind in kinds):
-            expected = " or ".join(KIND_NAMES[kind] for kind in kinds)
-            raise APIError(400, f"{key} must be {expected}")
 
 
 def registry_of(request: Request) -> Registry:

@@ -5,59 +5,45 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ...chat.service import ModelView, embed_inputs
-from ...engine.types import EmbedRequest, TokenEvent
-from ..common import chat_service, check_fields, json_body
-from ..errors import APIError
+from ...chat.service import ChatService, ModelView, embed_inputs
+from ...engine.types import EmbedRequest, KeepAlive, TokenEvent
+from ..common import chat_service, json_body
+from ..wire import parse
 from .chat import load_or_unload
-from .wire import EMBED_FIELDS, EMBEDDINGS_FIELDS, check_options, keep_alive_of, model_field, nanos
+from .wire import EmbeddingsRequestWire, EmbedRequestWire, nanos
 
 router = APIRouter()
 
 
-def _texts(value: Any, key: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise APIError(400, f"{key} must be a string or a list of strings")
-
-
 async def _embed(
-    request: Request, body: dict[str, Any], texts: list[str]
+    service: ChatService, name: str, texts: list[str], keep_alive: KeepAlive, truncate: bool
 ) -> tuple[ModelView, TokenEvent]:
-    service = chat_service(request)
-    view = service.model(model_field(body))
-    inputs = await embed_inputs(
-        service, view, texts, truncate=body.get("truncate", True) is not False
-    )
+    view = service.model(name)
+    inputs = await embed_inputs(service, view, texts, truncate=truncate)
     event = await service.engine.embed(
-        EmbedRequest(uuid.uuid4().hex, view.name, inputs, keep_alive=keep_alive_of(body))
+        EmbedRequest(uuid.uuid4().hex, view.name, inputs, keep_alive=keep_alive)
     )
     return view, event
 
 
 @router.post("/api/embed")
 async def embed(request: Request) -> Response:
-    body = await json_body(request)
-    check_fields(body, EMBED_FIELDS)
-    check_options(body)
-    texts = (
-        _texts(body.get("input", []), "input") if body.get("input") not in (None, "", []) else []
-    )
-    if not texts:
-        service = chat_service(request)
-        name = service.model(model_field(body)).name
-        await load_or_unload(service, name, keep_alive_of(body), None, {})
-        return JSONResponse({"model": name, "embeddings": []})
+    wire = parse(EmbedRequestWire, await json_body(request))
+    keep_alive = wire.keep()
+    name = wire.model_name()
+    service = chat_service(request)
+    if wire.input in (None, "", []):  # no input: load the model, or unload it (keep_alive 0)
+        view = service.model(name)
+        await load_or_unload(service, view.name, keep_alive, None, {})
+        return JSONResponse({"model": view.name, "embeddings": []})
+    texts = [wire.input] if isinstance(wire.input, str) else list(wire.input or [])
     started = time.perf_counter()
-    view, event = await _embed(request, body, texts)
-    vectors = _dimensions(event.embeddings or [], body.get("dimensions"))
+    view, event = await _embed(service, name, texts, keep_alive, wire.truncate is not False)
+    vectors = _dimensions(event.embeddings or [], wire.dimensions)
     return JSONResponse(
         {
             "model": view.name,
@@ -71,24 +57,20 @@ async def embed(request: Request) -> Response:
 
 @router.post("/api/embeddings")
 async def embeddings_legacy(request: Request) -> Response:
-    body = await json_body(request)
-    check_fields(body, EMBEDDINGS_FIELDS)
-    check_options(body)
-    prompt = body.get("prompt") or ""
-    if not prompt:
-        service = chat_service(request)
-        await load_or_unload(service, model_field(body), keep_alive_of(body), None, {})
+    wire = parse(EmbeddingsRequestWire, await json_body(request))
+    keep_alive = wire.keep()
+    service = chat_service(request)
+    if not wire.prompt:
+        await load_or_unload(service, wire.model_name(), keep_alive, None, {})
         return JSONResponse({"embedding": []})
-    _, event = await _embed(request, body, [prompt])
+    _, event = await _embed(service, wire.model_name(), [wire.prompt], keep_alive, True)
     return JSONResponse({"embedding": (event.embeddings or [[]])[0]})
 
 
-def _dimensions(vectors: list[list[float]], dimensions: Any) -> list[list[float]]:
+def _dimensions(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
     """Matryoshka-style truncation to ``dimensions``, renormalised."""
     if dimensions is None:
         return vectors
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
-        raise APIError(400, "dimensions must be a positive integer")
     out = []
     for vector in vectors:
         cut = vector[:dimensions]

@@ -21,10 +21,11 @@ from ...jobs import CreateSpec, ModelJobs, check_file_map
 from ...registry.blobs import normalize_digest
 from ...registry.errors import RegistryError
 from ...threads import to_fresh_thread
-from ..common import check_fields, json_body, registry_of
+from ..common import json_body, registry_of
 from ..errors import APIError
 from ..streaming import ndjson
-from .wire import JOB_FIELDS, model_field, parse_name
+from ..wire import parse
+from .wire import CreateRequestWire, JobRequest, parse_name
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -39,7 +40,7 @@ Report = Callable[[dict[str, Any]], None]
 
 
 async def progress_response(
-    body: dict[str, Any], run: Callable[[Report], None], failure: str
+    stream: bool | None, run: Callable[[Report], None], failure: str
 ) -> Response:
     """Runs a long registry job (create, pull) on a thread, streaming its progress lines as
     NDJSON, or answering its last line alone when ``stream`` is false. A registry error
@@ -63,7 +64,7 @@ async def progress_response(
             await queue.put(None)
 
     task = asyncio.create_task(work())
-    if body.get("stream") is False:
+    if stream is False:
         last: dict[str, Any] = {}
         while (item := await queue.get()) is not None:
             last = item
@@ -123,15 +124,6 @@ async def blob_upload(request: Request, digest: str) -> Response:
 UPLOAD_FLUSH = 4 << 20
 
 
-def _text_field(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise APIError(400, f"{key} must be a string")
-    return value
-
-
 MAX_TEMPLATE_CHARS = 1 << 20
 GO_TEMPLATE = re.compile(r"\{\{-?\s*(?:\.[A-Za-z]|(?:if|range|with|end|else|template)\b)")
 
@@ -158,71 +150,57 @@ def _checked_template(template: str | None) -> str | None:
     return template
 
 
-def create_spec(body: dict[str, Any]) -> CreateSpec:
-    name = parse_name(model_field(body))
-    quantize = body.get("quantize") or body.get("quantization") or None
-    quantize_options = body.get("quantize_options")
+def create_spec(wire: CreateRequestWire) -> CreateSpec:
+    """/api/create's fields, checked for what they mean before any work."""
+    name = parse_name(wire.model_name())
+    quantize = wire.quantize or wire.quantization or None
     if quantize is not None:
         try:
-            ModelJobs.check_scheme(quantize, quantize_options)
+            ModelJobs.check_scheme(quantize, wire.quantize_options)
         except SchemeError as exc:
             raise APIError(400, str(exc)) from None
-        if not body.get("from") and not body.get("files"):
+        if not wire.from_ and not wire.files:
             raise APIError(
                 400, "quantize needs 'from' (a registry model) or 'files' (uploaded weights)"
             )
-    for forbidden in ("path", "modelfile"):
-        if body.get(forbidden):
+    for forbidden, value in (("path", wire.path), ("modelfile", wire.modelfile)):
+        if value:
             raise APIError(
                 400,
                 f"'{forbidden}' is not accepted: upload files as blobs and name them in 'files'",
             )
-    source = body.get("from")
-    if source is not None and (not isinstance(source, str) or not source.strip()):
+    source = wire.from_
+    if source is not None and not source.strip():
         raise APIError(400, "from must be a model name")
     if source:
         parse_name(source, "from")
-    license_value = body.get("license")
-    if isinstance(license_value, str):
-        license_value = [license_value]
-    if license_value is not None and (
-        not isinstance(license_value, list) or not all(isinstance(x, str) for x in license_value)
-    ):
-        raise APIError(400, "license must be a string or a list of strings")
-    parameters = body.get("parameters")
-    if parameters is not None:
-        if not isinstance(parameters, dict):
-            raise APIError(400, "parameters must be an object")
-        merge_options(parameters)
-    merge = body.get("merge", False)
-    if not isinstance(merge, bool):
-        raise APIError(400, "merge must be true or false")
-    if merge and not source:
+    licenses = [wire.license] if isinstance(wire.license, str) else wire.license
+    if wire.parameters is not None:
+        merge_options(wire.parameters)
+    if wire.merge and not source:
         raise APIError(400, "merge needs 'from': the adapter model to fold into its base")
-    messages = body.get("messages")
-    if messages is not None:
-        check_messages(messages)
+    if wire.messages is not None:
+        check_messages(wire.messages)
     return CreateSpec(
         name=name,
         from_=source or None,
-        files=check_file_map(body.get("files"), "files"),
-        adapters=check_file_map(body.get("adapters"), "adapters"),
-        template=_checked_template(_text_field(body, "template")),
-        system=_text_field(body, "system"),
-        parameters=parameters,
-        messages=messages,
-        license=license_value,
-        merge=merge,
+        files=check_file_map(wire.files, "files"),
+        adapters=check_file_map(wire.adapters, "adapters"),
+        template=_checked_template(wire.template),
+        system=wire.system,
+        parameters=wire.parameters,
+        messages=wire.messages,
+        license=licenses,
+        merge=bool(wire.merge),
         quantize=quantize,
-        quantize_options=quantize_options,
+        quantize_options=wire.quantize_options,
     )
 
 
 @router.post("/api/create")
 async def create(request: Request) -> Response:
-    body = await json_body(request)
-    check_fields(body, JOB_FIELDS)
-    spec = create_spec(body)
+    wire = parse(CreateRequestWire, await json_body(request))
+    spec = create_spec(wire)
     registry = registry_of(request)
     jobs = jobs_of(request)
     if not spec.files and not spec.from_:
@@ -246,14 +224,12 @@ async def create(request: Request) -> Response:
 
         jobs.create(spec, progress)
 
-    return await progress_response(body, run, "creating the model failed")
+    return await progress_response(wire.stream, run, "creating the model failed")
 
 
 @router.post("/api/push")
 async def push(request: Request) -> Response:
-    body = await json_body(request)
-    check_fields(body, JOB_FIELDS)
-    name = model_field(body)
+    name = parse(JobRequest, await json_body(request)).model_name()
     raise APIError(
         400, f"pushing models is not supported: '{name[:100]}' stays in the local registry"
     )
@@ -264,9 +240,8 @@ async def push(request: Request) -> Response:
 
 @router.post("/api/pull")
 async def pull(request: Request) -> Response:
-    body = await json_body(request)
-    check_fields(body, JOB_FIELDS)
-    name = parse_name(model_field(body))
+    wire = parse(JobRequest, await json_body(request))
+    name = parse_name(wire.model_name())
     ModelJobs.check_pull(name)
     jobs = jobs_of(request)
     last_sent: dict[str, int] = {}
@@ -283,4 +258,4 @@ async def pull(request: Request) -> Response:
 
         jobs.pull(name, progress)
 
-    return await progress_response(body, run, "pulling the model failed")
+    return await progress_response(wire.stream, run, "pulling the model failed")

@@ -14,9 +14,18 @@ from ...chat.errors import ModelNotFound
 from ...chat.service import ModelView
 from ...registry.evals import read_eval
 from ...registry.store import Registry
-from ..common import chat_service, check_fields, json_body, registry_of
+from ..common import chat_service, json_body, registry_of
 from ..errors import APIError
-from .wire import SHOW_FIELDS, details, list_entry, model_field, parse_name, rfc3339
+from ..wire import parse
+from .wire import (
+    CopyRequest,
+    JobRequest,
+    ShowRequest,
+    details,
+    list_entry,
+    parse_name,
+    rfc3339,
+)
 
 router = APIRouter()
 OLLAMA_COMPAT_VERSION = "0.12.0"
@@ -42,9 +51,9 @@ async def tags(request: Request) -> dict[str, Any]:
 
 @router.post("/api/copy")
 async def copy(request: Request) -> Response:
-    body = await json_body(request)
-    source = parse_name(model_field(body, "source"), "source")
-    destination = parse_name(model_field(body, "destination"), "destination")
+    wire = parse(CopyRequest, await json_body(request))
+    source = parse_name(wire.source, "source")
+    destination = parse_name(wire.destination, "destination")
     registry = registry_of(request)
     if not registry.exists(source):
         raise APIError(404, f'model "{source.display()}" not found')
@@ -54,8 +63,7 @@ async def copy(request: Request) -> Response:
 
 @router.delete("/api/delete")
 async def delete(request: Request) -> Response:
-    body = await json_body(request)
-    name = parse_name(model_field(body))
+    name = parse_name(parse(JobRequest, await json_body(request)).model_name())
     registry = registry_of(request)
     if not registry.exists(name):
         raise APIError(404, f"model '{name.display()}' not found")
@@ -140,18 +148,16 @@ def modelfile_text(view: ModelView) -> str:
 
 @router.post("/api/show")
 async def show(request: Request) -> dict[str, Any]:
-    body = await json_body(request)
-    check_fields(body, SHOW_FIELDS)
+    wire = parse(ShowRequest, await json_body(request))
     service = chat_service(request)
-    name = parse_name(model_field(body))
+    name = parse_name(wire.model_name())
     try:
         view = service.model(name.display())
     except ModelNotFound:
         raise APIError(404, f"model '{name.display()}' not found") from None
     registry = registry_of(request)
     params = dict(view.params)
-    if isinstance(body.get("options"), dict):
-        params.update(body["options"])
+    params.update(wire.options or {})
     info = model_info(view, registry)
     report = read_eval(registry, view.record)  # `ollama-compact eval`, once measured
     if report is not None:
@@ -161,7 +167,7 @@ async def show(request: Request) -> dict[str, Any]:
         "modelfile": modelfile_text(view),
         "parameters": parameters_text(params),
         "template": view.template,
-        "system": body.get("system") or view.system,
+        "system": wire.system or view.system,
         "details": details(view.record),
         "messages": view.messages,
         "model_info": info,

@@ -58,40 +58,6 @@ def list_entry(record: ModelRecord) -> dict[str, Any]:
     }
 
 
-# the JSON types of each route's known fields (model / name are checked by model_field)
-KEEP_ALIVE = ("string", "number")
-EMBED_FIELDS: dict[str, tuple[str, ...]] = {
-    "input": ("string", "array"),
-    "truncate": ("boolean",),
-    "options": ("object",),
-    "keep_alive": KEEP_ALIVE,
-    "dimensions": ("integer",),
-}
-EMBEDDINGS_FIELDS: dict[str, tuple[str, ...]] = {
-    "prompt": ("string",),
-    "options": ("object",),
-    "keep_alive": KEEP_ALIVE,
-}
-SHOW_FIELDS: dict[str, tuple[str, ...]] = {
-    "system": ("string",),
-    "template": ("string",),
-    "options": ("object",),
-    "verbose": ("boolean",),
-}
-JOB_FIELDS: dict[str, tuple[str, ...]] = {"stream": ("boolean",), "insecure": ("boolean",)}
-
-
-def model_field(body: dict[str, Any], *keys: str) -> str:
-    """`model`, or the deprecated `name` (the CLI sends "model": "" beside it)."""
-    for key in keys or ("model", "name"):
-        value = body.get(key)
-        if isinstance(value, str) and value.strip():
-            return value
-        if value is not None and not isinstance(value, str):
-            raise APIError(400, f"{key} must be a string")
-    raise APIError(400, "model is required")
-
-
 def parse_name(text: str, label: str | None = None) -> ModelName:
     try:
         return ModelName.parse(text)
@@ -159,10 +125,17 @@ def think_of(think: bool | str | None) -> bool | None:
     return None if think is None else think is not False
 
 
-def check_options(body: dict[str, Any]) -> None:
-    """Options are typed before anything else, also where nothing is sampled (a load, an
-    embedding)."""
-    merge_options(body.get("options"))
+class Named(WireModel):
+    """A request that names one model: ``model``, or the deprecated ``name``."""
+
+    model: str | None = None
+    name: str | None = None
+
+    def model_name(self) -> str:
+        for value in (self.model, self.name):
+            if value and value.strip():
+                return value
+        raise APIError(400, "model is required")
 
 
 class FunctionCall(WireModel):
@@ -202,11 +175,9 @@ class OllamaMessage(WireModel):
         )
 
 
-class Run(WireModel):
+class Run(Named):
     """What /api/generate and /api/chat both take."""
 
-    model: str | None = None
-    name: str | None = None  # deprecated; the CLI sends "model": "" beside it
     format: str | dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     stream: bool | None = None
@@ -216,12 +187,6 @@ class Run(WireModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     truncate: bool | None = None
     shift: bool | None = None
-
-    def model_name(self) -> str:
-        for value in (self.model, self.name):
-            if value and value.strip():
-                return value
-        raise APIError(400, "model is required")
 
     def keep(self) -> KeepAlive:
         return keep_alive_of({"keep_alive": self.keep_alive})
@@ -290,6 +255,64 @@ class GenerateRequestWire(Run):
             context=context,
             **common,
         )
+
+
+class JobRequest(Named):
+    stream: bool | None = None
+    insecure: bool | None = None
+
+
+class CopyRequest(WireModel):
+    source: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+
+
+class ShowRequest(Named):
+    system: str | None = None
+    template: str | None = None
+    options: dict[str, Any] | None = None
+    verbose: bool | None = None
+
+
+class EmbedRequestWire(Named):
+    input: str | list[str] | None = None
+    truncate: bool | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: str | float | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=1 << 16)
+
+    def keep(self) -> KeepAlive:
+        merge_options(self.options)  # typed, also where nothing is sampled
+        return keep_alive_of({"keep_alive": self.keep_alive})
+
+
+class EmbeddingsRequestWire(Named):
+    prompt: str | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: str | float | None = None
+
+    def keep(self) -> KeepAlive:
+        merge_options(self.options)
+        return keep_alive_of({"keep_alive": self.keep_alive})
+
+
+class CreateRequestWire(JobRequest):
+    """/api/create's fields; what they mean is checked by create_spec (jobs.py)."""
+
+    from_: str | None = Field(default=None, alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    license: str | list[str] | None = None
+    merge: bool | None = None
+    quantize: str | None = None
+    quantization: str | None = None  # deprecated name of quantize
+    quantize_options: dict[str, Any] | None = None
+    path: Any = None  # refused: no field takes a server path
+    modelfile: Any = None  # refused: Modelfiles are parsed by the client
 
 
 def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
