@@ -95,14 +95,13 @@ class ChatService:
         prepared = await self.prepare(request)
         view, sampling = prepared.view, prepared.sampling
         runs: list[tuple[Running, AsyncGenerator[TokenEvent, None]]] = []
-        for index, (prompt_ids, inside) in enumerate(zip(prepared.prompts, prepared.inside)):
+        for prompt_ids, inside in zip(prepared.prompts, prepared.inside):
             for sample in range(request.n):
                 params = SamplingParams(**{f: getattr(sampling, f) for f in sampling.__slots__})
                 if params.seed is not None:
                     params.seed += sample
                 running = Running(
                     prompt_ids=prompt_ids,
-                    prompt_index=index,
                     thinking=ThinkSplitter(inside) if inside is not None else None,
                     tools=ToolStream(prepared.tool_format, prepared.tool_names)
                     if prepared.tools

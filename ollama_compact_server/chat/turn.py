@@ -6,7 +6,6 @@ text into thinking, content and tool calls."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -185,12 +184,9 @@ class Running:
     """One engine request of a turn: its running totals and its splitters."""
 
     prompt_ids: list[int]
-    prompt_index: int
     thinking: ThinkSplitter | None
     tools: ToolStream | None
-    usage: Usage = field(default_factory=Usage)
     token_ids: list[int] = field(default_factory=list)
-    error: str | None = None
 
 
 class Turn:
@@ -388,10 +384,6 @@ async def _merged(
             if task.done():
                 await stream.aclose()
         await asyncio.gather(*tasks, return_exceptions=True)  # every abort has happened
-
-
-def arguments_json(call: ToolCall) -> str:
-    return json.dumps(call.arguments)
 
 
 def check_roles(messages: list[Message]) -> None:
