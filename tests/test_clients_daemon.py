@@ -16,12 +16,26 @@ from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import Daemon, free_port
 
+AGENT_TEMPLATE = (
+    "{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% if m.tool_calls %}<tool_call>"
+    "{{ m.tool_calls | tojson }}</tool_call>{% endif %}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n"
+)
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]):
     root = tmp_path_factory.mktemp("daemon")
     registry = Registry(root / "models")
     import_hf_dir(registry, tiny_models["llama"], "tiny")
+    import_hf_dir(registry, tiny_models["llama"], "agent", template=AGENT_TEMPLATE)
     d = Daemon(
         {
             "OCS_MODELS": str(registry.root),
@@ -38,7 +52,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path
 
 def test_ollama_client(daemon: Daemon, tiny_models: dict[str, Path]) -> None:
     client = ollama.Client(host=daemon.url)
-    assert [m.model for m in client.list().models] == ["tiny:latest"]
+    assert sorted(m.model for m in client.list().models) == ["agent:latest", "tiny:latest"]
     out = client.generate(model="tiny", prompt="hi", options={"temperature": 0, "num_predict": 5})
     assert out.done and out.eval_count == 5
     pieces = list(
@@ -102,7 +116,7 @@ def test_openai_client(daemon: Daemon) -> None:
     )
     assert text
     assert client.embeddings.create(model="tiny", input="x").data[0].embedding
-    assert [m.id for m in client.models.list().data] == ["tiny:latest"]
+    assert sorted(m.id for m in client.models.list().data) == ["agent:latest", "tiny:latest"]
     chunks = list(
         client.chat.completions.create(
             model="tiny",
@@ -161,6 +175,55 @@ def test_anthropic_client(daemon: Daemon) -> None:
         client.messages.create(model="absent", max_tokens=4, messages=ask)
     with pytest.raises(anthropic.BadRequestError):
         client.messages.create(model="tiny", max_tokens=0, messages=ask)
+
+
+def test_tool_use_round_trips(daemon: Daemon) -> None:
+    """A forced call (the grammar makes even the random-weight model write one), its result
+    sent back, and an answer: through the anthropic SDK and the Responses API."""
+    claude = anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
+    tool = {"name": "get_weather", "description": "Weather", "input_schema": CITY_SCHEMA}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    called = claude.messages.create(
+        model="agent", max_tokens=100, messages=ask, tools=[tool],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )  # fmt: skip
+    assert called.stop_reason == "tool_use"
+    use = called.content[-1]
+    assert use.type == "tool_use" and use.input["city"] in ("Paris", "Rome")
+    answer = claude.messages.create(
+        model="agent", max_tokens=5, tools=[tool],
+        messages=[
+            *ask,
+            {"role": "assistant", "content": called.content},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": use.id, "content": "18 C"},
+            ]},
+        ],
+    )  # fmt: skip
+
+    def prompt(usage: anthropic.types.Usage) -> int:  # cache reads are counted apart
+        return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+    assert prompt(answer.usage) > prompt(called.usage)
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
+    function = {"type": "function", "name": "get_weather", "parameters": CITY_SCHEMA}
+    first = client.responses.create(
+        model="agent", input="Weather in Paris?", tools=[function], tool_choice="required",
+        max_output_tokens=100,
+    )  # fmt: skip
+    call = next(item for item in first.output if item.type == "function_call")
+    assert call.name == "get_weather"
+    second = client.responses.create(
+        model="agent", tools=[function], max_output_tokens=5,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name,
+             "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"},
+        ],
+    )  # fmt: skip
+    assert second.status in ("completed", "incomplete")
+    assert second.usage.input_tokens > first.usage.input_tokens
 
 
 def test_malformed_requests_never_5xx(daemon: Daemon) -> None:
