@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ollama_compact_server.engine.sampler import RowState, apply_penalties, sample
+from ollama_compact_server.engine.sampler import RowState, apply_penalties, sample, sample_row
 from ollama_compact_server.engine.types import SamplingParams
 
 CPU = torch.device("cpu")
@@ -157,3 +157,73 @@ def test_a_nan_row_still_obeys_its_grammar_mask(setting: str) -> None:
     row = torch.full((6,), float("nan"))
     row[[0, 1, 2, 3, 5]] = float("-inf")  # only token 4 is allowed
     assert sample(row.view(1, -1), [p], [state(p, [1, 2], generated=[2, 3])]) == [4]
+
+
+def test_batched_penalties_choose_what_each_row_alone_would() -> None:
+    """The batch path (one gather / scatter for every row's repeat penalty) picks, row by
+    row, what sampling each row alone picks: greedy and seeded, windows of every length
+    (repeated ids, empty, the whole history), with presence / frequency penalties and
+    logit biases mixed in, and the raw logits left untouched."""
+    generator = torch.Generator().manual_seed(7)
+    vocab = 500
+    logits = torch.randn(12, vocab, generator=generator) * 4
+    logits[3, 7] = float("nan")
+    settings = [
+        dict(temperature=0.0, repeat_penalty=1.1),
+        dict(temperature=0.0, repeat_penalty=1.3, repeat_last_n=3),
+        dict(temperature=0.0),  # the fast path beside the batch
+        dict(temperature=0.0, repeat_penalty=1.1, repeat_last_n=-1),
+        dict(temperature=0.7, repeat_penalty=1.2, seed=3),
+        dict(temperature=0.0, repeat_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.3),
+        dict(temperature=0.0, repeat_penalty=1.1, logit_bias={5: 3.0, 9: -100.0}),
+        dict(temperature=0.9, repeat_penalty=1.0, presence_penalty=1.0, seed=4),
+        dict(temperature=0.0, repeat_penalty=0.8, repeat_last_n=0),  # window off
+        dict(temperature=0.0, repeat_penalty=1.5),
+        dict(temperature=1.0, top_k=20, top_p=0.9, repeat_penalty=1.1, seed=9),
+        dict(temperature=0.0, repeat_penalty=1.1),
+    ]
+    histories = [
+        [int(t) for t in torch.randint(0, vocab, (n,), generator=generator)]
+        for n in (64, 3, 0, 200, 10, 50, 64, 5, 64, 1, 30, 0)
+    ]
+    histories[0] = [int(torch.argmax(logits[0]))] * 40  # one id, many times
+    ps = [params(**s) for s in settings]
+    raw = logits.clone()
+    batched = sample(logits, ps, [state(p, h, generated=h[-3:]) for p, h in zip(ps, histories)])
+    assert torch.equal(torch.nan_to_num(logits), torch.nan_to_num(raw))
+    finite = torch.nan_to_num(logits, nan=-1e29, posinf=1e30, neginf=-1e30)
+    alone = [  # the row-by-row path: a clone per row, penalised alone
+        sample_row(finite[i], p, state(p, h, generated=h[-3:]))
+        for i, (p, h) in enumerate(zip(ps, histories))
+    ]
+    assert batched == alone
+
+
+def test_greedy_repeat_penalty_without_copies_matches_the_row_by_row_path() -> None:
+    """All-greedy batches whose rows differ only by their repeat penalties (Ollama's
+    default) skip the row copies: the same picks as penalising each row alone, with the
+    raw best token inside and outside the window, penalties above and below 1, ties
+    between a window token and the raw best, short and empty windows."""
+    generator = torch.Generator().manual_seed(11)
+    vocab = 300
+    logits = torch.randn(10, vocab, generator=generator) * 3
+    histories: list[list[int]] = []
+    for row in range(10):
+        history = [int(t) for t in torch.randint(0, vocab, (20,), generator=generator)]
+        best = int(torch.argmax(logits[row]))
+        if row % 2 == 0:
+            history[-1] = best  # the raw best was just generated: it is penalised
+        histories.append(history)
+    # a tie: a window token scored, after its penalty, exactly the raw best's logit
+    top = float(logits[5].max())
+    logits[5, 7] = top * 1.5 if top > 0 else top / 1.5
+    histories[5] = [7, 8, 9]
+    histories[9] = []
+    penalties = [1.1, 0.4, 0.8, 1.1, 0.5, 1.5, 1.1, 2.0, 1.0, 1.1]
+    ps = [params(temperature=0.0, repeat_penalty=r, repeat_last_n=8) for r in penalties]
+    ps[3] = params(temperature=0.0)  # an unpenalised row among them
+    raw = logits.clone()
+    batched = sample(logits, ps, [state(p, h) for p, h in zip(ps, histories)])
+    assert torch.equal(logits, raw)
+    alone = [sample_row(logits[i], p, state(p, h)) for i, (p, h) in enumerate(zip(ps, histories))]
+    assert batched == alone
