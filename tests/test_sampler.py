@@ -227,3 +227,15 @@ def test_greedy_repeat_penalty_without_copies_matches_the_row_by_row_path() -> N
     assert torch.equal(logits, raw)
     alone = [sample_row(logits[i], p, state(p, h)) for i, (p, h) in enumerate(zip(ps, histories))]
     assert batched == alone
+
+
+def test_a_sampled_row_beside_an_unpenalised_greedy_row_is_sampled() -> None:
+    """Once, a greedy row without penalties was counted twice (fast and repeat-only), the
+    batch taken for all-greedy, and the sampled row beside it given its raw argmax."""
+    logits = torch.tensor([[0.0, 5.0, 1.0], [4.0, 4.0, 4.0]])
+    ps = [params(temperature=0.0), params(temperature=1.0, repeat_penalty=1.1, seed=0)]
+    picks = set()
+    for seed in range(30):
+        ps[1] = params(temperature=1.0, repeat_penalty=1.1, seed=seed)
+        picks.add(sample(logits, ps, [state(p, [2]) for p in ps])[1])
+    assert picks == {0, 1, 2}

@@ -98,7 +98,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], states: list[RowS
     Ollama's defaults is one gather and one scatter for the whole batch), and the greedy
     ones among them share one argmax too; the rest draw one by one."""
     fast = [i for i, p in enumerate(params) if p.greedy and not p.penalised]
-    repeat_only = [i for i, p in enumerate(params) if p.greedy and _repeat_only(p)]
+    repeat_only = [i for i, p in enumerate(params) if p.greedy and p.penalised and _repeat_only(p)]
     if len(fast) + len(repeat_only) == len(params):
         # all greedy: one max over the raw logits (bfloat16 -> float32 is exact, so the
         # argmax is the same); a NaN or an infinity as a row's best sends us the careful way
