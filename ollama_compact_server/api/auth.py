@@ -34,7 +34,10 @@ class APIKeyMiddleware:
         good_key = hmac.compare_digest(key, self.expected_key)
         if not (good_bearer or good_key):
             response = error_response(
-                401, "unauthorized: a valid 'Authorization: Bearer' key is required", scope["path"]
+                401,
+                "unauthorized: a valid key is required ('Authorization: Bearer <key>' or "
+                "'x-api-key: <key>')",
+                scope["path"],
             )
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)
