@@ -62,33 +62,32 @@ async def _closed(body: Any, on_close: Closer | None) -> None:
         await on_close()
 
 
-class ClosingStream(StreamingResponse):
+class ClosesBody:
+    """For a streaming response class: its body closed and ``on_close`` run at the end."""
+
     on_close: Closer | None = None
+    body_iterator: Any
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send)  # type: ignore[misc]
         finally:
             await _closed(self.body_iterator, self.on_close)
+
+
+class ClosingStream(ClosesBody, StreamingResponse):
+    pass
 
 
 Frame = tuple[str | None, Any]
 """An SSE event: (event name or None, JSON-able data)."""
 
 
-class DrainedEventSource(EventSourceResponse):
+class DrainedEventSource(ClosesBody, EventSourceResponse):
     """sse-starlette's response, minus its own shutdown handling: it would end every stream
     the moment a signal arrives. Our server drains running requests itself (server.py) and
     cancels what outlasts the drain, so a stream ends when its request does. Its body is
-    closed however the response ends, as ClosingStream's."""
-
-    on_close: Closer | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await _closed(self.body_iterator, self.on_close)
+    closed however the response ends."""
 
     @staticmethod
     async def _listen_for_exit_signal() -> None:

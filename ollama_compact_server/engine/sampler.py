@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -148,16 +148,7 @@ def _repeat_greedy(
     is the best of the window's penalised logits and, when the raw best token is outside
     the window, that token (ties to the lower id, as argmax). A row whose raw best token
     is inside the window is penalised on a copy of that row alone."""
-    windows = []
-    penalised_rows = []
-    for i in rows:
-        p, state = params[i], states[i]
-        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0:
-            continue
-        window = state.history if p.repeat_last_n < 0 else state.history[-p.repeat_last_n :]
-        if window:
-            penalised_rows.append(i)
-            windows.append(window)
+    penalised_rows, windows = _windows(rows, params, states)
     if not penalised_rows:
         return
     width = max(len(w) for w in windows)
@@ -181,6 +172,21 @@ def _repeat_greedy(
             chosen[i] = token
 
 
+def _windows(
+    rows: Iterable[int], params: list[SamplingParams], states: list[RowState]
+) -> tuple[list[int], list[list[int]]]:
+    """The rows whose repeat penalty applies, and each one's window of recent tokens."""
+    which, windows = [], []
+    for i in rows:
+        p, history = params[i], states[i].history
+        if p.repeat_penalty != 1.0 and p.repeat_last_n != 0:
+            window = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
+            if window:
+                which.append(i)
+                windows.append(window)
+    return which, windows
+
+
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     """float32 with NaN ranked just above -inf: a structured-output mask writes -inf, so a
     row that went NaN still picks a token its grammar allows."""
@@ -190,14 +196,7 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
 def penalise(rows: torch.Tensor, params: list[SamplingParams], states: list[RowState]) -> None:
     """rows: [S, V] float32, penalised in place: every row's repeat penalty at once, then
     the rarer presence / frequency penalties and logit biases row by row."""
-    repeat = []
-    windows = []
-    for j, (p, state) in enumerate(zip(params, states)):
-        if p.repeat_penalty != 1.0 and p.repeat_last_n != 0:
-            window = state.history if p.repeat_last_n < 0 else state.history[-p.repeat_last_n :]
-            if window:
-                repeat.append(j)
-                windows.append(window)
+    repeat, windows = _windows(range(len(params)), params, states)
     if repeat:
         width = max(len(w) for w in windows)
         # a short window is padded with its own first token: a repeated id is written

@@ -34,6 +34,12 @@ def usage_json(usage: Usage) -> dict[str, Any]:
     }
 
 
+def usage_chunk(ident: str, kind: str, created: int, model: str, usage: Usage) -> Frame:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices."""
+    body = {"id": ident, "object": kind, "created": created, "model": model, "choices": []}
+    return None, {**body, "usage": usage_json(usage)}
+
+
 def logprobs_json(scores: list[ScoredToken]) -> dict[str, Any]:
     """OpenAI chat shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
 
@@ -120,17 +126,7 @@ async def chat_completions(request: Request) -> Response:
                 if delta.finish is not None:
                     yield chunk(i, {}, finish_reason(delta.finish))
             if include_usage:
-                yield (
-                    None,
-                    {
-                        "id": ident,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": turn.model,
-                        "choices": [],
-                        "usage": usage_json(turn.usage),
-                    },
-                )
+                yield usage_chunk(ident, "chat.completion.chunk", created, turn.model, turn.usage)
         finally:
             await turn.close()
 

@@ -16,7 +16,7 @@ from ..common import chat_service, json_body
 from ..errors import Dialect
 from ..streaming import Frame, sse
 from ..wire import parse
-from .chat import finish_reason, usage_json
+from .chat import finish_reason, usage_chunk, usage_json
 from .wire import CompletionRequest
 
 router = APIRouter(prefix="/v1")
@@ -112,17 +112,7 @@ async def completions(request: Request) -> Response:
                 if delta.finish is not None:
                     yield chunk(i, "", finish_reason(delta.finish))
             if include_usage:
-                yield (
-                    None,
-                    {
-                        "id": ident,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": turn.model,
-                        "choices": [],
-                        "usage": usage_json(turn.usage),
-                    },
-                )
+                yield usage_chunk(ident, "text_completion", created, turn.model, turn.usage)
         finally:
             await turn.close()
 
