@@ -226,11 +226,35 @@ def test_a_file_lacking_tensors_or_declaring_other_shapes_is_refused(tmp_path: P
         writer.close()
         return target
 
+    steps: list[str] = []
+
+    def progress(status: str, *_: object) -> None:
+        steps.append(status)
+
     with pytest.raises(InvalidModel, match="lacks"):
-        import_path(registry, rewrite(tmp_path / "no-layer.gguf", drop="blk.1."), "x")
+        import_path(
+            registry, rewrite(tmp_path / "no-layer.gguf", drop="blk.1."), "x", progress=progress
+        )
     with pytest.raises(InvalidModel, match="lacks"):  # declares 8 blocks, holds 2
-        import_path(registry, rewrite(tmp_path / "eight.gguf", blocks=8), "x")
+        import_path(registry, rewrite(tmp_path / "eight.gguf", blocks=8), "x", progress=progress)
     assert not registry.names()
+    assert steps and not [s for s in steps if s.startswith("converting")]  # checked first
+
+
+def test_a_file_bigger_than_memory_allows_is_refused_before_converting(
+    tmp_path: Path, ggufs: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ollama_compact_server.modeling import memory
+
+    path, _ = ggufs["llama"]
+    registry = Registry(tmp_path / "registry")
+    steps: list[str] = []
+    monkeypatch.setattr(memory, "available_ram", lambda: 64 * 1024)
+    with pytest.raises(InvalidModel, match="GiB of memory"):
+        import_path(registry, path, "x", dequantize=True, progress=lambda s, *_: steps.append(s))
+    assert not [s for s in steps if s.startswith("converting")]
+    assert not registry.names()
+    assert memory.available_ram() > 0 and memory.check_memory(1, "x") is None
 
 
 # ------------------------------------------------------------------------------ over HTTP

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..registry.errors import InvalidModel
+from .memory import check_memory
 
 log = logging.getLogger(__name__)
 
@@ -220,39 +221,50 @@ def _convert_tensors(
     if tied and head_name:
         expected.pop(f"{head_name}.weight", None)
 
+    # first the plan: every tensor named, shaped and present as the architecture needs, and
+    # what converting it will hold in memory, before anything is allocated
+    plan: list[tuple[Any, str, tuple[int, ...]]] = []
+    seen: set[str] = set()
+    for entry in table.tensors:
+        hf_name = mapping.get(entry.name)
+        want = expected.get(hf_name) if hf_name is not None else None
+        if hf_name is not None and want is None and tied and hf_name == f"{head_name}.weight":
+            continue  # a tied head stored anyway: the embedding serves it
+        if hf_name is None or want is None:
+            raise InvalidModel(
+                f"the GGUF file has a tensor {entry.name[:80]!r} its architecture lacks"
+            )
+        if tuple(entry.shape) != want:
+            raise InvalidModel(
+                f"GGUF tensor {entry.name[:80]!r} has shape {list(entry.shape)}, but the "
+                f"architecture needs {list(want)}"
+            )
+        if hf_name in seen:
+            raise InvalidModel(f"the GGUF file holds {entry.name[:80]!r} twice")
+        seen.add(hf_name)
+        plan.append((entry, hf_name, want))
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in expected if k not in seen and k not in buffers]
+    if missing:
+        raise InvalidModel(
+            f"the GGUF file lacks {len(missing)} tensor(s) its architecture needs, "
+            f"e.g. {missing[0][:80]!r}"
+        )
+    needed = sum(_converted_bytes(e, n, w, dequantize, linears, embed_name) for e, n, w in plan)
+    check_memory(needed, f"converting {table.path.name}")
+
     tensors: dict[str, torch.Tensor] = {}
     specs: dict[str, ModuleSpec] = {}
     shapes: dict[str, list[int]] = {}
-    total = len(table.tensors)
-    for index, entry in enumerate(table.tensors):
+    total = len(plan)
+    for index, (entry, hf_name, want) in enumerate(plan):
         tensor = _Tensor(entry, table)
         kind = entry.kind
         result.source_types[kind] = result.source_types.get(kind, 0) + 1
-        hf_name = mapping.get(tensor.name)
-        if hf_name is None:
-            raise InvalidModel(
-                f"the GGUF file has a tensor {tensor.name[:80]!r} its architecture lacks"
-            )
-        want = expected.get(hf_name)
-        shape = entry.shape
-        if want is None:
-            if tied and hf_name == f"{head_name}.weight":
-                continue  # a tied head stored anyway: the embedding serves it
-            raise InvalidModel(
-                f"the GGUF file has a tensor {tensor.name[:80]!r} its architecture lacks"
-            )
-        if tuple(shape) != want:
-            raise InvalidModel(
-                f"GGUF tensor {tensor.name[:80]!r} has shape {list(shape)}, but the architecture "
-                f"needs {list(want)}"
-            )
-        if hf_name in tensors or any(hf_name.startswith(s + ".") for s in specs):
-            raise InvalidModel(f"the GGUF file holds {tensor.name[:80]!r} twice")
         say(f"converting {tensor.name}", index, total)
         module = hf_name.rsplit(".", 1)[0]
-        matrix = hf_name.endswith(".weight") and len(want) == 2
-        compressible = matrix and (module in linears or module == embed_name)
         result.parameters += int(np.prod(want))
+        compressible = _compressible(hf_name, want, linears, embed_name)
         if dequantize or not compressible or kind in FLOAT_TYPES:
             weights = _processed(processor, tensor, _dequantized(tensor, 0, want[0]))
             tensors[hf_name] = torch.from_numpy(np.array(weights, dtype=np.float32))
@@ -270,17 +282,33 @@ def _convert_tensors(
         specs[module] = spec
         for key, value in stored.items():
             tensors[f"{module}.{key}"] = value.contiguous()
-    missing = [k for k in expected if k not in tensors and k.rsplit(".", 1)[0] not in specs]
-    missing = [k for k in missing if not _is_buffer(model, k)]
-    if missing:
-        raise InvalidModel(
-            f"the GGUF file lacks {len(missing)} tensor(s) its architecture needs, "
-            f"e.g. {missing[0][:80]!r}"
-        )
     if tied and head_name and embed_name in specs:
         n, k = expected[f"{embed_name}.weight"]
         specs[head_name] = ModuleSpec("tied", k, n, source=embed_name)
     return tensors, specs, shapes
+
+
+def _compressible(hf_name: str, want: tuple[int, ...], linears: set[str], embed: str) -> bool:
+    module = hf_name.rsplit(".", 1)[0]
+    matrix = hf_name.endswith(".weight") and len(want) == 2
+    return matrix and (module in linears or module == embed)
+
+
+def _converted_bytes(
+    entry: Any,
+    hf_name: str,
+    want: tuple[int, ...],
+    dequantize: bool,
+    linears: set[str],
+    embed: str,
+) -> int:
+    """Bytes the converted tensor holds in memory until the file is written, with the
+    float32 rows of one chunk expanded on the way (an upper bound, not an estimate)."""
+    elements = int(np.prod(want, dtype=np.float64))
+    if dequantize or not _compressible(hf_name, want, linears, embed) or entry.kind in FLOAT_TYPES:
+        return 4 * elements
+    n, k = want
+    return n * k + 8 * n + 4 * min(n, ROW_CHUNK) * k  # int8 codes (or less), scales, a chunk
 
 
 class _Tensor:
@@ -290,10 +318,6 @@ class _Tensor:
         self.name = entry.name
         self.tensor_type = entry.qtype
         self.data = table.data(entry)
-
-
-def _is_buffer(model: Any, key: str) -> bool:
-    return key in dict(model.named_buffers())
 
 
 def _dequantized(tensor: Any, start: int, stop: int) -> np.ndarray:
