@@ -40,7 +40,7 @@ _SIZE_UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def parse_size(text: str | int) -> int:
@@ -50,7 +50,7 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         value, unit = float(text), ""
     else:
-        match = _SIZE_RE.match(text)
+        match = _SIZE_RE.fullmatch(text)
         if not match:
             try:
                 value, unit = float(text), ""
@@ -162,7 +162,7 @@ def parse_host(value: str | None) -> HostAddress:
     return HostAddress(scheme, host, port, parts.path.rstrip("/"))
 
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,2})$")
+_DEVICE_RE = re.compile(r"(auto|cpu|cuda|cuda:[0-9]{1,2})")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -338,7 +338,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
-        if not _DEVICE_RE.match(value):
+        if not _DEVICE_RE.fullmatch(value):
             raise ValueError(f"unknown device {value!r} (use auto, cpu, cuda or cuda:N)")
         return value
 

@@ -63,6 +63,9 @@ def test_valid_names(text: str, display: str) -> None:
         "m@sha256:" + "0" * 64,
         "a\\b",
         "%2e%2e%2fx",
+        "x\n:latest",  # `$` matched before a final newline
+        "ns\n/model",
+        "host.example\n/ns/model",
     ],
 )
 def test_invalid_names(text: str) -> None:
@@ -98,3 +101,19 @@ def test_any_accepted_name_stays_inside_the_root(tmp_path: Path) -> None:
         assert path.is_relative_to(root), text
         assert registry.blobs.dir.resolve().parent == registry.root.resolve()
     assert accepted > 100
+
+
+def test_every_name_pattern_refuses_a_final_newline() -> None:
+    """`re.match` with `$` accepts "x\\n"; each validator matches the whole string."""
+    from ollama_compact_server.api.guard import origin_allowed
+    from ollama_compact_server.registry.errors import InvalidModel
+    from ollama_compact_server.registry.manifest import check_filename
+    from ollama_compact_server.settings import parse_size
+
+    with pytest.raises(InvalidModel):
+        check_filename("model.safetensors\n")
+    assert check_filename("model.safetensors") == "model.safetensors"
+    assert not origin_allowed("http://localhost:3000\n", [])
+    assert origin_allowed("http://localhost:3000", [])
+    with pytest.raises(ValueError):
+        parse_size("4GiB\nx")

@@ -43,6 +43,7 @@ def make_model(registry: Registry, name: str, payload: bytes, system: str = "be 
         "%2e%2e%2f" + HEX,
         "sha512:" + HEX,
         "sha256:" + "g" * 64,
+        "sha256:" + HEX + "\n",
         "",
         None,
         5,

@@ -67,7 +67,7 @@ class HostCheck:
 
 
 def origin_allowed(origin: str, extra: list[str]) -> bool:
-    return bool(LOCAL_ORIGIN.match(origin)) or origin in extra or "*" in extra
+    return bool(LOCAL_ORIGIN.fullmatch(origin)) or origin in extra or "*" in extra
 
 
 class NetworkGuard:

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import BlobNotFound, DigestMismatch, InvalidDigest
 from .fsutil import TMP_PREFIX, fsync_dir, storage_error
 
-DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+DIGEST_RE = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 CHUNK = 1 << 20
 
 Progress = Callable[[int], None]
@@ -24,7 +24,7 @@ def normalize_digest(digest: object) -> str:
     """Returns ``sha256:<64 lowercase hex>`` or raises :class:`InvalidDigest`."""
     if not isinstance(digest, str):
         raise InvalidDigest("invalid digest format")
-    match = DIGEST_RE.match(digest)
+    match = DIGEST_RE.fullmatch(digest)
     if not match:
         raise InvalidDigest("invalid digest format")
     return "sha256:" + match.group(1).lower()
@@ -156,7 +156,7 @@ class BlobStore:
         found = set()
         for entry in self.dir.iterdir():
             name = entry.name
-            if name.startswith("sha256-") and DIGEST_RE.match(name):
+            if name.startswith("sha256-") and DIGEST_RE.fullmatch(name):
                 found.add(normalize_digest(name))
         return found
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 EVAL_DIR = "evals"
 MAX_REPORT_BYTES = 1 << 16
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class EvalReport(BaseModel):
@@ -79,7 +79,7 @@ class EvalReport(BaseModel):
 
 
 def eval_path(registry: Registry, digest: str) -> Path:
-    if not _DIGEST_RE.match(digest):
+    if not _DIGEST_RE.fullmatch(digest):
         raise ValueError(f"invalid manifest digest {digest[:80]!r}")
     return registry.root / EVAL_DIR / f"sha256-{digest}.json"
 

@@ -26,12 +26,12 @@ TEXT_LAYERS = (MT_TEMPLATE, MT_SYSTEM, MT_PARAMS, MT_MESSAGES, MT_LICENSE)
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_LAYERS = 4096
 
-FILENAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+FILENAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 
 
 def check_filename(name: object) -> str:
     """A file name inside a model: flat, no traversal, no odd characters."""
-    if not isinstance(name, str) or not FILENAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not FILENAME_RE.fullmatch(name) or ".." in name:
         raise InvalidModel(f"invalid file path {str(name)[:100]!r}")
     return name
 

@@ -12,9 +12,9 @@ DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
 
-_MODEL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
+_MODEL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}")
+_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}")
 MAX_NAME_LENGTH = 600
 
 
@@ -64,7 +64,7 @@ class ModelName:
         for label, part, pattern in checks:
             if not part:
                 raise InvalidName(f"invalid model name {_shown(raw)}: empty {label}")
-            if not pattern.match(part) or part in (".", ".."):
+            if not pattern.fullmatch(part) or part in (".", ".."):
                 raise InvalidName(f"invalid model name {_shown(raw)}: bad {label} {_shown(part)}")
         return cls(host, namespace, model, tag)
 
