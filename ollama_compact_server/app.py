@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import __version__
 from .api import anthropic, health, metrics, ollama, openai
 from .api.auth import APIKeyMiddleware
-from .api.errors import DrainGuard, install_error_handlers
+from .api.errors import CatchAll, DrainGuard, install_error_handlers
 from .api.guard import LOCAL_ORIGIN, HostCheck, NetworkGuard, is_loopback_host
 from .api.openai.responses_store import ResponseStore
 from .engine.protocol import Engine
@@ -157,7 +157,8 @@ def create_app(
     app.include_router(anthropic.router)
     # Starlette runs the last added middleware first: CORS answers preflights, the request
     # log counts and times everything after it, the guard checks Host and Origin, then the
-    # key is checked.
+    # key is checked; innermost, an unexpected error becomes a 500 that keeps the connection.
+    app.add_middleware(CatchAll)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
     extra = settings.extra_origins

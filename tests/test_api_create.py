@@ -79,8 +79,11 @@ async def test_client_gone_mid_upload_leaves_nothing(env) -> None:
         yield b"x" * 100_000
         raise ConnectionError("client went away")
 
-    with pytest.raises(Exception):
-        await raw.post(f"/api/blobs/{digest_of(b'x' * 200_000)}", content=body())
+    try:  # in process the client's error surfaces in the app's receive(): a 500 at most
+        r = await raw.post(f"/api/blobs/{digest_of(b'x' * 200_000)}", content=body())
+        assert r.status_code >= 400
+    except ConnectionError:
+        pass
     assert tree_hash(registry.root) == before
 
 

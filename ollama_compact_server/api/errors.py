@@ -118,6 +118,37 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", request.url.path)
 
 
+class CatchAll:
+    """The innermost middleware: an unexpected exception before the response started
+    becomes a 500 in the route's dialect, and the request ends normally. (Starlette's
+    handler for ``Exception`` answers too, but re-raises, and uvicorn then drops the
+    keep-alive connection, failing the client's next request on it.) After the response
+    started the exception goes on: the streams report their own errors in-band."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if started:
+                raise
+            path = scope.get("path", "")
+            log.exception("unhandled error on %s %s", scope.get("method", ""), path)
+            await error_response(500, "internal server error", path)(scope, receive, send)
+
+
 class DrainGuard:
     """While the server shuts down (``app.state.draining``), new requests get a 503 in their
     dialect with ``Connection: close``; requests already running are not affected."""
