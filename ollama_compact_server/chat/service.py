@@ -22,6 +22,7 @@ from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from .errors import ChatError, ModelNotFound, Unsupported
 from .options import merge_options, to_sampling
+from .special import defuse, encode_marked, encode_text, new_mark, special_pattern
 from .templates import plain_chat, render
 from .thinking import ThinkSplitter
 from .toolcalls import ToolFormat, ToolStream, forced_call, tool_format
@@ -251,17 +252,19 @@ class ChatService:
     ) -> list[int]:
         if view.template:
             extra = {} if think is None else {"enable_thinking": think}
+            # special-token text in what the client sent stays text (chat/special.py)
+            pattern, mark = special_pattern(tokenizer), new_mark()
             text = render(
                 view.template,
-                messages=history,
-                tools=tools or None,
+                messages=defuse(history, pattern, mark),
+                tools=defuse(tools, pattern, mark) or None,
                 add_generation_prompt=True,
                 bos_token=tokenizer.bos_token or "",
                 eos_token=tokenizer.eos_token or "",
                 **extra,
             )
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(tokenizer(plain_chat(history))["input_ids"])
+            return encode_marked(tokenizer, text, mark)
+        return encode_text(tokenizer, plain_chat(history))
 
     async def _generate(
         self,
@@ -368,7 +371,7 @@ async def embed_inputs(
         raise ChatError(f"at most {MAX_EMBED_INPUTS} inputs per request")
     tokenizer = await service.tokenizer(view)
     encoded: list[list[int]] = await asyncio.to_thread(
-        lambda: [list(tokenizer(t)["input_ids"]) for t in texts]
+        lambda: [encode_text(tokenizer, t) for t in texts]
     )
     limit = view.record.config.context_length or 0
     if limit:
