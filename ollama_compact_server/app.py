@@ -92,6 +92,7 @@ def build_engine(settings: Settings, registry: Registry) -> Engine:
         load_adapter=provider.load_adapter,
         estimate=sizing.estimate,
         plan=sizing.plan,
+        guide=provider.guide,
     )
     loop = DeviceLoop(EngineConfig.from_settings(settings, device, dtype, budget), models)
     served = dtype_name(dtype)

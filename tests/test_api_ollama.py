@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -399,3 +401,46 @@ async def test_delete_unloads_a_resident_model(
         assert r.status_code == 200
         assert await wait_unloaded(engine, "tiny:latest")
         assert (await raw.get("/api/ps")).json() == {"models": []}
+
+
+async def test_schemas_compile_off_the_device_thread_within_a_time_cap(
+    app_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema with thousands of properties took seconds to compile on the device thread,
+    stalling every stream it served (issue 17, point 3): it now compiles on a grammar
+    thread before the request is submitted, and one that takes too long is a 400."""
+    import threading
+
+    from ollama_compact_server.engine import constraint, local
+
+    raw, _ = app_client
+    threads: list[str] = []
+    real = constraint.JsonConstraint.__init__
+
+    def recording(self: Any, *args: Any) -> None:
+        threads.append(threading.current_thread().name)
+        real(self, *args)
+
+    monkeypatch.setattr(constraint.JsonConstraint, "__init__", recording)
+    body = {
+        "model": "tiny",
+        "prompt": "answer",
+        "format": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": 20},
+    }
+    assert (await raw.post("/api/generate", json=body)).status_code == 200
+    assert threads and all(name.startswith("ocs-grammar") for name in threads), threads
+    r = await raw.post(
+        "/api/generate", json={**body, "format": {"type": "object", "x": "y" * (600 << 10)}}
+    )
+    assert r.status_code == 400 and "KiB" in r.json()["error"], r.text
+
+    def slow(*_: Any) -> Any:
+        time.sleep(1.0)
+        raise AssertionError("not reached in time")
+
+    monkeypatch.setattr(local, "build_constraint", slow)
+    monkeypatch.setattr(local, "GRAMMAR_SECONDS", 0.05)
+    r = await raw.post("/api/generate", json=body)
+    assert r.status_code == 400 and "too complex" in r.json()["error"], r.text

@@ -14,12 +14,14 @@ from .sequence import LoadedModel, ModelProvider
 
 if TYPE_CHECKING:
     from ..settings import Settings
+    from .constraint import GuidedTokenizer
 
 Sizer = Callable[[str], int]
 """A model name -> the bytes it needs resident (weights and one sequence of context)."""
 Planner = Callable[[str, LoadedModel, int | None], tuple[int, int]]
 """(model, loaded, bytes available or None) -> (slots, tokens per slot) to allocate."""
 Resolver = Callable[[str], Target]
+Guide = Callable[[str], "GuidedTokenizer"]
 """A requested model name -> the resident model that serves it (and the adapter on top)."""
 
 
@@ -63,10 +65,13 @@ class ModelSource:
     """Where a device loop's models come from: ``load`` builds one (on a loader thread);
     the rest are optional. ``resolve`` names the model and adapter a request runs on (the
     engine front calls it once per request, off the device thread), ``load_adapter`` reads
-    an adapter into host memory, ``estimate`` and ``plan`` size a model for the budget."""
+    an adapter into host memory, ``estimate`` and ``plan`` size a model for the budget,
+    ``guide`` gives a model's tokenizer as structured output reads it (for building a
+    request's constraint before it reaches the device thread)."""
 
     load: ModelProvider
     resolve: Resolver | None = None
     load_adapter: AdapterLoader | None = None
     estimate: Sizer | None = None
     plan: Planner | None = None
+    guide: Guide | None = None

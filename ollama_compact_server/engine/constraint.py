@@ -14,6 +14,7 @@ from .types import EngineError
 
 JSON_SPACE = r"( |\n{1,2}[ \t]{0,20})?"
 """Whitespace allowed between JSON tokens: one space, or a line break or two and an indent."""
+MAX_SCHEMA_BYTES = 512 << 10  # of a schema's JSON text
 
 
 def grammar_for(schema: str, wrap: tuple[str, str] | None = None) -> str:
@@ -21,9 +22,11 @@ def grammar_for(schema: str, wrap: tuple[str, str] | None = None) -> str:
     texts (``wrap``: before, after; a forced tool call's tags); raises EngineError (400)."""
     import llguidance
 
+    if len(schema) > MAX_SCHEMA_BYTES:
+        raise EngineError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES >> 10} KiB")
     try:
         parsed = json.loads(schema)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise EngineError("the JSON schema is not valid JSON") from None
     if isinstance(parsed, dict) and "x-guidance" not in parsed:
         # whitespace as llama.cpp's schema grammars allow it: a small model left free to
@@ -74,9 +77,27 @@ class JsonConstraint:
         self._guided.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         self._guided.apply_token_bitmask_inplace(logits.view(1, -1), self.bitmask.to(logits.device))
 
+    def warm(self) -> None:
+        """Computes the first mask (into the constraint's own bitmask)."""
+        self._guided.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+
     def consume(self, token: int) -> None:
         self.matcher.consume_token(token)
 
     @property
     def done(self) -> bool:
         return bool(self.matcher.is_stopped() or self.matcher.is_error())
+
+
+def build_constraint(
+    tokenizer: GuidedTokenizer, schema: str, wrap: tuple[str, str] | None = None
+) -> JsonConstraint:
+    """A ready constraint for one request: grammar compiled, matcher built and its first mask
+    computed once (which builds the lexer: seconds for a schema with thousands of
+    properties, microseconds per step afterwards). Slow for big schemas, so it runs on a
+    grammar thread before the request reaches the device thread; raises EngineError (400)."""
+    constraint = JsonConstraint(tokenizer, grammar_for(schema, wrap))
+    constraint.warm()
+    if constraint.matcher.is_error():
+        raise EngineError(f"unsupported JSON schema: {constraint.matcher.get_error()[:300]}")
+    return constraint

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .adapters import Target
+from .constraint import build_constraint
 from .inbox import Pending
 from .loop import DeviceLoop
 from .mailbox import Mailbox
@@ -22,12 +24,42 @@ from .types import (
     TokenEvent,
 )
 
+GRAMMAR_SECONDS = 10.0  # to compile one request's JSON schema, before it is refused
+GRAMMAR_THREADS = 2  # schemas compiled at once (each may hold a CPU for seconds)
+
 
 class LocalEngine:
     """The engine protocol over one device loop: what the API layer calls."""
 
     def __init__(self, loop: DeviceLoop) -> None:
         self.device_loop = loop
+        # llguidance drops the GIL while it compiles; no torch runs here (threads.py)
+        self._grammars = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="ocs-grammar")
+
+    async def _constraint(self, model: str, request: GenerateRequest) -> Any:
+        """The request's structured-output constraint, compiled on a grammar thread within
+        GRAMMAR_SECONDS: a schema with thousands of properties takes seconds, which on the
+        device thread would stall every stream it serves."""
+        guide = self.device_loop.models.guide
+        sampling = request.sampling
+        if guide is None or sampling.json_schema is None:
+            return None  # the device loop builds it (engines assembled without a guide)
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(
+            self._grammars,
+            lambda: build_constraint(guide(model), sampling.json_schema or "", sampling.json_wrap),
+        )
+        try:
+            return await asyncio.wait_for(job, GRAMMAR_SECONDS)
+        except TimeoutError:
+            raise EngineError(
+                f"the JSON schema is too complex: compiling it took more than "
+                f"{GRAMMAR_SECONDS:.0f} s"
+            ) from None
+        except EngineError:
+            raise
+        except Exception as exc:  # a grammar library failure is the request's, a 400
+            raise EngineError(f"the JSON schema could not be compiled: {exc}"[:400]) from None
 
     async def _pending(
         self,
@@ -55,6 +87,8 @@ class LocalEngine:
         request.sampling.validate()
         mailbox = Mailbox(asyncio.get_running_loop(), self.device_loop.notifier)
         item = await self._pending(request.model, mailbox, request, request.keep_alive)
+        if request.sampling.json_schema is not None and request.constraint is None:
+            request.constraint = await self._constraint(item.model, request)
         self.device_loop.submit(item)
         done = False
         started = False
@@ -110,6 +144,7 @@ class LocalEngine:
 
     def close(self) -> None:
         self.device_loop.stop()
+        self._grammars.shutdown(wait=False, cancel_futures=True)
 
 
 def engine_error(event: TokenEvent) -> EngineError:

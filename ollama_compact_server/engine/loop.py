@@ -242,14 +242,17 @@ class DeviceLoop:
             load_time=load_time,
             adapter=item.adapter,
         )
-        if params.json_schema is not None:
+        if request.constraint is not None:  # built by the engine front (engine/local.py)
+            seq.constraint = request.constraint
+        elif params.json_schema is not None:
             try:
                 seq.constraint = JsonConstraint(
                     worker.loaded.guided_tokenizer(),
                     grammar_for(params.json_schema, params.json_wrap),
                 )
-            except EngineError as exc:
-                item.mailbox.put(error_event(str(exc), 400))
+            except Exception as exc:  # never into the loop: the request's own 400
+                message = str(exc) if isinstance(exc, EngineError) else f"bad JSON schema: {exc}"
+                item.mailbox.put(error_event(message[:400], 400))
                 return
         if max_tokens == 0 and not params.prompt_logprobs:
             worker.finish(seq, FinishReason.LENGTH)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from ..modeling.lora import LoraWeights, read_peft_adapter
 from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import ModelRecord, Registry
 from .adapters import AdapterRef, Target
+from .constraint import GuidedTokenizer
 from .device import INTEGER_SCHEMES, dtype_name, model_dtype
 from .planner import Plan, format_plan, plan_memory, serving_plan
 from .sequence import LoadedModel
@@ -56,6 +59,8 @@ class RegistryProvider:
         self.device = device
         self.dtype = dtype
         self.warned: set[str] = set()  # adapters whose base changed, logged once
+        self._guides: OrderedDict[str, GuidedTokenizer] = OrderedDict()  # by base digest
+        self._guides_lock = threading.Lock()
 
     def dtype_for(self, record: ModelRecord) -> torch.dtype:
         if isinstance(self.dtype, str):
@@ -83,6 +88,28 @@ class RegistryProvider:
                 base.digest[:12],
             )
         return Target(base.name.display(), AdapterRef(record.name.display(), record.digest, files))
+
+    def guide(self, name: str) -> GuidedTokenizer:
+        """The model's tokenizer for structured output (kept for the last few models)."""
+        record = self.registry.get(name)
+        if record.is_adapter and record.config.base_model:
+            record = self.registry.get(record.config.base_model)
+        with self._guides_lock:
+            cached = self._guides.get(record.digest)
+            if cached is not None:
+                self._guides.move_to_end(record.digest)
+                return cached
+        tokenizer = load_tokenizer(self.registry, record)
+        data = self.registry.blobs.read_bytes(record.manifest.files()["config.json"].digest)
+        config = json.loads(data)
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        vocab = config.get("vocab_size") or text.get("vocab_size") or len(tokenizer)
+        guided = GuidedTokenizer(tokenizer, int(vocab))
+        with self._guides_lock:
+            self._guides[record.digest] = guided
+            while len(self._guides) > 4:
+                self._guides.popitem(last=False)
+        return guided
 
     def load_adapter(self, ref: AdapterRef) -> LoraWeights:
         """Reads an adapter's files (each checked against its digest) into host memory."""

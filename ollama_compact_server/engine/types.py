@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 ANY_JSON_OBJECT = '{"type": "object"}'
 """The schema behind Ollama's format "json" and OpenAI's json_object mode."""
@@ -124,6 +125,8 @@ class GenerateRequest:
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     keep_alive: KeepAlive = DEFAULT
+    # structured output's JsonConstraint, built by the engine front off the device thread
+    constraint: Any = None
 
 
 TokenLogprob = tuple[int, float, list[tuple[int, float]]]
