@@ -39,6 +39,12 @@ class NameConflict(RegistryError):
     status = 409
 
 
+class InUse(RegistryError):
+    """A model others depend on (the base of adapter models)."""
+
+    status = 409
+
+
 class StorageError(RegistryError):
     """The disk failed (full, I/O error); the registry is unchanged."""
 

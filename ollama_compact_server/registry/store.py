@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,7 +20,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from .blobs import BlobStore, Progress
-from .errors import InvalidModel, ModelNotFound, NameConflict, RegistryError
+from .errors import (
+    InUse,
+    InvalidModel,
+    ModelNotFound,
+    NameConflict,
+    RegistryError,
+    StorageError,
+)
 from .fsutil import TMP_PREFIX, atomic_write_bytes, fsync_dir
 from .manifest import (
     MAX_MANIFEST_BYTES,
@@ -64,6 +72,9 @@ class Registry:
         self.manifest_dir = self.root / "manifests"
         self._lock = threading.RLock()
         self._depth = 0  # nesting of locked() in the thread holding _lock
+        # blobs that transactions in flight (in this process) hold: never collected
+        self._pins: Counter[str] = Counter()
+        self._pins_lock = threading.Lock()
 
     # ------------------------------------------------------------------ locking
 
@@ -221,14 +232,39 @@ class Registry:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """Collects blobs for a new model; on failure every blob it created is removed
-        again (unless a manifest uses it), so the registry ends byte-identical."""
-        with self.locked():
-            txn = Transaction(self)
-            try:
-                yield txn
-            except BaseException:
-                txn.rollback()
-                raise
+        again (unless a manifest uses it), so the registry ends byte-identical.
+
+        The blobs are written without the registry lock (a multi-GB copy must not stop
+        copies, deletes and other imports); they are pinned meanwhile, so that no garbage
+        collection in this process removes them, and the commit takes the lock only to
+        check them and write the manifest. (A delete in another process may still remove
+        a blob this one found already stored; the commit then fails, leaving no model.)"""
+        txn = Transaction(self)
+        try:
+            yield txn
+        except BaseException:
+            txn.rollback()
+            raise
+        finally:
+            txn.release()
+
+    def _pin(self, digest: str) -> None:
+        with self._pins_lock:
+            self._pins[digest] += 1
+
+    def _unpin(self, digest: str) -> None:
+        with self._pins_lock:
+            self._pins[digest] -= 1
+            if self._pins[digest] <= 0:
+                del self._pins[digest]
+
+    def _remove_unpinned(self, digest: str, own: int = 0) -> None:
+        """Removes a blob unless a transaction (other than ``own`` pins of the caller's)
+        holds it."""
+        with self._pins_lock:
+            if self._pins.get(digest, 0) > own:
+                return
+            self.blobs.remove(digest)
 
     def write_manifest(self, name: str | ModelName, manifest: Manifest) -> ModelRecord:
         """Points ``name`` at ``manifest`` atomically (an existing name differing only in
@@ -257,14 +293,31 @@ class Registry:
             return self.write_manifest(destination, record.manifest)
 
     def delete(self, name: str | ModelName, keep: frozenset[str] = frozenset()) -> None:
-        """Removes a name; blobs no other model uses are deleted too, except ``keep``."""
+        """Removes a name; blobs no other model uses are deleted too, except ``keep``. The
+        base of adapter models stays (InUse, a 409 naming them) while they do."""
         with self.locked():
             record = self.get(name)
+            dependents = self.dependents(record.name)
+            if dependents:
+                shown = ", ".join(dependents[:5]) + (" ..." if len(dependents) > 5 else "")
+                raise InUse(
+                    f"model '{record.name.display()}' is the base of {len(dependents)} adapter "
+                    f"model(s): {shown}; delete those first"
+                )
             path = self._manifest_path(record.name)
             path.unlink()
             fsync_dir(path.parent)
             self._prune_empty_dirs(path.parent)
             self._collect(record.manifest.digests() - keep)
+
+    def dependents(self, name: ModelName) -> list[str]:
+        """Adapter models whose base is ``name``."""
+        found = []
+        for record in self.models():
+            base = record.config.base_model if record.is_adapter else None
+            if base and record.name != name and self.resolve(base) == name:
+                found.append(record.name.display())
+        return sorted(found)
 
     def _referenced(self) -> set[str]:
         used: set[str] = set()
@@ -280,7 +333,7 @@ class Registry:
         if not candidates:
             return
         for digest in candidates - self._referenced():
-            self.blobs.remove(digest)
+            self._remove_unpinned(digest)
 
     def _prune_empty_dirs(self, directory: Path) -> None:
         while directory != self.manifest_dir and directory.is_relative_to(self.manifest_dir):
@@ -321,7 +374,21 @@ class Transaction:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.created: set[str] = set()
+        self.pinned: set[str] = set()
         self.layers: list[Layer] = []
+
+    def _hold(self, put: Callable[[], tuple[str, bool]]) -> tuple[str, bool]:
+        """Stores bytes with ``put`` and pins the blob; if a collection removed it between
+        the two (it was stored already, and its last model was just deleted), stores it
+        again."""
+        for _ in range(3):
+            digest, created = put()
+            if digest not in self.pinned:
+                self.registry._pin(digest)
+                self.pinned.add(digest)
+            if self.registry.blobs.has(digest):
+                return digest, created
+        raise StorageError("a blob kept disappearing while it was stored; try again")
 
     def add_file(
         self,
@@ -330,15 +397,18 @@ class Transaction:
         filename: str | None = None,
         progress: Progress | None = None,
     ) -> Layer:
-        digest, created = self.registry.blobs.put_file(source, progress)
+        digest, created = self._hold(lambda: self.registry.blobs.put_file(source, progress))
         return self._layer(media_type, digest, created, filename)
 
     def add_bytes(self, media_type: str, data: bytes, filename: str | None = None) -> Layer:
-        digest, created = self.registry.blobs.put_bytes(data)
+        digest, created = self._hold(lambda: self.registry.blobs.put_bytes(data))
         return self._layer(media_type, digest, created, filename)
 
     def add_existing(self, layer: Layer) -> Layer:
         """Reuses a layer of another model (shared storage)."""
+        if layer.digest not in self.pinned:
+            self.registry._pin(layer.digest)
+            self.pinned.add(layer.digest)
         if not self.registry.blobs.has(layer.digest):
             raise InvalidModel(f"missing blob {layer.digest}")
         self.layers.append(layer)
@@ -361,14 +431,22 @@ class Transaction:
         config_layer = self.add_bytes(MT_CONFIG, config.to_bytes())
         self.layers.remove(config_layer)
         manifest = Manifest(config=config_layer, layers=self.layers)
-        return self.registry.write_manifest(name, manifest)
+        return self.registry.write_manifest(name, manifest)  # under the lock, briefly
 
     def rollback(self) -> None:
+        """Removes the blobs this transaction created that no manifest and no other
+        transaction uses."""
         if not self.created:
             return
-        used = self.registry._referenced()
-        for digest in self.created - used:
-            self.registry.blobs.remove(digest)
+        with self.registry.locked():
+            used = self.registry._referenced()
+            for digest in self.created - used:
+                self.registry._remove_unpinned(digest, own=1 if digest in self.pinned else 0)
+
+    def release(self) -> None:
+        for digest in self.pinned:
+            self.registry._unpin(digest)
+        self.pinned.clear()
 
 
 TEXT_MEDIA_TYPES: dict[str, str] = {

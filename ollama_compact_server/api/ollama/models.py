@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -57,7 +58,7 @@ async def copy(request: Request) -> Response:
     registry = registry_of(request)
     if not registry.exists(source):
         raise APIError(404, f'model "{source.display()}" not found')
-    registry.copy(source, destination)
+    await asyncio.to_thread(registry.copy, source, destination)  # the registry lock: off the loop
     return Response(status_code=200)
 
 
@@ -67,7 +68,7 @@ async def delete(request: Request) -> Response:
     registry = registry_of(request)
     if not registry.exists(name):
         raise APIError(404, f"model '{name.display()}' not found")
-    registry.delete(name)
+    await asyncio.to_thread(registry.delete, name)
     # A resident copy goes too, as soon as no request uses it (the engine's unload waits
     # for idle); a later model of the same name then loads its own weights.
     chat_service(request).engine.unload(name.display())
