@@ -15,6 +15,7 @@ import uvicorn
 
 from .app import create_app, prepare_default_model
 from .logs import setup_logging
+from .protocol import protocol_class
 from .registry.errors import RegistryError
 from .registry.store import Registry
 from .settings import Settings
@@ -73,7 +74,13 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, registry=registry)
     log.info("listening on %s", address.url)
     config = uvicorn.Config(
-        app, host=address.host, port=address.port, log_config=None, access_log=False
+        app,
+        host=address.host,
+        port=address.port,
+        log_config=None,
+        access_log=False,
+        http=protocol_class(settings.header_timeout),  # read deadlines (protocol.py)
+        limit_concurrency=settings.max_connections,
     )
     GracefulServer(
         config,

@@ -271,6 +271,21 @@ class Settings(BaseSettings):
         "the check guards against DNS rebinding and is off only for a non-loopback bind with "
         "OCS_API_KEY.",
     )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        le=100_000,
+        description="Open connections (and requests in flight) past which new requests get a "
+        "503 at once.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client has to send a request's headers; a request body, once "
+        "30 s have passed, must keep arriving at 16 KiB/s on average. Slower clients get a "
+        "408 and the connection closes.",
+    )
     shutdown_timeout: int = Field(
         30,
         ge=0,

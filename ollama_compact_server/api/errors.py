@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from ..chat.errors import ChatError
 from ..engine.types import EngineBusy, EngineError
@@ -141,6 +142,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, sending)
+        except ClientDisconnect:
+            return  # nobody to answer
         except Exception:
             if started:
                 raise
