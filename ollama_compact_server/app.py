@@ -33,6 +33,7 @@ def startup_registry(registry: Registry, settings: Settings) -> None:
     registry.root.mkdir(parents=True, exist_ok=True)
     for problem in registry.fsck():
         log.error("registry: %s", problem)
+    registry.sweep()  # uploads no create used within the grace (BLOB_GRACE)
     result = register_dropins(registry, settings.adapters)
     if result.registered or result.skipped:
         log.info(
@@ -41,6 +42,18 @@ def startup_registry(registry: Registry, settings: Settings) -> None:
             len(result.unchanged),
             len(result.skipped),
         )
+
+
+SWEEP_EVERY = 600.0  # seconds between sweeps of unused blobs
+
+
+async def _sweep_now_and_then(registry: Registry) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_EVERY)
+        try:
+            await asyncio.to_thread(registry.sweep)
+        except Exception:  # a sweep that fails tries again next time
+            log.exception("sweeping unused blobs failed")
 
 
 def prepare_default_model(
@@ -131,9 +144,11 @@ def create_app(
 
         app.state.chat = ChatService(registry, app.state.engine, TokenizerCache(registry))
         log.info("ollama-compact-server %s ready, registry at %s", __version__, registry.root)
+        sweeper = asyncio.create_task(_sweep_now_and_then(registry))
         try:
             yield
         finally:
+            sweeper.cancel()
             if owned:
                 await asyncio.to_thread(app.state.engine.close)
 

@@ -271,6 +271,11 @@ class Settings(BaseSettings):
         "the check guards against DNS rebinding and is off only for a non-loopback bind with "
         "OCS_API_KEY.",
     )
+    max_blob_size: str = Field(
+        "64GiB",
+        description="Largest file /api/blobs takes (a model shard, a GGUF file); an upload "
+        "that would leave less than 1 GiB free on the registry's disk is refused too (507).",
+    )
     max_connections: int = Field(
         1024,
         ge=1,
@@ -377,6 +382,13 @@ class Settings(BaseSettings):
             raise ValueError("memory budget must be positive")
         return value
 
+    @field_validator("max_blob_size")
+    @classmethod
+    def _check_blob_size(cls, value: str) -> str:
+        if parse_size(value) <= 0:
+            raise ValueError("the blob size cap must be positive")
+        return str(value).strip()
+
     @field_validator("keep_alive")
     @classmethod
     def _check_keep_alive(cls, value: str) -> str:
@@ -413,6 +425,10 @@ class Settings(BaseSettings):
     def memory_budget_bytes(self) -> int | None:
         """The budget in bytes, or None for "auto" (the engine decides per device)."""
         return None if self.memory_budget == "auto" else parse_size(self.memory_budget)
+
+    @property
+    def max_blob_bytes(self) -> int:
+        return parse_size(self.max_blob_size)
 
     @property
     def extra_origins(self) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -200,10 +201,13 @@ def test_fsck_quarantines_damaged_manifests_and_temp_files(registry: Registry) -
     bad.write_text('{"schemaVersion": 2, "lay')  # truncated JSON, as after a power loss
     stray = registry.blobs.dir / ".tmp-123"
     stray.write_bytes(b"partial")
+    live = registry.blobs.dir / ".tmp-456"  # another process is writing it
+    live.write_bytes(b"partial")
+    os.utime(stray, (time.time() - 3600, time.time() - 3600))  # dead since a crash
     assert [r.name.display() for r in registry.models()] == ["good:latest"]
     problems = registry.fsck()
     assert len(problems) == 1 and "bad:latest" in problems[0]
-    assert not bad.exists() and not stray.exists()
+    assert not bad.exists() and not stray.exists() and live.exists()
     assert (registry.root / "quarantine").is_dir()
 
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -107,7 +108,17 @@ class BlobStore:
         return Upload(self, normalize_digest(expected))
 
     def put_file(self, source: Path, progress: Progress | None = None) -> tuple[str, bool]:
-        """Copies a local file into the store (hashing while copying)."""
+        """Copies a local file into the store (hashing while copying). A file that is a
+        blob of this store already (an uploaded file a create names, reached through a
+        link) is only hashed: no second copy, no second helping of disk space."""
+        resolved = Path(source).resolve()
+        if resolved.parent == self.dir.resolve() and DIGEST_RE.fullmatch(resolved.name):
+            digest = normalize_digest(resolved.name)
+            actual = sha256_file(resolved, progress)
+            if actual != digest:
+                raise DigestMismatch(f"blob {digest} is corrupt (hashes to {actual})")
+            self.touch(digest)
+            return digest, False
 
         def chunks() -> Iterable[bytes]:
             with open(source, "rb") as handle:
@@ -145,6 +156,18 @@ class BlobStore:
         if actual != normalize_digest(digest):
             raise DigestMismatch(f"blob {normalize_digest(digest)} is corrupt (hashes to {actual})")
         return path
+
+    def touch(self, digest: str) -> None:
+        """Marks a blob as just used (the sweep spares blobs younger than its grace)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path(digest))
+
+    def age(self, digest: str) -> float:
+        """Seconds since the blob was written or last touched."""
+        try:
+            return time.time() - self.path(digest).lstat().st_mtime
+        except OSError:
+            return 0.0
 
     def remove(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):

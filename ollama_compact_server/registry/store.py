@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ class ModelRecord:
     @property
     def is_adapter(self) -> bool:
         return self.config.kind == "adapter"
+
+
+BLOB_GRACE = 3600.0  # seconds an unused blob (an upload before its create) is kept
+TMP_GRACE = 600.0  # seconds a temporary file may go unwritten before it counts as dead
 
 
 class Registry:
@@ -345,16 +350,39 @@ class Registry:
 
     # ------------------------------------------------------------------ maintenance
 
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files not written to for TMP_GRACE: left by a crash mid-write (a live
+        write, of this process or of a CLI import beside it, touches its file all along)."""
+        for directory in (self.blobs.dir, self.manifest_dir):
+            if directory.is_dir():
+                for tmp in directory.rglob(TMP_PREFIX + "*"):
+                    if _older_than(tmp, TMP_GRACE):
+                        with contextlib.suppress(OSError):
+                            tmp.unlink()
+
+    def sweep(self, grace: float = BLOB_GRACE) -> list[str]:
+        """Removes blobs that no manifest uses and nothing touched for ``grace`` seconds
+        (an upload waits that long for the create that names it), and stale temporary
+        files. Returns the digests removed. A damaged manifest keeps every blob."""
+        removed = []
+        with self.locked():
+            unused = self.blobs.all_digests() - self._referenced()
+            for digest in sorted(unused):
+                if self.blobs.age(digest) >= grace:
+                    self._remove_unpinned(digest)
+                    if not self.blobs.has(digest):
+                        removed.append(digest)
+            self._remove_stale_temporaries()
+        for digest in removed:
+            log.info("removed unused blob %s", digest)
+        return removed
+
     def fsck(self) -> list[str]:
         """Moves unparseable manifests to ``quarantine/`` and removes stale temporary files.
         Returns a line per problem found."""
         problems = []
         with self.locked():
-            for directory in (self.blobs.dir, self.manifest_dir):
-                if directory.is_dir():
-                    for tmp in directory.rglob(TMP_PREFIX + "*"):
-                        with contextlib.suppress(OSError):
-                            tmp.unlink()
+            self._remove_stale_temporaries()
             for name in self.names():
                 try:
                     self._load(name)
@@ -366,6 +394,13 @@ class Registry:
                     problems.append(f"{name.display()}: {exc} (moved to quarantine)")
                     log.error("quarantined damaged manifest %s: %s", name.display(), exc)
         return problems
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime >= seconds
+    except OSError:
+        return False
 
 
 class Transaction:

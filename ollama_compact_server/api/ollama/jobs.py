@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from ...compress.schemes import SchemeError
 from ...jobs import CreateSpec, ModelJobs, check_file_map
 from ...registry.blobs import normalize_digest
 from ...registry.errors import RegistryError
+from ...registry.store import Registry
 from ...threads import to_fresh_thread
 from ..common import json_body, registry_of
 from ..errors import APIError
@@ -97,19 +99,29 @@ async def blob_exists(request: Request, digest: str) -> Response:
 @router.post("/api/blobs/{digest}")
 async def blob_upload(request: Request, digest: str) -> Response:
     """Streams the body to disk (never whole in memory); bytes that do not hash to the
-    digest are refused and leave nothing behind."""
+    digest are refused and leave nothing behind. A body larger than OCS_MAX_BLOB_SIZE, or
+    one that would leave less than MIN_FREE on the disk, is refused: up front from its
+    Content-Length, else as it arrives."""
     registry = registry_of(request)
     expected = normalize_digest(digest)
     if registry.blobs.has(expected):
+        registry.blobs.touch(expected)  # the sweep's grace starts again
         async for _ in request.stream():  # drain; the blob is already here
             pass
         return Response(status_code=200)
+    cap = request.app.state.settings.max_blob_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        _check_room(registry, int(declared), cap)
     upload = registry.blobs.begin_upload(expected)
     buffer = bytearray()
+    size = 0
     try:
         async for chunk in request.stream():
             buffer += chunk
+            size += len(chunk)
             if len(buffer) >= UPLOAD_FLUSH:
+                _check_room(registry, size, cap, written=size - len(buffer))
                 await asyncio.to_thread(upload.write, bytes(buffer))
                 buffer.clear()
         if buffer:
@@ -119,6 +131,28 @@ async def blob_upload(request: Request, digest: str) -> Response:
         upload.abort()  # client gone, disk full, digest mismatch: nothing stays behind
         raise
     return Response(status_code=201 if created else 200)
+
+
+MIN_FREE = 1 << 30  # bytes an upload must leave free on the registry's disk
+
+
+def _check_room(registry: Registry, size: int, cap: int, written: int = 0) -> None:
+    """Refuses a blob of ``size`` bytes (``written`` of them on disk already) past the cap
+    (413) or past the disk's free space less MIN_FREE (507)."""
+    if size > cap:
+        raise APIError(413, f"the file is larger than the {cap / (1 << 30):.1f} GiB cap")
+    try:
+        free = shutil.disk_usage(
+            registry.blobs.dir if registry.blobs.dir.is_dir() else registry.root
+        ).free
+    except OSError:
+        return
+    if free - (size - written) < MIN_FREE:
+        raise APIError(
+            507,
+            f"not enough disk space for the file ({size / (1 << 30):.2f} GiB) and a "
+            f"{MIN_FREE >> 30} GiB reserve",
+        )
 
 
 UPLOAD_FLUSH = 4 << 20
