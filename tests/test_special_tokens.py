@@ -112,3 +112,40 @@ def test_gemma_tokenizer(gemma_registry: Registry) -> None:
     assert (
         tokenizer.decode(ids) == "<start_of_turn>user\nx<end_of_turn><unused7><eos><end_of_turn>\n"
     )
+
+
+async def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized(
+    service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 7.5 MB prompt took 20 s of CPU to reach the engine's 400 (issue 17, point 11)."""
+    from ollama_compact_server.chat import special
+    from ollama_compact_server.chat.errors import ChatError
+
+    context = service.model("m").record.config.context_length
+    assert context
+    tokenizer = service_tokenizer(service)
+    calls: list[int] = []
+    real = type(tokenizer).__call__
+
+    def counting(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(text))
+        return real(self, text, *args, **kwargs)
+
+    huge = "word " * (context * special.longest_token(tokenizer))
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    for fields in ({"messages": [Message("user", huge)]}, {"prompts": [huge], "raw": True}):
+        with pytest.raises(ChatError, match="longer than the model's context"):
+            await prompt_of(service, **fields)
+    assert not calls  # refused from its length alone
+    # past 8 characters a token (below the length bound: a vocabulary with long tokens),
+    # counted in pieces, stopping once surely over
+    monkeypatch.setattr(special, "longest_token", lambda _: 1000)
+    monkeypatch.setattr(special, "PIECE", 4096)
+    long = "word " * (context * 3)
+    with pytest.raises(ChatError, match="context"):
+        await prompt_of(service, messages=[Message("user", long)])
+    assert calls and max(calls) <= 4096 and sum(calls) < len(long)
+
+
+def service_tokenizer(service: ChatService) -> Any:
+    return service.tokenizers(service.model("m").record)

@@ -22,7 +22,15 @@ from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from .errors import ChatError, ModelNotFound, Unsupported
 from .options import merge_options, to_sampling
-from .special import defuse, encode_marked, encode_text, new_mark, special_pattern
+from .special import (
+    check_fits,
+    defuse,
+    encode_marked,
+    encode_text,
+    longest_token,
+    new_mark,
+    special_pattern,
+)
 from .templates import plain_chat, render
 from .thinking import ThinkSplitter
 from .toolcalls import ToolFormat, ToolStream, forced_call, tool_format
@@ -225,6 +233,8 @@ class ChatService:
                 history = [{"role": "system", "content": view.system}, *history]
             prompts = [self._encode(view, tokenizer, history, tools, think)]
         elif request.raw:
+            for prompt in request.prompts:
+                self._fits(view, tokenizer, prompt)
             prompts = [list(tokenizer(p)["input_ids"]) for p in request.prompts]
         else:
             system = request.system if request.system else view.system
@@ -263,8 +273,20 @@ class ChatService:
                 eos_token=tokenizer.eos_token or "",
                 **extra,
             )
+            self._fits(view, tokenizer, text)
             return encode_marked(tokenizer, text, mark)
-        return encode_text(tokenizer, plain_chat(history))
+        text = plain_chat(history)
+        self._fits(view, tokenizer, text)
+        return encode_text(tokenizer, text)
+
+    @staticmethod
+    def _fits(view: ModelView, tokenizer: Any, text: str) -> None:
+        """A prompt too long for the model's context is refused before all of it is
+        tokenized (a 7.5 MB prompt took 20 s of CPU to reach the engine's 400)."""
+        try:
+            check_fits(tokenizer, text, view.record.config.context_length or 0)
+        except ValueError as exc:
+            raise ChatError(str(exc)) from None
 
     async def _generate(
         self,
@@ -370,10 +392,16 @@ async def embed_inputs(
     if len(texts) > MAX_EMBED_INPUTS:
         raise ChatError(f"at most {MAX_EMBED_INPUTS} inputs per request")
     tokenizer = await service.tokenizer(view)
-    encoded: list[list[int]] = await asyncio.to_thread(
-        lambda: [encode_text(tokenizer, t) for t in texts]
-    )
     limit = view.record.config.context_length or 0
+
+    def encode(text: str) -> list[int]:
+        if not truncate:
+            service._fits(view, tokenizer, text)
+        elif limit and len(text) > limit * longest_token(tokenizer):
+            text = text[: limit * longest_token(tokenizer)]  # holds the `limit` tokens kept
+        return encode_text(tokenizer, text)
+
+    encoded: list[list[int]] = await asyncio.to_thread(lambda: [encode(t) for t in texts])
     if limit:
         too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
         if too_long and not truncate:

@@ -103,3 +103,48 @@ def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -
             "input_ids"
         ]
     )
+
+
+# ------------------------------------------------------------------ prompts too long to read
+
+_LONGEST: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+PIECE = 1 << 18  # characters tokenized at a time when counting a long text
+
+
+def longest_token(tokenizer: Any) -> int:
+    """The most characters one (non-added) token stands for: a text of n characters is at
+    least n / this many tokens. Cached per tokenizer."""
+    if tokenizer in _LONGEST:
+        return _LONGEST[tokenizer]
+    added = {
+        str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()
+    }
+    lengths = [len(k) for k in tokenizer.get_vocab() if k not in added]
+    longest = max(lengths, default=64) or 64
+    _LONGEST[tokenizer] = longest
+    return longest
+
+
+def check_fits(tokenizer: Any, text: str, context: int) -> None:
+    """Raises ValueError (with the reason) for a text that cannot fit ``context`` tokens,
+    without tokenizing all of a huge one: longer than context x the longest token is
+    refused from its length alone; past 8 characters a token, it is counted in pieces cut at
+    whitespace, stopping once it is surely over (each cut adds at most a couple of tokens
+    to the count)."""
+    if not context:
+        return
+    if len(text) > context * longest_token(tokenizer):
+        raise ValueError(f"the prompt is longer than the model's context of {context} tokens")
+    if len(text) <= context * 8:
+        return  # tokenized once, whole, by the caller
+    count, start, cuts = 0, 0, 0
+    while start < len(text):
+        stop = min(start + PIECE, len(text))
+        if stop < len(text):
+            space = text.rfind(" ", start + PIECE // 2, stop)
+            stop = space if space > start else stop
+        count += len(tokenizer(text[start:stop], add_special_tokens=False)["input_ids"])
+        cuts += 1
+        if count > context + 2 * cuts:
+            raise ValueError(f"the prompt is longer than the model's context of {context} tokens")
+        start = stop
