@@ -27,6 +27,8 @@ class FakeHub:
         self.repos = repos
         self.corrupt: set[str] = set()
         self.cut: set[str] = set()
+        self.redirect: dict[str, str] = {}  # file name -> Location
+        self.downloads = 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
@@ -64,6 +66,9 @@ class FakeHub:
     async def resolve(self, request: Request) -> Response:
         repo = f"{request.path_params['org']}/{request.path_params['repo']}"
         path = self.repos[repo] / request.path_params["path"]
+        if path.name in self.redirect and "moved" not in request.query_params:
+            return Response(status_code=302, headers={"location": self.redirect[path.name]})
+        self.downloads += 1
         data = path.read_bytes()
         if path.name in self.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 1])
@@ -161,3 +166,41 @@ async def test_unreachable_hub_and_other_registries(api, monkeypatch: pytest.Mon
     r = await raw.post("/api/pull", json={"model": "llama3.2"})
     assert r.status_code == 400 and "hf.co/ORG/REPO" in r.json()["error"]
     assert registry.models() == []
+
+
+async def test_redirects_stay_on_the_hub_and_sizes_are_capped(
+    hub: FakeHub, api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17, point 12: a redirect to any other host is refused; files past the caps
+    are refused from the listing, before anything is downloaded."""
+    from ollama_compact_server.modeling import pull
+
+    raw, _, registry = api
+    same = f"{hub.url}/org/tiny/resolve/main/model.safetensors?moved=1"
+    hub.redirect["model.safetensors"] = same  # on the hub's own host: followed
+    r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
+    assert r.status_code == 200, r.text
+    registry.delete("hf.co/org/tiny:latest")
+    before = tree_hash(registry.root)
+    for elsewhere in (
+        f"http://localhost:{hub.port}/org/tiny/resolve/main/model.safetensors?moved=1",
+        "http://internal.example/secret",
+    ):
+        hub.redirect["model.safetensors"] = elsewhere
+        r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
+        assert r.status_code == 502 and "another host" in r.json()["error"], r.text
+        assert tree_hash(registry.root) == before
+    hub.redirect.clear()
+    downloads = hub.downloads
+    monkeypatch.setattr(pull, "MAX_FILE_BYTES", 1000)
+    r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
+    assert r.status_code == 400 and "larger than" in r.json()["error"], r.text
+    monkeypatch.setattr(pull, "MAX_FILE_BYTES", 1 << 40)
+    monkeypatch.setattr(pull, "MAX_TOTAL_BYTES", 1000)
+    r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
+    assert r.status_code == 400 and "GiB" in r.json()["error"], r.text
+    monkeypatch.setattr(pull, "MAX_TOTAL_BYTES", 1 << 40)
+    monkeypatch.setattr(pull, "MIN_FREE", 1 << 62)
+    r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
+    assert r.status_code == 507 and "disk space" in r.json()["error"], r.text
+    assert hub.downloads == downloads and tree_hash(registry.root) == before

@@ -4,8 +4,10 @@ then imports them; a failure at any point leaves the registry unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from ..registry.errors import InvalidModel, RegistryError
+from ..registry.errors import InvalidModel, RegistryError, StorageError
 from ..registry.importers import HF_FILES, PICKLE_SUFFIXES, import_hf_dir
 from ..registry.manifest import check_filename
 from ..registry.names import ModelName
@@ -24,6 +26,10 @@ HUB_HOSTS = ("hf.co", "huggingface.co")
 MAX_FILES = 256
 CHUNK = 1 << 20
 DEFAULT_ENDPOINT = "https://huggingface.co"
+MAX_FILE_BYTES = 64 << 30  # one file of a pull
+MAX_TOTAL_BYTES = 256 << 30  # all files of a pull
+MIN_FREE = 1 << 30  # left free on the disks a pull writes to
+MAX_REDIRECTS = 5
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -98,11 +104,13 @@ def pull_model(registry: Registry, name: ModelName, progress: Progress) -> Model
         raise InvalidModel("the repository holds too many model files")
     with tempfile.TemporaryDirectory(prefix="ocs-pull-") as scratch:
         staging = Path(scratch)
-        with httpx.Client(timeout=httpx.Timeout(30.0, read=60.0), follow_redirects=True) as client:
+        _check_sizes(wanted, staging, registry)
+        hosts = _allowed_hosts(endpoint)
+        with httpx.Client(timeout=httpx.Timeout(30.0, read=60.0), follow_redirects=False) as client:
             for entry in wanted:
                 check_filename(entry.path)
                 url = hf_hub_url(repo_id, entry.path, revision=revision, endpoint=endpoint)
-                _download(client, url, staging / entry.path, entry, progress)
+                _download(client, url, staging / entry.path, entry, progress, hosts)
         progress({"status": "verifying sha256 digest"})
         source = {"kind": "huggingface", "ref": repo_id, "revision": revision, "endpoint": endpoint}
         aliases = [repo_id]
@@ -115,7 +123,69 @@ def pull_model(registry: Registry, name: ModelName, progress: Progress) -> Model
     return record
 
 
-def _download(client: httpx.Client, url: str, target: Path, entry: Any, progress: Progress) -> None:
+def _check_sizes(wanted: list[Any], staging: Path, registry: Registry) -> None:
+    """Refuses a pull whose files, as the hub lists them, pass the caps or the free space
+    (of the staging folder, and of the registry, which gets a copy), before any download;
+    each download is then held to its listed size."""
+    sizes = [int(entry.size) for entry in wanted]
+    if any(size < 0 for size in sizes):
+        raise PullError("the hub listed a file with a negative size")
+    big = max(sizes, default=0)
+    if big > MAX_FILE_BYTES:
+        raise InvalidModel(f"a file of the repository is larger than {MAX_FILE_BYTES >> 30} GiB")
+    total = sum(sizes)
+    if total > MAX_TOTAL_BYTES:
+        raise InvalidModel(f"the repository's model files pass {MAX_TOTAL_BYTES >> 30} GiB")
+    for where in {staging, registry.root}:
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            continue
+        if free - total < MIN_FREE:
+            raise StorageError(
+                f"not enough disk space to pull {total / (1 << 30):.2f} GiB "
+                f"(and keep {MIN_FREE >> 30} GiB free)"
+            )
+
+
+def _allowed_hosts(endpoint: str) -> tuple[str, ...]:
+    """Hosts a download may be redirected to: the endpoint's own, and the hub's (its LFS
+    and Xet storage live under hf.co and huggingface.co)."""
+    own = httpx.URL(endpoint).host.lower()
+    return (own, *HUB_HOSTS)
+
+
+def _host_allowed(url: httpx.URL, hosts: tuple[str, ...]) -> bool:
+    host = url.host.lower()
+    return any(host == h or host.endswith("." + h) for h in hosts)
+
+
+def _open(client: httpx.Client, url: str, hosts: tuple[str, ...]) -> httpx.Response:
+    """GET ``url``, following redirects only to the hub's hosts (never to another host,
+    nor from https to http)."""
+    target = httpx.URL(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = client.send(client.build_request("GET", target), stream=True)
+        if not response.is_redirect:
+            return response
+        response.close()
+        location = target.join(response.headers.get("location", ""))
+        if not _host_allowed(location, hosts) or (
+            target.scheme == "https" and location.scheme != "https"
+        ):
+            raise PullError(f"the hub redirected a download to another host ({location.host})")
+        target = location
+    raise PullError("the hub redirected a download too many times")
+
+
+def _download(
+    client: httpx.Client,
+    url: str,
+    target: Path,
+    entry: Any,
+    progress: Progress,
+    hosts: tuple[str, ...],
+) -> None:
     """Streams one file, checking its size and (for LFS files) its sha256."""
     expected_size = int(entry.size)
     expected_sha = getattr(getattr(entry, "lfs", None), "sha256", None)
@@ -124,7 +194,8 @@ def _download(client: httpx.Client, url: str, target: Path, entry: Any, progress
     status = f"pulling {digest_label[7:19]}"
     done = 0
     try:
-        with client.stream("GET", url) as response:
+        response = _open(client, url, hosts)
+        with contextlib.closing(response):
             if response.status_code != 200:
                 raise PullError(
                     f"download of {entry.path} failed: hub answered {response.status_code}"
