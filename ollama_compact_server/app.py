@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -129,6 +130,19 @@ def host_check(settings: Settings) -> HostCheck | None:
     return HostCheck(frozenset(names), any_ip=not loopback)
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the components the request bodies refer to (api/wire.py)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from .api.wire import SCHEMAS
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(SCHEMAS)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(
     settings: Settings, *, registry: Registry | None = None, engine: Engine | None = None
 ) -> FastAPI:
@@ -161,6 +175,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.state.draining = False
     app.state.metrics = metrics.Metrics()

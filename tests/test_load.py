@@ -21,6 +21,8 @@ import pytest
 import uvicorn
 
 from ollama_compact_server.app import create_app
+from ollama_compact_server.modeling.importing import import_path
+from ollama_compact_server.protocol import protocol_class
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
@@ -40,9 +42,13 @@ class Daemon:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[Daemon]:
+async def daemon(
+    tmp_path: Path, tiny_models: dict[str, Path], tiny_adapter: Path
+) -> AsyncIterator[Daemon]:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "tiny")
+    import_hf_dir(registry, tiny_models["qwen2"], "tiny2")  # a second base model
+    import_path(registry, tiny_adapter, "tiny-lora", base="tiny")  # an adapter on the first
     settings = Settings(
         models=registry.root,
         adapters=None,
@@ -55,7 +61,14 @@ async def daemon(tmp_path: Path, tiny_models: dict[str, Path]) -> AsyncIterator[
     app = create_app(settings, registry=registry)
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        http=protocol_class(settings.header_timeout),  # as `ollama-compact serve` runs it
+        limit_concurrency=settings.max_connections,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -78,17 +91,20 @@ class Outcome:
     hung_up: bool
     status: int = 0
     items: list[Any] = field(default_factory=list)
+    model: str = "tiny"
 
 
 def chat_body(index: int, tokens: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Client {index}: tell me about the sea."}]
 
 
-async def ollama_client(http: httpx.AsyncClient, index: int, hang_up: bool) -> Outcome:
-    out = Outcome(index, "ollama", hang_up)
+async def ollama_client(
+    http: httpx.AsyncClient, index: int, hang_up: bool, model: str = "tiny"
+) -> Outcome:
+    out = Outcome(index, "ollama", hang_up, model=model)
     tokens = LONG if hang_up else NEW_TOKENS
     body = {
-        "model": "tiny",
+        "model": model,
         "messages": chat_body(index, tokens),
         "options": {"num_predict": tokens, "temperature": 0.7, "seed": index},
     }
@@ -102,10 +118,12 @@ async def ollama_client(http: httpx.AsyncClient, index: int, hang_up: bool) -> O
     return out
 
 
-async def openai_client(http: httpx.AsyncClient, index: int, hang_up: bool) -> Outcome:
-    out = Outcome(index, "openai", hang_up)
+async def openai_client(
+    http: httpx.AsyncClient, index: int, hang_up: bool, model: str = "tiny"
+) -> Outcome:
+    out = Outcome(index, "openai", hang_up, model=model)
     body = {
-        "model": "tiny",
+        "model": model,
         "messages": chat_body(index, NEW_TOKENS),
         "max_tokens": LONG if hang_up else NEW_TOKENS,
         "temperature": 0.7,
@@ -126,12 +144,42 @@ async def openai_client(http: httpx.AsyncClient, index: int, hang_up: bool) -> O
     return out
 
 
+async def anthropic_client(
+    http: httpx.AsyncClient, index: int, hang_up: bool, model: str = "tiny"
+) -> Outcome:
+    out = Outcome(index, "anthropic", hang_up, model=model)
+    body = {
+        "model": model,
+        "messages": chat_body(index, NEW_TOKENS),
+        "max_tokens": LONG if hang_up else NEW_TOKENS,
+        "temperature": 0.7,
+        "stream": True,
+    }
+    async with http.stream("POST", "/v1/messages", json=body) as response:
+        out.status = response.status_code
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                out.items.append(json.loads(line[len("data: ") :]))
+            if hang_up and len(out.items) >= HANG_UP_AFTER:
+                break
+    return out
+
+
+def check_anthropic(out: Outcome) -> None:
+    assert out.status == 200
+    kinds = [item["type"] for item in out.items]
+    assert "error" not in kinds, out.items
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop", kinds
+    stop = next(i for i in out.items if i["type"] == "message_delta")["delta"]["stop_reason"]
+    assert stop in ("end_turn", "max_tokens", "stop_sequence")
+
+
 def check_ollama(out: Outcome) -> None:
     assert out.status == 200
     *chunks, last = out.items
     assert not any("error" in item for item in out.items), out.items
     for item in chunks:
-        assert item["done"] is False and item["model"] == "tiny:latest"
+        assert item["done"] is False and item["model"] == f"{out.model}:latest"
         assert item["message"]["role"] == "assistant"
         assert isinstance(item["message"]["content"], str)
     assert last["done"] is True and last["done_reason"] in ("stop", "length")
@@ -207,6 +255,9 @@ async def test_64_streaming_clients(daemon: Daemon, caplog: pytest.LogCaptureFix
     assert elapsed < 60
 
 
+CHECKS = {"ollama": check_ollama, "openai": check_openai, "anthropic": check_anthropic}
+DIALECTS = (ollama_client, openai_client, anthropic_client)
+SOAK_MODELS = ("tiny", "tiny2", "tiny-lora")
 SUSTAIN_SECONDS = float(os.environ.get("OCS_LOAD_SECONDS", "120"))
 
 
@@ -216,22 +267,29 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc for memory")
-async def test_64_clients_for_two_minutes_with_random_disconnects(
+async def test_soak_64_clients_three_dialects_two_models_and_an_adapter(
     daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """64 clients keep streaming for OCS_LOAD_SECONDS (120 by default; CI runs it), each
-    hanging up mid-stream at random one time in four: every finished stream is complete, no
-    error is logged, nothing leaks in the engine, and memory stays flat."""
+    """The soak (issue 17): 64 clients keep streaming for OCS_LOAD_SECONDS (120 by default;
+    CI runs it; set it higher for a longer soak) over the Ollama, OpenAI and Anthropic
+    dialects, two base models and an adapter on one of them, each client hanging up
+    mid-stream at random one time in four: no 5xx, every finished stream complete, no error
+    logged, no sequence left running, and memory and open files flat."""
     import gc
     import random
 
     caplog.set_level(logging.WARNING)
     rng = random.Random(7)
     limits = httpx.Limits(max_connections=CLIENTS + 8, max_keepalive_connections=0)
-    counts = {"complete": 0, "hung_up": 0}
-    samples: list[int] = []
+    counts = {"complete": 0, "hung_up": 0, "server_errors": 0}
+    samples: list[tuple[int, int]] = []
+    models: dict[str, int] = {}
 
     async with httpx.AsyncClient(
         base_url=daemon.url, limits=limits, timeout=httpx.Timeout(60.0)
@@ -241,40 +299,49 @@ async def test_64_clients_for_two_minutes_with_random_disconnects(
             n = 0
             while time.monotonic() < stop_at:
                 hang_up = rng.random() < 0.25
-                dialect = ollama_client if (index + n) % 2 == 0 else openai_client
-                out = await dialect(http, index * 10_000 + n, hang_up)
+                model = rng.choice(SOAK_MODELS)
+                dialect = DIALECTS[(index + n) % len(DIALECTS)]
+                out = await dialect(http, index * 10_000 + n, hang_up, model)
                 n += 1
+                models[model] = models.get(model, 0) + 1
+                if out.status >= 500:
+                    counts["server_errors"] += 1
                 if hang_up:
                     assert out.status == 200
                     counts["hung_up"] += 1
                 else:
-                    (check_ollama if out.dialect == "ollama" else check_openai)(out)
+                    CHECKS[out.dialect](out)
                     counts["complete"] += 1
 
         warm_until = time.monotonic() + min(20.0, SUSTAIN_SECONDS / 4)
         await asyncio.gather(*(client(i, warm_until) for i in range(CLIENTS)))
         gc.collect()
-        samples.append(rss_bytes())  # after warm-up: caches, pools and arenas are built
+        samples.append((rss_bytes(), open_files()))  # after warm-up: caches and pools built
         stop_at = time.monotonic() + SUSTAIN_SECONDS
         await asyncio.gather(*(client(i, stop_at) for i in range(CLIENTS)))
         gc.collect()
-        samples.append(rss_bytes())
+        samples.append((rss_bytes(), open_files()))
 
         loop = daemon.app.state.engine.device_loop
         deadline = time.monotonic() + 10
         while (loop.active_sequences() or loop.queued()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert loop.active_sequences() == 0 and loop.queued() == 0
-        assert loop.workers["tiny:latest"].runner.cache.used == 0
+        for name, worker in loop.workers.items():
+            assert worker.runner.cache.used == 0, name
         assert not loop.snapshot()["finished"].get("error")
         assert (await http.get("/health")).status_code == 200
 
     problems = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not problems, [r.getMessage() for r in problems]
-    growth = samples[1] - samples[0]
+    (rss_before, files_before), (rss_after, files_after) = samples
     print(
         f"\n{counts['complete']} complete and {counts['hung_up']} hung-up streams in "
-        f"{SUSTAIN_SECONDS:.0f}s; RSS {samples[0] >> 20} -> {samples[1] >> 20} MiB"
+        f"{SUSTAIN_SECONDS:.0f}s over {models}; RSS {rss_before >> 20} -> {rss_after >> 20} MiB, "
+        f"open files {files_before} -> {files_after}"
     )
+    assert counts["server_errors"] == 0
     assert counts["complete"] > CLIENTS and counts["hung_up"] > 0
-    assert growth < 64 << 20, f"memory grew by {growth >> 20} MiB under steady load"
+    assert all(models.get(m, 0) > 0 for m in SOAK_MODELS), models
+    assert rss_after - rss_before < 64 << 20, "memory grew under steady load"
+    assert files_after - files_before <= 8, "open files grew under steady load"

@@ -37,3 +37,29 @@ def parse(model: type[M], body: dict[str, Any]) -> M:
         where = ".".join(str(p) for p in first.get("loc", ()))
         message = str(first.get("msg", "invalid request"))
         raise APIError(400, f"{where}: {message}" if where else message) from None
+
+
+# ------------------------------------------------------------------ OpenAPI request bodies
+
+SCHEMAS: dict[str, Any] = {}
+"""Schemas the request bodies refer to, for the app's OpenAPI components."""
+
+
+def body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` describing a route's JSON body as ``model`` (the routes read the
+    body themselves, so FastAPI would not know it): fuzzers and clients see every field."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    SCHEMAS.update(schema.pop("$defs", {}))
+    SCHEMAS[model.__name__] = schema
+    reference = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": reference}}}
+    }
+
+
+BINARY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}

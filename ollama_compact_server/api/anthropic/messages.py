@@ -17,7 +17,7 @@ from ...chat.turn import ChatDelta, Choice, Finish, Usage
 from ..common import chat_service, json_body
 from ..errors import Dialect, error_body
 from ..streaming import Frame, sse
-from ..wire import parse
+from ..wire import body, parse
 from .wire import CountTokensRequest, MessagesRequest
 
 router = APIRouter(prefix="/v1")
@@ -55,7 +55,7 @@ def content_json(choice: Choice) -> list[dict[str, Any]]:
     return blocks
 
 
-@router.post("/messages")
+@router.post("/messages", openapi_extra=body(MessagesRequest))
 async def messages(request: Request) -> Response:
     wire = parse(MessagesRequest, await json_body(request))
     turn = await chat_service(request).start(wire.to_chat_request())
@@ -174,7 +174,7 @@ class Blocks:
         return frames
 
 
-@router.post("/messages/count_tokens")
+@router.post("/messages/count_tokens", openapi_extra=body(CountTokensRequest))
 async def count_tokens(request: Request) -> Response:
     wire = parse(CountTokensRequest, await json_body(request))
     service: ChatService = chat_service(request)

@@ -17,7 +17,7 @@ from ...chat.turn import ChatDelta, Finish, ScoredToken, Turn, Usage
 from ...engine.types import KeepAlive
 from ..common import chat_service, json_body
 from ..streaming import ndjson
-from ..wire import parse
+from ..wire import body, parse
 from .wire import (
     ChatRequestWire,
     GenerateRequestWire,
@@ -59,7 +59,7 @@ async def load_or_unload(
     )
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", openapi_extra=body(GenerateRequestWire))
 async def generate(request: Request) -> Response:
     started = time.perf_counter()
     wire = parse(GenerateRequestWire, await json_body(request))
@@ -84,7 +84,7 @@ async def generate(request: Request) -> Response:
     return await respond(turn, wire, started, frame, put_thinking, extra)
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", openapi_extra=body(ChatRequestWire))
 async def chat(request: Request) -> Response:
     started = time.perf_counter()
     wire = parse(ChatRequestWire, await json_body(request))

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from ...chat.service import ChatService, ModelView, embed_inputs
 from ...engine.types import EmbedRequest, KeepAlive, TokenEvent
 from ..common import chat_service, json_body
-from ..wire import parse
+from ..wire import body, parse
 from .chat import load_or_unload
 from .wire import EmbeddingsRequestWire, EmbedRequestWire, nanos
 
@@ -30,7 +30,7 @@ async def _embed(
     return view, event
 
 
-@router.post("/api/embed")
+@router.post("/api/embed", openapi_extra=body(EmbedRequestWire))
 async def embed(request: Request) -> Response:
     wire = parse(EmbedRequestWire, await json_body(request))
     keep_alive = wire.keep()
@@ -55,7 +55,7 @@ async def embed(request: Request) -> Response:
     )
 
 
-@router.post("/api/embeddings")
+@router.post("/api/embeddings", openapi_extra=body(EmbeddingsRequestWire))
 async def embeddings_legacy(request: Request) -> Response:
     wire = parse(EmbeddingsRequestWire, await json_body(request))
     keep_alive = wire.keep()

@@ -26,7 +26,7 @@ from ...threads import to_fresh_thread
 from ..common import json_body, registry_of
 from ..errors import APIError
 from ..streaming import ndjson
-from ..wire import parse
+from ..wire import BINARY_BODY, body, parse
 from .wire import CreateRequestWire, JobRequest, parse_name
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ async def blob_exists(request: Request, digest: str) -> Response:
     return Response(status_code=200)
 
 
-@router.post("/api/blobs/{digest}")
+@router.post("/api/blobs/{digest}", openapi_extra=BINARY_BODY)
 async def blob_upload(request: Request, digest: str) -> Response:
     """Streams the body to disk (never whole in memory); bytes that do not hash to the
     digest are refused and leave nothing behind. A body larger than OCS_MAX_BLOB_SIZE, or
@@ -231,7 +231,7 @@ def create_spec(wire: CreateRequestWire) -> CreateSpec:
     )
 
 
-@router.post("/api/create")
+@router.post("/api/create", openapi_extra=body(CreateRequestWire))
 async def create(request: Request) -> Response:
     wire = parse(CreateRequestWire, await json_body(request))
     spec = create_spec(wire)
@@ -261,7 +261,7 @@ async def create(request: Request) -> Response:
     return await progress_response(wire.stream, run, "creating the model failed")
 
 
-@router.post("/api/push")
+@router.post("/api/push", openapi_extra=body(JobRequest))
 async def push(request: Request) -> Response:
     name = parse(JobRequest, await json_body(request)).model_name()
     raise APIError(
@@ -272,7 +272,7 @@ async def push(request: Request) -> Response:
 # ------------------------------------------------------------------------------ pull
 
 
-@router.post("/api/pull")
+@router.post("/api/pull", openapi_extra=body(JobRequest))
 async def pull(request: Request) -> Response:
     wire = parse(JobRequest, await json_body(request))
     name = parse_name(wire.model_name())

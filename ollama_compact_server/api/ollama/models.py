@@ -17,7 +17,7 @@ from ...registry.evals import read_eval
 from ...registry.store import Registry
 from ..common import chat_service, json_body, registry_of
 from ..errors import APIError
-from ..wire import parse
+from ..wire import body, parse
 from .wire import (
     CopyRequest,
     JobRequest,
@@ -50,7 +50,7 @@ async def tags(request: Request) -> dict[str, Any]:
     return {"models": [list_entry(r) for r in records]}
 
 
-@router.post("/api/copy")
+@router.post("/api/copy", openapi_extra=body(CopyRequest))
 async def copy(request: Request) -> Response:
     wire = parse(CopyRequest, await json_body(request))
     source = parse_name(wire.source, "source")
@@ -62,7 +62,7 @@ async def copy(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.delete("/api/delete")
+@router.delete("/api/delete", openapi_extra=body(JobRequest))
 async def delete(request: Request) -> Response:
     name = parse_name(parse(JobRequest, await json_body(request)).model_name())
     registry = registry_of(request)
@@ -147,7 +147,7 @@ def modelfile_text(view: ModelView) -> str:
     return "\n".join(parts) + "\n"
 
 
-@router.post("/api/show")
+@router.post("/api/show", openapi_extra=body(ShowRequest))
 async def show(request: Request) -> dict[str, Any]:
     wire = parse(ShowRequest, await json_body(request))
     service = chat_service(request)

@@ -15,7 +15,7 @@ from ...chat.turn import Choice, Finish, ScoredToken, Usage
 from ..common import chat_service, json_body
 from ..errors import Dialect
 from ..streaming import Frame, sse
-from ..wire import parse
+from ..wire import body, parse
 from .wire import ChatCompletionRequest, openai_tool_calls
 
 router = APIRouter(prefix="/v1")
@@ -60,7 +60,7 @@ def message_json(choice: Choice) -> dict[str, Any]:
     return message
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     wire = parse(ChatCompletionRequest, await json_body(request))
     chat = wire.to_chat_request()

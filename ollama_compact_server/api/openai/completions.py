@@ -15,7 +15,7 @@ from ...chat.turn import ScoredToken
 from ..common import chat_service, json_body
 from ..errors import Dialect
 from ..streaming import Frame, sse
-from ..wire import parse
+from ..wire import body, parse
 from .chat import finish_reason, usage_chunk, usage_json
 from .wire import CompletionRequest
 
@@ -39,7 +39,7 @@ def text_logprobs(scores: list[ScoredToken], offset: int) -> dict[str, Any]:
     }
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=body(CompletionRequest))
 async def completions(request: Request) -> Response:
     wire = parse(CompletionRequest, await json_body(request))
     chat = wire.to_chat_request()

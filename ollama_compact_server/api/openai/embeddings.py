@@ -15,13 +15,13 @@ from ...chat.service import embed_inputs
 from ...engine.types import EmbedRequest
 from ..common import chat_service, json_body
 from ..errors import APIError
-from ..wire import parse
+from ..wire import body, parse
 from .wire import EmbeddingRequest
 
 router = APIRouter(prefix="/v1")
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=body(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
     wire = parse(EmbeddingRequest, await json_body(request))
     service = chat_service(request)

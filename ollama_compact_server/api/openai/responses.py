@@ -20,7 +20,7 @@ from ...chat.turn import CallSpec, ChatDelta, Choice, Finish, Message, ScoredTok
 from ..common import chat_service, json_body
 from ..errors import APIError, Dialect
 from ..streaming import Frame, sse
-from ..wire import parse
+from ..wire import body, parse
 from .responses_store import ResponseStore, Stored
 from .responses_wire import ResponsesRequest
 
@@ -103,7 +103,7 @@ def said(text: str, thinking: str, calls: list[ToolCall]) -> Message:
     return Message("assistant", text, thinking=thinking or None, tool_calls=specs)
 
 
-@router.post("/responses")
+@router.post("/responses", openapi_extra=body(ResponsesRequest))
 async def create_response(request: Request) -> Response:
     wire = parse(ResponsesRequest, await json_body(request))
     store: ResponseStore = request.app.state.responses
