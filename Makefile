@@ -34,6 +34,8 @@ test: $(STAMP)
 	$(BIN)/ruff format --check ollama_compact_server tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@echo "== the suite again under python -O (no check may rely on assert)"
+	$(BIN)/python -O -m pytest -q --ignore=tests/test_docker_smoke.py $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

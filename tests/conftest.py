@@ -234,3 +234,11 @@ async def serve_app(
                 app.state.engine,
                 claude,
             )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Writes the reliability tests' counts (tests/reliability.py) when they all passed."""
+    from tests import reliability
+
+    if exitstatus == 0:
+        reliability.save()

@@ -19,8 +19,10 @@ from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
 from tests.conftest import free_port
 from tests.fakes import FakeEngine
+from tests.reliability import record
 
 HEADER_TIMEOUT = 0.6
+SLOW = "Slow clients: silent, headers or body trickled"
 
 
 @pytest.fixture
@@ -76,6 +78,7 @@ async def test_headers_sent_slowly_get_a_408(port: int) -> None:
     data, took = await until_closed(reader)
     sender.cancel()
     assert data.startswith(b"HTTP/1.1 408") and took < HEADER_TIMEOUT + 2, (data, took)
+    record(SLOW, "tests/test_connections.py", 1)
 
 
 async def test_a_silent_connection_is_closed(port: int) -> None:
@@ -83,6 +86,7 @@ async def test_a_silent_connection_is_closed(port: int) -> None:
     data, took = await until_closed(reader)
     assert data.startswith(b"HTTP/1.1 408") and took < HEADER_TIMEOUT + 2
     writer.close()
+    record(SLOW, "tests/test_connections.py", 1)
 
 
 async def test_a_trickled_body_is_cut_off(port: int) -> None:
@@ -92,6 +96,7 @@ async def test_a_trickled_body_is_cut_off(port: int) -> None:
     data, took = await until_closed(reader)
     sender.cancel()
     assert b"408" in data.split(b"\r\n", 1)[0] and took < 5, (data[:200], took)
+    record(SLOW, "tests/test_connections.py", 1)
 
 
 async def test_normal_requests_keep_their_connection(port: int) -> None:

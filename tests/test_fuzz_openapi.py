@@ -26,6 +26,7 @@ from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
 from tests.conftest import free_port
 from tests.fakes import FakeEngine
+from tests.reliability import record
 
 EXAMPLES = int(os.environ.get("OCS_FUZZ_EXAMPLES", "30"))
 SEEN: dict[str, int] = {"requests": 0, "server_errors": 0}
@@ -110,6 +111,12 @@ def test_no_request_makes_a_server_error(daemon_url: str) -> None:
                 )
 
         run()
+    record(
+        f"Schemathesis over /openapi.json ({operations} operations, bodies included)",
+        "tests/test_fuzz_openapi.py",
+        SEEN["requests"],
+        server_errors=SEEN["server_errors"],
+    )
     assert operations >= 25
     assert SEEN["requests"] >= operations * min(EXAMPLES, 5)
     assert not failures, "\n\n".join(failures[:10])

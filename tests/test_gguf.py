@@ -26,6 +26,7 @@ from ollama_compact_server.registry.manifest import MT_FILE
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import tree_hash
 from tests.factory import make_tiny_gguf
+from tests.reliability import record
 
 TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_1", "ffn_up": "Q5_0", "ffn_down": "F16"}
 
@@ -194,6 +195,7 @@ def test_malformed_files_are_refused_before_anything_is_written(
             import_path(registry, bad, "bad")
         assert tree_hash(registry.root) == before, filename
     assert first.nbytes > 0
+    record("Malformed GGUF files (truncated, bad magic, huge counts)", "tests/test_gguf.py", 3)
 
 
 def test_a_file_lacking_tensors_or_declaring_other_shapes_is_refused(tmp_path: Path) -> None:
@@ -239,6 +241,7 @@ def test_a_file_lacking_tensors_or_declaring_other_shapes_is_refused(tmp_path: P
         import_path(registry, rewrite(tmp_path / "eight.gguf", blocks=8), "x", progress=progress)
     assert not registry.names()
     assert steps and not [s for s in steps if s.startswith("converting")]  # checked first
+    record("GGUF declaring more than it holds, or more than memory", "tests/test_gguf.py", 2)
 
 
 def test_a_file_bigger_than_memory_allows_is_refused_before_converting(
@@ -254,6 +257,7 @@ def test_a_file_bigger_than_memory_allows_is_refused_before_converting(
         import_path(registry, path, "x", dequantize=True, progress=lambda s, *_: steps.append(s))
     assert not [s for s in steps if s.startswith("converting")]
     assert not registry.names()
+    record("GGUF declaring more than it holds, or more than memory", "tests/test_gguf.py", 1)
     assert memory.available_ram() > 0 and memory.check_memory(1, "x") is None
 
 

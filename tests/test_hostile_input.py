@@ -15,6 +15,7 @@ from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import serve_app
 from tests.fakes import FakeEngine
+from tests.reliability import record
 
 USER = [{"role": "user", "content": "hi"}]
 BIG = "9" * 5000  # more digits than Python's int-string limit (4,300)
@@ -130,6 +131,13 @@ async def test_hostile_numbers_and_surrogates_are_400s(env: Any) -> None:
     for path, body in BODIES_WITH_SURROGATES.items():
         # ensure_ascii: the surrogate travels as the escape \\ud800
         await post(raw, path, json.dumps(body).encode(), failures)
+    tried = len(bodies()) + len(BODIES_WITH_SURROGATES)
+    record(
+        "Huge integers, overflowing floats, NaN, lone surrogates in 9 routes",
+        "tests/test_hostile_input.py",
+        tried,
+        server_errors=len(failures),
+    )
     assert not failures, "\n".join(map(repr, failures))
     assert not engine.requests
 

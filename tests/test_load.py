@@ -27,6 +27,7 @@ from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
 from tests.conftest import free_port
+from tests.reliability import record
 
 CLIENTS = 64
 NEW_TOKENS = 24  # asked by clients that read to the end
@@ -339,6 +340,15 @@ async def test_soak_64_clients_three_dialects_two_models_and_an_adapter(
         f"\n{counts['complete']} complete and {counts['hung_up']} hung-up streams in "
         f"{SUSTAIN_SECONDS:.0f}s over {models}; RSS {rss_before >> 20} -> {rss_after >> 20} MiB, "
         f"open files {files_before} -> {files_after}"
+    )
+    record(
+        f"Soak: 64 clients, 3 dialects, 2 models + adapter, 1 in 4 hang up, "
+        f"{SUSTAIN_SECONDS:.0f} s",
+        "tests/test_load.py",
+        counts["complete"] + counts["hung_up"],
+        server_errors=counts["server_errors"],
+        leaks=f"RSS {(rss_after - rss_before) / (1 << 20):+.0f} MiB, "
+        f"files {files_after - files_before:+d}",
     )
     assert counts["server_errors"] == 0
     assert counts["complete"] > CLIENTS and counts["hung_up"] > 0

@@ -265,6 +265,13 @@ async def test_too_many_messages_is_400_before_any_work(app_env) -> None:
     r = await client.post(
         "/api/chat", json={"model": "tiny", "messages": messages[:MAX_MESSAGES], "stream": False}
     )
+    # as many as allowed pass that check; together they are longer than the tiny model's
+    # context, which is refused next, before any tokenizing (or any engine work)
+    assert r.status_code == 400 and "context" in r.json()["error"], r.text
+    assert engine.requests == []
+    r = await client.post(
+        "/api/chat", json={"model": "tiny", "messages": messages[:50], "stream": False}
+    )
     assert r.status_code == 200
 
 

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import free_port, serve_app, tree_hash
 from tests.fakes import FakeEngine
+from tests.reliability import record
 
 
 class FakeHub:
@@ -204,3 +205,4 @@ async def test_redirects_stay_on_the_hub_and_sizes_are_capped(
     r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
     assert r.status_code == 507 and "disk space" in r.json()["error"], r.text
     assert hub.downloads == downloads and tree_hash(registry.root) == before
+    record("Pull redirected off the hub, files past the caps", "tests/test_pull.py", 5)

@@ -22,6 +22,7 @@ from ollama_compact_server.registry.errors import (
 from ollama_compact_server.registry.manifest import MT_FILE, MT_SYSTEM, ModelConfig
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import tree_hash
+from tests.reliability import record
 
 HEX = "a" * 64
 
@@ -181,6 +182,12 @@ def test_injected_os_failure_at_every_step(
     if failed:
         assert tree_hash(registry.root) == before
         assert [r.name.display() for r in registry.models()] == ["base:latest"]
+    record(
+        "ENOSPC at every file-system step of create, copy, overwrite",
+        "tests/test_registry.py",
+        1,
+        registry_changes=int(failed and tree_hash(registry.root) != before),
+    )
     # the registry keeps working afterwards
     make_model(registry, "after", b"after-weights")
     assert registry.get("after")

@@ -23,6 +23,7 @@ from ollama_compact_server.registry.errors import InUse, StorageError
 from ollama_compact_server.registry.fsutil import TMP_PREFIX
 from ollama_compact_server.registry.manifest import MT_ADAPTER_FILE, MT_FILE, ModelConfig
 from ollama_compact_server.registry.store import Registry
+from tests.reliability import record
 
 NAMES = st.sampled_from(["a", "b", "c", "ns/d", "e:v2"])
 PAYLOADS = st.sampled_from([b"w1", b"w2", b"w3", b"shared", b"adapter-1", b"adapter-2"])
@@ -77,6 +78,11 @@ class RegistryMachine(RuleBasedStateMachine):
 
     def attempt(self, fail_at: int | None, action: Any) -> bool:
         """Runs an action with a failure armed; True if it completed."""
+        record(
+            "Registry operations in random order, ENOSPC at random steps, kill -9, restarts",
+            "tests/test_registry_stateful.py",
+            1,
+        )
         self.failures.arm(fail_at)
         try:
             action()
@@ -178,14 +184,14 @@ class RegistryMachine(RuleBasedStateMachine):
             return
         listed = {n.display() for n in self.registry.names()}
         assert listed == set(self.models), (listed, set(self.models))
-        for record in self.registry.models():
-            payload, base = self.models[record.name.display()]
-            for digest in record.manifest.digests():
+        for model in self.registry.models():
+            payload, base = self.models[model.name.display()]
+            for digest in model.manifest.digests():
                 self.registry.blobs.verify(digest)
-            files = record.manifest.files(MT_ADAPTER_FILE if base else MT_FILE)
+            files = model.manifest.files(MT_ADAPTER_FILE if base else MT_FILE)
             (layer,) = files.values()
             assert self.registry.blobs.read_bytes(layer.digest) == payload
-            assert record.config.base_model == base
+            assert model.config.base_model == base
 
     def teardown(self) -> None:
         import shutil
