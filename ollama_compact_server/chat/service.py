@@ -397,8 +397,8 @@ async def embed_inputs(
     def encode(text: str) -> list[int]:
         if not truncate:
             service._fits(view, tokenizer, text)
-        elif limit and len(text) > limit * longest_token(tokenizer):
-            text = text[: limit * longest_token(tokenizer)]  # holds the `limit` tokens kept
+        elif limit and len(text) > 2 * limit * longest_token(tokenizer):
+            text = text[: 2 * limit * longest_token(tokenizer)]  # holds the tokens kept
         return encode_text(tokenizer, text)
 
     encoded: list[list[int]] = await asyncio.to_thread(lambda: [encode(t) for t in texts])

@@ -112,28 +112,26 @@ PIECE = 1 << 18  # characters tokenized at a time when counting a long text
 
 
 def longest_token(tokenizer: Any) -> int:
-    """The most characters one (non-added) token stands for: a text of n characters is at
-    least n / this many tokens. Cached per tokenizer."""
+    """The most characters one token stands for (its vocabulary entry, whose symbols each
+    stand for at least a character; added tokens such as ``<start_of_turn>`` included): a
+    text of n characters is at least n / this many tokens. Cached per tokenizer."""
     if tokenizer in _LONGEST:
         return _LONGEST[tokenizer]
-    added = {
-        str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()
-    }
-    lengths = [len(k) for k in tokenizer.get_vocab() if k not in added]
-    longest = max(lengths, default=64) or 64
+    longest = max((len(k) for k in tokenizer.get_vocab()), default=64) or 64
     _LONGEST[tokenizer] = longest
     return longest
 
 
 def check_fits(tokenizer: Any, text: str, context: int) -> None:
     """Raises ValueError (with the reason) for a text that cannot fit ``context`` tokens,
-    without tokenizing all of a huge one: longer than context x the longest token is
-    refused from its length alone; past 8 characters a token, it is counted in pieces cut at
+    without tokenizing all of a huge one: longer than twice context x the longest token
+    is refused from its length alone (twice: a normalizer may compose two characters into
+    one symbol); past 8 characters a token, it is counted in pieces cut at
     whitespace, stopping once it is surely over (each cut adds at most a couple of tokens
     to the count)."""
     if not context:
         return
-    if len(text) > context * longest_token(tokenizer):
+    if len(text) > 2 * context * longest_token(tokenizer):  # 2: normalizers that compose
         raise ValueError(f"the prompt is longer than the model's context of {context} tokens")
     if len(text) <= context * 8:
         return  # tokenized once, whole, by the caller
