@@ -51,6 +51,7 @@ class GuidedTokenizer:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.warmed = False  # a first constraint built (the engine front does it once)
         self._built: Any = None
         self._lock = threading.Lock()
 

@@ -14,6 +14,7 @@ from .inbox import Pending
 from .loop import DeviceLoop
 from .mailbox import Mailbox
 from .types import (
+    ANY_JSON_OBJECT,
     DEFAULT,
     EmbedRequest,
     EngineBusy,
@@ -26,6 +27,16 @@ from .types import (
 
 GRAMMAR_SECONDS = 10.0  # to compile one request's JSON schema, before it is refused
 GRAMMAR_THREADS = 2  # schemas compiled at once (each may hold a CPU for seconds)
+
+
+def _prepared(guide: Any, model: str) -> Any:
+    """The model's guided tokenizer, built and warmed (the lexer over its token trie, which
+    every schema then shares) with the trivial schema."""
+    guided = guide(model)
+    if not guided.warmed:
+        build_constraint(guided, ANY_JSON_OBJECT)
+        guided.warmed = True
+    return guided
 
 
 class LocalEngine:
@@ -45,9 +56,16 @@ class LocalEngine:
         if guide is None or sampling.json_schema is None:
             return None  # the device loop builds it (engines assembled without a guide)
         loop = asyncio.get_running_loop()
+        try:
+            # the model's tokenizer as the grammar library reads it: seconds the first time
+            # for a big vocabulary (262k tokens: ~10 s here), then cached; not the client's
+            # doing, so not under the cap
+            guided = await loop.run_in_executor(self._grammars, _prepared, guide, model)
+        except Exception as exc:
+            raise EngineError(f"structured output is not available: {exc}"[:400]) from None
         job = loop.run_in_executor(
             self._grammars,
-            lambda: build_constraint(guide(model), sampling.json_schema or "", sampling.json_wrap),
+            lambda: build_constraint(guided, sampling.json_schema or "", sampling.json_wrap),
         )
         try:
             return await asyncio.wait_for(job, GRAMMAR_SECONDS)
