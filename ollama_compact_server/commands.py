@@ -17,6 +17,7 @@ from .modelfile import ModelfileError, parse_modelfile
 from .registry.blobs import sha256_file
 from .registry.errors import RegistryError
 from .settings import Settings
+from .units import human_size
 
 
 class CommandError(Exception):
@@ -85,15 +86,6 @@ class Client:
 
 
 # ------------------------------------------------------------------------------ formatting
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 def human_ago(stamp: str) -> str:
@@ -461,7 +453,7 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
     from .engine.device import planned_dtype
     from .engine.planner import PlanError, default_budget, format_plan, serving_plan
     from .registry.store import Registry
-    from .settings import parse_size
+    from .units import parse_size
 
     try:
         dtype = planned_dtype(settings.dtype, args.plan_device)

@@ -329,7 +329,7 @@ def evaluate(
 
 
 def format_report(report: EvalReport) -> str:
-    from .commands import human_size
+    from .units import human_size
 
     change = ""
     if report.perplexity_change is not None:

@@ -11,36 +11,63 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ollama_compact_server"
 
-# layer -> package-internal layers it must not import
-FORBIDDEN = {
-    "registry": {
+# Every top-level module of the package and what of the package it may import, bottom up
+# (ARCHITECTURE.md's layers). A new module needs a row here; "__init__" is the package's own
+# __init__ (its version string).
+ALLOWED: dict[str, set[str]] = {
+    "__init__": set(),
+    "units": set(),  # sizes and durations: the bottom
+    "logs": set(),
+    "threads": set(),
+    "modelfile": set(),
+    "protocol": set(),  # uvicorn's h11 protocol with read deadlines
+    "registry": {"units"},  # the filesystem: no torch, nothing above it
+    "settings": {"registry", "units"},
+    "compress": {"units"},
+    "modeling": {"compress", "registry", "units", "threads"},
+    "engine": {"modeling", "registry", "settings", "threads", "units"},
+    "chat": {"engine", "logs", "modeling", "registry", "units"},
+    "jobs": {"compress", "modeling", "registry", "units", "threads"},
+    "api": {
+        "__init__",
+        "chat",
+        "compress",
+        "engine",
+        "jobs",
+        "logs",
+        "registry",
+        "settings",
+        "threads",
+        "units",
+    },  # never modeling: model work goes through jobs
+    "app": {
+        "__init__",
         "api",
         "chat",
         "engine",
+        "jobs",
+        "logs",
         "modeling",
-        "compress",
-        "app",
-        "cli",
-        "server",
-        "commands",
+        "registry",
+        "settings",
+        "threads",
+        "units",
     },
-    "compress": {"api", "chat", "engine", "app", "cli", "server", "commands"},
-    "modeling": {"api", "chat", "engine", "app", "cli", "server", "commands"},
-    "engine": {"api", "chat", "app", "cli", "server", "commands"},
-    "chat": {"api", "app", "cli", "server", "commands"},
-    "api": {"app", "cli", "server", "commands", "modeling"},
-    "jobs": {"api", "app", "cli", "server", "commands"},
-    "settings": {
-        "api",
-        "chat",
+    "evaluation": {"app", "engine", "logs", "modeling", "registry", "settings", "units"},
+    "server": {"api", "app", "engine", "logs", "protocol", "registry", "settings", "units"},
+    "commands": {
         "engine",
+        "evaluation",
+        "logs",
+        "modelfile",
         "modeling",
-        "compress",
-        "app",
-        "cli",
+        "registry",
         "server",
-        "commands",
+        "settings",
+        "units",
     },
+    "cli": {"__init__", "commands", "server", "settings", "units"},
+    "__main__": {"cli"},
 }
 
 
@@ -72,13 +99,50 @@ def internal_imports(path: Path) -> set[str]:
     return found
 
 
+def top_level_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        layer = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        found = {"__init__" if t == "__version__" else t for t in internal_imports(path)}
+        graph.setdefault(layer, set()).update(found - {layer})
+    return graph
+
+
+def test_every_top_level_module_has_a_row() -> None:
+    graph = top_level_graph()
+    assert set(graph) <= set(ALLOWED), sorted(set(graph) - set(ALLOWED))
+    assert set(ALLOWED) <= set(graph), sorted(set(ALLOWED) - set(graph))  # no stale rows
+
+
 def test_imports_point_down() -> None:
     problems = []
     for path in PACKAGE.rglob("*.py"):
         layer = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
-        for target in internal_imports(path) & FORBIDDEN.get(layer, set()):
+        found = {"__init__" if t == "__version__" else t for t in internal_imports(path)}
+        for target in sorted(found - ALLOWED[layer] - {layer}):
             problems.append(f"{path.relative_to(PACKAGE)} imports {target}")
     assert not problems, problems
+
+
+def test_no_import_cycles_between_top_level_modules() -> None:
+    """Lazy imports inside functions count too: a cycle is a cycle, whenever it closes."""
+    graph = top_level_graph()
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
 
 
 DIALECTS = ("ollama", "openai", "anthropic")

@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 
 from ollama_compact_server.engine.planner import (
-    GiB,
-    MiB,
     PlanError,
     adapter_bytes,
     count_parameters,
@@ -22,6 +20,7 @@ from ollama_compact_server.engine.planner import (
     serving_plan,
     weight_bytes,
 )
+from ollama_compact_server.units import GiB, MiB
 
 LLAMA3_8B: dict[str, Any] = {
     "model_type": "llama",

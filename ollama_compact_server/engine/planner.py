@@ -6,9 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+from ..units import GiB, human_bytes
 
 DEFAULT_CONTEXT = 8192  # tokens per slot when the caller names none (capped by the model)
 CUDA_DEFAULT_CAP = 14 * GiB  # fits a 16 GB card with room for the CUDA context and activations
@@ -324,7 +322,7 @@ def plan_memory(
     )
     kv_budget = max(0, budget - weights - lora - reserve)
     if weights + lora > budget:
-        notes.append(f"weights and adapters ({_human(weights + lora)}) exceed the budget")
+        notes.append(f"weights and adapters ({human_bytes(weights + lora)}) exceed the budget")
     if WEIGHT_FORMATS[weight_format].quantized:
         notes.append(f"projections and lm_head in {weight_format}; embeddings and norms 16-bit")
     if arch.multimodal:
@@ -348,8 +346,9 @@ def plan_memory(
     fits = sequences > 0
     if not fits:
         notes.append(
-            f"not one sequence of {context} tokens fits: it needs {_human(context * per_token)} "
-            f"of KV, {_human(kv_budget)} is left after weights, adapters and reserve"
+            f"not one sequence of {context} tokens fits: it needs "
+            f"{human_bytes(context * per_token)} of KV, {human_bytes(kv_budget)} is left after "
+            "weights, adapters and reserve"
         )
     elif context < requested:
         notes.append(f"context shrunk from {requested} to {context} so one sequence fits")
@@ -451,13 +450,6 @@ def _ram() -> int:
 # ---------------------------------------------------------------------------- display
 
 
-def _human(size: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size} B"
-
-
 def format_plan(plan: Plan, name: str = "") -> str:
     """A small human-readable table of the plan (for the CLI)."""
     title = f"Memory plan{' for ' + name if name else ''}"
@@ -465,16 +457,16 @@ def format_plan(plan: Plan, name: str = "") -> str:
         title += f" ({plan.parameters / 1e9:.2f}B parameters)"
     adapters = f"{plan.adapters} × rank {plan.adapter_rank}" if plan.adapters else ""
     rows = [
-        ("weights", _human(plan.weight_bytes), plan.weight_format),
-        ("adapters", _human(plan.adapter_bytes), adapters),
-        ("activation reserve", _human(plan.activation_reserve), ""),
-        ("KV per token", _human(plan.kv_bytes_per_token), plan.kv_dtype),
+        ("weights", human_bytes(plan.weight_bytes), plan.weight_format),
+        ("adapters", human_bytes(plan.adapter_bytes), adapters),
+        ("activation reserve", human_bytes(plan.activation_reserve), ""),
+        ("KV per token", human_bytes(plan.kv_bytes_per_token), plan.kv_dtype),
         (
             "KV cache",
-            _human(plan.kv_bytes),
+            human_bytes(plan.kv_bytes),
             f"{plan.sequences} sequences × {plan.context} tokens",
         ),
-        ("total", _human(plan.total_bytes), f"of {_human(plan.budget)} budget"),
+        ("total", human_bytes(plan.total_bytes), f"of {human_bytes(plan.budget)} budget"),
         ("fits", "yes" if plan.fits else "NO", ""),
     ]
     width = max(len(label) for label, _, _ in rows)

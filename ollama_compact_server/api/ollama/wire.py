@@ -17,7 +17,7 @@ from ...engine.types import ANY_JSON_OBJECT, DEFAULT, KeepAlive
 from ...registry.errors import InvalidName
 from ...registry.names import ModelName
 from ...registry.store import ModelRecord
-from ...settings import parse_duration
+from ...units import parse_duration
 from ..errors import APIError
 from ..wire import WireModel
 
