@@ -69,7 +69,7 @@ def main() -> int:
     options = json.loads(args.options)
     text = HELDOUT.read_text(encoding="utf-8")
     source = open_registry(args.registry, args.model)
-    from ollama_compact_server.modeling.compressing import compress_registry_model
+    from ollama_compact_server.jobs.compressing import compress_registry_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="ocs-bench-") as scratch:

@@ -163,7 +163,7 @@ def open_registry(path: Path, model: str) -> Any:
 
     registry = Registry(path)
     if not registry.exists(model):
-        from ollama_compact_server.modeling.default_model import (
+        from ollama_compact_server.jobs.default_model import (
             DEFAULT_NAME,
             ensure_default_model,
         )

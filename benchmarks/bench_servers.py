@@ -286,7 +286,7 @@ def system_prompt(tokens: int) -> str:
 def gemma_prompt(messages: list[dict[str, str]]) -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from ollama_compact_server.modeling.default_model import GEMMA_TEMPLATE
+    from ollama_compact_server.jobs.default_model import GEMMA_TEMPLATE
 
     template = ImmutableSandboxedEnvironment().from_string(GEMMA_TEMPLATE)
     # llama-server adds <bos> itself

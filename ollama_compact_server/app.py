@@ -63,7 +63,7 @@ def prepare_default_model(
     """Imports the default model on first start (about a minute, once)."""
     if not settings.import_default:
         return
-    from .modeling.default_model import ensure_default_model
+    from .jobs.default_model import ensure_default_model
 
     ensure_default_model(registry, settings.default_model, progress)
 

@@ -410,8 +410,8 @@ def client_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def import_command(settings: Settings, args: argparse.Namespace) -> int:
+    from .jobs.importing import import_path
     from .logs import setup_logging
-    from .modeling.importing import import_path
     from .registry.store import Registry
     from .server import _ProgressPrinter
 
@@ -431,8 +431,8 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
 
 def merge_command(settings: Settings, args: argparse.Namespace) -> int:
     """`ollama-compact merge ADAPTER NEW_NAME`: an adapter folded into its base."""
+    from .jobs.merge import merge_adapter
     from .logs import setup_logging
-    from .modeling.merge import merge_adapter
     from .registry.store import Registry
     from .server import _ProgressPrinter
 

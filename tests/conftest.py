@@ -83,7 +83,7 @@ async def client(settings: Settings, registry: Registry) -> AsyncIterator[httpx.
 @pytest.fixture(scope="session")
 def gemma_registry() -> Registry:
     """A registry holding gemma3:270m, imported from the bundled package once."""
-    from ollama_compact_server.modeling.default_model import ensure_default_model
+    from ollama_compact_server.jobs.default_model import ensure_default_model
 
     registry = Registry(E2E_REGISTRY)
     ensure_default_model(registry)

@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "modeling": {"compress", "registry", "units", "threads"},
     "engine": {"modeling", "registry", "settings", "threads", "units"},
     "chat": {"engine", "logs", "modeling", "registry", "units"},
-    "jobs": {"compress", "modeling", "registry", "units", "threads"},
+    "jobs": {"compress", "modeling", "registry", "units", "threads"},  # the workflows
     "api": {
         "__init__",
         "chat",
@@ -58,9 +58,9 @@ ALLOWED: dict[str, set[str]] = {
     "commands": {
         "engine",
         "evaluation",
+        "jobs",
         "logs",
         "modelfile",
-        "modeling",
         "registry",
         "server",
         "settings",

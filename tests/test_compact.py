@@ -122,7 +122,7 @@ def test_other_architectures_keep_transformers_modules(family_dirs: dict[str, Pa
 def test_compressed_modules_run_in_the_compact_forward(
     tmp_path: Path, family_dirs: dict[str, Path], scheme: str
 ) -> None:
-    from ollama_compact_server.modeling.compressing import compress_registry_model
+    from ollama_compact_server.jobs.compressing import compress_registry_model
     from ollama_compact_server.modeling.loader import load_causal_lm
     from ollama_compact_server.registry.importers import import_hf_dir
     from ollama_compact_server.registry.store import Registry

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ollama_compact_server.compress import quant
 from ollama_compact_server.compress.format import ModuleSpec
 from ollama_compact_server.compress.schemes import SchemeError, resolve
-from ollama_compact_server.modeling.compressing import compress_registry_model
+from ollama_compact_server.jobs.compressing import compress_registry_model
 from ollama_compact_server.modeling.loader import load_causal_lm
 from ollama_compact_server.modeling.quantized import Int4Linear, Int8Linear, QuantEmbedding
 from ollama_compact_server.registry.errors import InvalidModel

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ollama_compact_server.modeling.compressing import compress_registry_model
+from ollama_compact_server.jobs.compressing import compress_registry_model
 from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
 from ollama_compact_server.modeling.quantized import Int8Linear
 from ollama_compact_server.registry.store import Registry

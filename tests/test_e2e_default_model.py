@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ollama_compact_server.modeling.default_model import GEMMA_TEMPLATE, ensure_default_model
+from ollama_compact_server.jobs.default_model import GEMMA_TEMPLATE, ensure_default_model
 from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
 from ollama_compact_server.registry.manifest import MT_FILE
 from ollama_compact_server.registry.store import Registry

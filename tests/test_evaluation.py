@@ -20,7 +20,7 @@ from ollama_compact_server.evaluation import (
     text_ids,
     windows,
 )
-from ollama_compact_server.modeling.create import CreateSpec, create_model
+from ollama_compact_server.jobs.create import CreateSpec, create_model
 from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
 from ollama_compact_server.registry.evals import EVAL_DIR, eval_path, read_eval
 from ollama_compact_server.registry.importers import import_adapter_dir, import_hf_dir

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from ollama_compact_server.compress import quant
 from ollama_compact_server.compress.format import specs_from
+from ollama_compact_server.jobs.importing import import_path
 from ollama_compact_server.modeling.gguf import _int4_groups
 from ollama_compact_server.modeling.gguf_file import read_table
-from ollama_compact_server.modeling.importing import import_path
 from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
 from ollama_compact_server.registry.errors import InvalidModel
 from ollama_compact_server.registry.manifest import MT_FILE
@@ -147,8 +147,8 @@ def test_compressing_and_merging_an_imported_gguf_model(
     tmp_path: Path, ggufs: dict[str, tuple[Path, Path]]
 ) -> None:
     """Other schemes and adapter merges start from the expansion of the file's weights."""
-    from ollama_compact_server.modeling.compressing import compress_registry_model
-    from ollama_compact_server.modeling.merge import merge_adapter
+    from ollama_compact_server.jobs.compressing import compress_registry_model
+    from ollama_compact_server.jobs.merge import merge_adapter
     from tests.factory import make_lora_adapter
 
     registry = Registry(tmp_path / "registry")
@@ -287,7 +287,7 @@ async def test_create_from_an_uploaded_gguf_keeps_it_compact(
 def test_an_earlier_float_import_of_the_default_model_is_redone_compact() -> None:
     """An earlier version stored the bundled model expanded to float32 (1.1 GB): such an
     automatic import is redone in the compact form; a model the user made is left alone."""
-    from ollama_compact_server.modeling.default_model import PACKAGE, _outdated
+    from ollama_compact_server.jobs.default_model import PACKAGE, _outdated
     from ollama_compact_server.registry.manifest import ModelConfig, Quantization
 
     class Record:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ollama_compact_server.modeling.importing import import_path
+from ollama_compact_server.jobs.importing import import_path
 from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer
 from ollama_compact_server.registry.errors import InvalidModel, ModelNotFound
 from ollama_compact_server.registry.importers import import_adapter_dir, import_hf_dir

@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 
 from ollama_compact_server.app import create_app
-from ollama_compact_server.modeling.importing import import_path
+from ollama_compact_server.jobs.importing import import_path
 from ollama_compact_server.protocol import protocol_class
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry

@@ -370,7 +370,7 @@ async def test_adapters_batch_on_a_compressed_base(
 ) -> None:
     """Adapters made for the float32 parent run on its compressed variant: the LoRA bank
     wraps the compressed projections, and mixed batches still equal solo output."""
-    from ollama_compact_server.modeling.compressing import compress_registry_model
+    from ollama_compact_server.jobs.compressing import compress_registry_model
 
     registry = make_registry(tmp_path / "reg", tiny_models["llama"], {})
     compress_registry_model(registry, "tiny", "tiny-q", scheme)

@@ -174,7 +174,7 @@ async def test_redirects_stay_on_the_hub_and_sizes_are_capped(
 ) -> None:
     """Issue 17, point 12: a redirect to any other host is refused; files past the caps
     are refused from the listing, before anything is downloaded."""
-    from ollama_compact_server.modeling import pull
+    from ollama_compact_server.jobs import pull
 
     raw, _, registry = api
     same = f"{hub.url}/org/tiny/resolve/main/model.safetensors?moved=1"

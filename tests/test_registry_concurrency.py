@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_compact_server.modeling.importing import import_path
+from ollama_compact_server.jobs.importing import import_path
 from ollama_compact_server.registry.errors import InUse
 from ollama_compact_server.registry.manifest import MT_FILE, ModelConfig
 from ollama_compact_server.registry.store import Registry

@@ -7,12 +7,12 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..modeling.loader import load_causal_lm
 from ..registry.errors import InvalidModel
 from ..registry.importers import ProgressFn, import_hf_dir
 from ..registry.manifest import MT_FILE
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
-from .loader import load_causal_lm
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 

@@ -89,7 +89,7 @@ def _compress(
     import torch
 
     from ..compress.pipeline import compress_model
-    from .loader import load_causal_lm, load_tokenizer
+    from ..modeling.loader import load_causal_lm, load_tokenizer
 
     scheme, checked, record = precheck(registry, source, scheme_name, options)
     target = name if isinstance(name, ModelName) else ModelName.parse(name)

@@ -68,8 +68,8 @@ def import_gguf(
 ) -> ModelRecord:
     """Imports a GGUF file: its weights stay near their own grid (int8 / int4, see
     modeling/gguf.py) unless ``dequantize`` expands them to float32."""
+    from ..modeling.gguf import convert_gguf
     from ..registry.manifest import Quantization
-    from .gguf import convert_gguf
 
     progress("hashing GGUF file", None, None)
     digest = sha256_file(path)

@@ -1,18 +1,20 @@
-"""The model-management jobs that the Ollama routes run (create: import, merge, compress;
-pull), with the checks that refuse a job before any work. The routes call this service,
-never modeling/ or compress/ directly; the workflows themselves still live in modeling/."""
+"""Model-management jobs: the workflows that make registry models (import, create, merge,
+compress, pull, the default model's first-start import), called by the Ollama routes
+(through :class:`ModelJobs`, with the checks that refuse a job before any work) and by the
+CLI. modeling/ keeps the nn.Modules, loaders and converters they use; the routes never
+call modeling/ or compress/ directly."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from .compress.schemes import resolve as resolve_scheme
-from .modeling.compressing import precheck as precheck_compression
-from .modeling.create import CreateSpec, check_file_map, create_model
-from .modeling.pull import hub_repo, pull_model
-from .registry.names import ModelName
-from .registry.store import ModelRecord, Registry
+from ..compress.schemes import resolve as resolve_scheme
+from ..registry.names import ModelName
+from ..registry.store import ModelRecord, Registry
+from .compressing import precheck as precheck_compression
+from .create import CreateSpec, check_file_map, create_model
+from .pull import hub_repo, pull_model
 
 __all__ = ["CreateSpec", "ModelJobs", "check_file_map"]
 
