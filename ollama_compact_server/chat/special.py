@@ -51,7 +51,7 @@ def _trie(words: list[str]) -> str:
         body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
         return f"(?:{body})?" if "" in node else body
 
-    # iterative depth is the longest token's length: recursion is fine for real tokens
+    # the recursion is as deep as the longest special token is long: a few dozen at most
     return build(root)
 
 
