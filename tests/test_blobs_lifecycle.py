@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from ollama_compact_server.api.ollama import jobs
+from ollama_compact_server.registry import fsutil
 from ollama_compact_server.registry.blobs import BlobStore
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import serve_app
@@ -76,7 +77,7 @@ async def test_uploads_past_the_cap_or_the_free_space_are_refused(
         assert r.status_code == 413
         assert not registry.blobs.dir.exists() or not list(registry.blobs.dir.iterdir())
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(jobs.shutil, "disk_usage", lambda _: usage(1 << 40, 0, (1 << 30) + 1000))
+    monkeypatch.setattr(fsutil.shutil, "disk_usage", lambda _: usage(1 << 40, 0, (1 << 30) + 1000))
     async with serve_app(registry, FakeEngine()) as served:
         r = await served.raw.post(f"/api/blobs/{digest_of(data)}", content=data)
         assert r.status_code == 507 and "disk space" in r.json()["error"]

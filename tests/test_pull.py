@@ -175,6 +175,7 @@ async def test_redirects_stay_on_the_hub_and_sizes_are_capped(
     """Issue 17, point 12: a redirect to any other host is refused; files past the caps
     are refused from the listing, before anything is downloaded."""
     from ollama_compact_server.jobs import pull
+    from ollama_compact_server.registry import fsutil
 
     raw, _, registry = api
     same = f"{hub.url}/org/tiny/resolve/main/model.safetensors?moved=1"
@@ -201,7 +202,7 @@ async def test_redirects_stay_on_the_hub_and_sizes_are_capped(
     r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
     assert r.status_code == 400 and "GiB" in r.json()["error"], r.text
     monkeypatch.setattr(pull, "MAX_TOTAL_BYTES", 1 << 40)
-    monkeypatch.setattr(pull, "MIN_FREE", 1 << 62)
+    monkeypatch.setattr(fsutil, "MIN_FREE", 1 << 62)
     r = await raw.post("/api/pull", json={"model": "hf.co/org/tiny", "stream": False})
     assert r.status_code == 507 and "disk space" in r.json()["error"], r.text
     assert hub.downloads == downloads and tree_hash(registry.root) == before

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 
 import httpx
 
-from ..registry.errors import InvalidModel, RegistryError, StorageError
+from ..registry.errors import InvalidModel, RegistryError
+from ..registry.fsutil import check_free_space
 from ..registry.importers import HF_FILES, PICKLE_SUFFIXES, import_hf_dir
 from ..registry.manifest import check_filename
 from ..registry.names import ModelName
@@ -28,7 +28,6 @@ CHUNK = 1 << 20
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MAX_FILE_BYTES = 64 << 30  # one file of a pull
 MAX_TOTAL_BYTES = 256 << 30  # all files of a pull
-MIN_FREE = 1 << 30  # left free on the disks a pull writes to
 MAX_REDIRECTS = 5
 
 Progress = Callable[[dict[str, Any]], None]
@@ -137,15 +136,7 @@ def _check_sizes(wanted: list[Any], staging: Path, registry: Registry) -> None:
     if total > MAX_TOTAL_BYTES:
         raise InvalidModel(f"the repository's model files pass {MAX_TOTAL_BYTES >> 30} GiB")
     for where in {staging, registry.root}:
-        try:
-            free = shutil.disk_usage(where).free
-        except OSError:
-            continue
-        if free - total < MIN_FREE:
-            raise StorageError(
-                f"not enough disk space to pull {total / (1 << 30):.2f} GiB "
-                f"(and keep {MIN_FREE >> 30} GiB free)"
-            )
+        check_free_space(where, total, "the pull")
 
 
 def _allowed_hosts(endpoint: str) -> tuple[str, ...]:

@@ -8,12 +8,11 @@ import hashlib
 import os
 import re
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import BlobNotFound, DigestMismatch, InvalidDigest
-from .fsutil import TMP_PREFIX, fsync_dir, storage_error
+from .fsutil import TMP_PREFIX, age, fsync_dir, storage_error
 
 DIGEST_RE = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 CHUNK = 1 << 20
@@ -164,10 +163,7 @@ class BlobStore:
 
     def age(self, digest: str) -> float:
         """Seconds since the blob was written or last touched."""
-        try:
-            return time.time() - self.path(digest).lstat().st_mtime
-        except OSError:
-            return 0.0
+        return age(self.path(digest))
 
     def remove(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -64,3 +66,31 @@ def storage_error(exc: OSError) -> StorageError:
     if exc.errno == errno.ENOSPC:
         return StorageError("insufficient storage: the disk is full")
     return StorageError(f"storage error: {exc.strerror or exc.__class__.__name__}")
+
+
+MIN_FREE = 1 << 30  # bytes every write of a model file (upload, pull) leaves free on its disk
+
+
+def check_free_space(where: Path, needed: int, what: str) -> None:
+    """Refuses (StorageError, a 507) to write ``needed`` more bytes at ``where`` when that
+    would leave less than MIN_FREE on its disk; a disk that cannot be asked is let be."""
+    directory = Path(where)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free - needed < MIN_FREE:
+        raise StorageError(
+            f"not enough disk space for {what} ({needed / (1 << 30):.2f} GiB) and a "
+            f"{MIN_FREE >> 30} GiB reserve"
+        )
+
+
+def age(path: Path) -> float:
+    """Seconds since ``path`` was last written (or touched); 0 if it cannot be read."""
+    try:
+        return time.time() - path.lstat().st_mtime
+    except OSError:
+        return 0.0

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from .errors import (
     RegistryError,
     StorageError,
 )
-from .fsutil import TMP_PREFIX, atomic_write_bytes, fsync_dir
+from .fsutil import TMP_PREFIX, age, atomic_write_bytes, fsync_dir
 from .manifest import (
     MAX_MANIFEST_BYTES,
     MT_CONFIG,
@@ -356,7 +355,7 @@ class Registry:
         for directory in (self.blobs.dir, self.manifest_dir):
             if directory.is_dir():
                 for tmp in directory.rglob(TMP_PREFIX + "*"):
-                    if _older_than(tmp, TMP_GRACE):
+                    if age(tmp) >= TMP_GRACE:
                         with contextlib.suppress(OSError):
                             tmp.unlink()
 
@@ -394,13 +393,6 @@ class Registry:
                     problems.append(f"{name.display()}: {exc} (moved to quarantine)")
                     log.error("quarantined damaged manifest %s: %s", name.display(), exc)
         return problems
-
-
-def _older_than(path: Path, seconds: float) -> bool:
-    try:
-        return time.time() - path.lstat().st_mtime >= seconds
-    except OSError:
-        return False
 
 
 class Transaction:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import shutil
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from ...compress.schemes import SchemeError
 from ...jobs import CreateSpec, ModelJobs, check_file_map
 from ...registry.blobs import normalize_digest
 from ...registry.errors import RegistryError
+from ...registry.fsutil import check_free_space
 from ...registry.store import Registry
 from ...threads import to_fresh_thread
 from ..common import json_body, registry_of
@@ -100,7 +100,7 @@ async def blob_exists(request: Request, digest: str) -> Response:
 async def blob_upload(request: Request, digest: str) -> Response:
     """Streams the body to disk (never whole in memory); bytes that do not hash to the
     digest are refused and leave nothing behind. A body larger than OCS_MAX_BLOB_SIZE, or
-    one that would leave less than MIN_FREE on the disk, is refused: up front from its
+    one that would leave less than 1 GiB free on the disk, is refused: up front from its
     Content-Length, else as it arrives."""
     registry = registry_of(request)
     expected = normalize_digest(digest)
@@ -133,26 +133,12 @@ async def blob_upload(request: Request, digest: str) -> Response:
     return Response(status_code=201 if created else 200)
 
 
-MIN_FREE = 1 << 30  # bytes an upload must leave free on the registry's disk
-
-
 def _check_room(registry: Registry, size: int, cap: int, written: int = 0) -> None:
     """Refuses a blob of ``size`` bytes (``written`` of them on disk already) past the cap
-    (413) or past the disk's free space less MIN_FREE (507)."""
+    (413) or past the disk's free space less its reserve (507)."""
     if size > cap:
         raise APIError(413, f"the file is larger than the {cap / (1 << 30):.1f} GiB cap")
-    try:
-        free = shutil.disk_usage(
-            registry.blobs.dir if registry.blobs.dir.is_dir() else registry.root
-        ).free
-    except OSError:
-        return
-    if free - (size - written) < MIN_FREE:
-        raise APIError(
-            507,
-            f"not enough disk space for the file ({size / (1 << 30):.2f} GiB) and a "
-            f"{MIN_FREE >> 30} GiB reserve",
-        )
+    check_free_space(registry.blobs.dir, size - written, "the file")
 
 
 UPLOAD_FLUSH = 4 << 20
