@@ -73,23 +73,29 @@ def serve(settings: Settings) -> int:
         return 2
     app = create_app(settings, registry=registry)
     log.info("listening on %s", address.url)
-    config = uvicorn.Config(
-        app,
-        host=address.host,
-        port=address.port,
-        log_config=None,
-        access_log=False,
-        http=protocol_class(settings.header_timeout),  # read deadlines (protocol.py)
-        limit_concurrency=settings.max_connections,
-    )
     GracefulServer(
-        config,
+        uvicorn_config(app, settings, address.host, address.port),
         drain_timeout=settings.shutdown_timeout,
         on_timeout=lambda: close_engine(app),
         on_drain=lambda: setattr(app.state, "draining", True),
     ).run()
     log.info("stopped")
     return 0
+
+
+def uvicorn_config(app: Any, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """How the daemon runs under uvicorn: its own h11 protocol with read deadlines
+    (protocol.py) and the connection limit; tests serve the app the same way."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        http=protocol_class(settings.header_timeout),
+        limit_concurrency=settings.max_connections,
+    )
 
 
 def close_engine(app: Any) -> None:

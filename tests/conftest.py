@@ -3,6 +3,7 @@ gemma3:270m registry for end-to-end tests, and an in-process app client."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -242,3 +243,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     if exitstatus == 0:
         reliability.save()
+
+
+@asynccontextmanager
+async def running_server(app: Any, settings: Settings) -> AsyncIterator[int]:
+    """``app`` under uvicorn on a free loopback port, configured as `ollama-compact serve`
+    runs it, on this event loop; yields the port."""
+    import uvicorn
+
+    from ollama_compact_server.server import uvicorn_config
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(app, settings, "127.0.0.1", port))
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert not task.done(), "server stopped during startup"
+        assert time.monotonic() < deadline, "server did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)

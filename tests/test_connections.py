@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from ollama_compact_server import protocol
 from ollama_compact_server.app import create_app
 from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import running_server
 from tests.fakes import FakeEngine
 from tests.reliability import record
 
@@ -30,29 +29,16 @@ async def port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     monkeypatch.setattr(protocol, "BODY_GRACE", 1.0)
     monkeypatch.setattr(protocol, "CHECK_EVERY", 0.2)
     registry = Registry(tmp_path / "registry")
-    settings = Settings(models=registry.root, adapters=None, import_default=False)
-    app = create_app(settings, registry=registry, engine=FakeEngine())
-    number = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=number,
-        log_config=None,
-        access_log=False,
-        http=protocol.protocol_class(HEADER_TIMEOUT),
-        limit_concurrency=4,
+    settings = Settings(
+        models=registry.root,
+        adapters=None,
+        import_default=False,
+        header_timeout=HEADER_TIMEOUT,
+        max_connections=4,
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert not task.done() and time.monotonic() < deadline
-        await asyncio.sleep(0.02)
-    try:
+    app = create_app(settings, registry=registry, engine=FakeEngine())
+    async with running_server(app, settings) as number:
         yield number
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
 
 
 async def until_closed(reader: asyncio.StreamReader, limit: float = 10.0) -> tuple[bytes, float]:

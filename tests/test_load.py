@@ -18,15 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from ollama_compact_server.app import create_app
 from ollama_compact_server.jobs.importing import import_path
-from ollama_compact_server.protocol import protocol_class
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import running_server
 from tests.reliability import record
 
 CLIENTS = 64
@@ -39,7 +37,6 @@ HANG_UP_AFTER = 3  # chunks read before hanging up
 class Daemon:
     url: str
     app: Any
-    server: uvicorn.Server
 
 
 @pytest.fixture
@@ -60,29 +57,8 @@ async def daemon(
         num_parallel=16,
     )
     app = create_app(settings, registry=registry)
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        http=protocol_class(settings.header_timeout),  # as `ollama-compact serve` runs it
-        limit_concurrency=settings.max_connections,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert not task.done(), "server stopped during startup"
-        assert time.monotonic() < deadline, "server did not start"
-        await asyncio.sleep(0.02)
-    try:
-        yield Daemon(f"http://127.0.0.1:{port}", app, server)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    async with running_server(app, settings) as port:
+        yield Daemon(f"http://127.0.0.1:{port}", app)
 
 
 @dataclass
