@@ -227,6 +227,55 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", help="an adapter model in the registry")
     merge.add_argument("new_name")
     merge.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
+
+    tune = sub.add_parser(
+        "finetune",
+        help="train a LoRA, DoRA or IA3 adapter on a model with your data",
+        description="Train an adapter on BASE with the examples in --data and add it to the "
+        "registry as NEW_NAME (an adapter model on BASE), only once training has finished. "
+        "Runs in the daemon when one answers at OLLAMA_HOST (/api/finetune), else here on "
+        "the registry at OCS_MODELS. Data: JSONL chat (messages), prompt/completion, Alpaca, "
+        "ShareGPT, plain text or CSV. Ctrl-C stops it and keeps a checkpoint: --resume "
+        "continues.",
+    )
+    tune.add_argument("base", help="the registry model to train on (may be compressed: QLoRA)")
+    tune.add_argument("new_name", help="the adapter model to create")
+    tune.add_argument("--data", required=True, type=Path, help="the training file")
+    tune.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "chat", "completion", "alpaca", "sharegpt", "text", "csv"],
+        help="the data format (default: from the file name and its first record)",
+    )
+    tune.add_argument(
+        "--columns",
+        default=None,
+        help="CSV columns for the fields, e.g. prompt=question,completion=answer",
+    )
+    tune.add_argument("--method", default="lora", choices=["lora", "dora", "ia3"])
+    for flag, kind, text in (
+        ("rank", int, "LoRA / DoRA rank (16)"),
+        ("alpha", int, "LoRA / DoRA alpha (32)"),
+        ("dropout", float, "LoRA / DoRA dropout (0.05)"),
+        ("target-modules", str, "comma-separated module names (all projections; IA3: k,v,down)"),
+        ("epochs", float, "passes over the data (1)"),
+        ("max-steps", int, "optimizer steps; overrides --epochs"),
+        ("lr", float, "peak learning rate (2e-4; IA3 3e-3)"),
+        ("batch-size", int, "examples per micro-batch (4)"),
+        ("grad-accum", int, "micro-batches per optimizer step (1)"),
+        ("max-length", int, "tokens per example, longer ones cut (512)"),
+        ("eval-split", float, "fraction held out to measure the loss before and after (0.1)"),
+        ("seed", int, "shuffling and held-out split seed (0)"),
+        ("save-steps", int, "a checkpoint every this many steps (50)"),
+    ):
+        tune.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    tune.add_argument("--resume", action="store_true", help="continue a stopped run")
+    tune.add_argument(
+        "--local",
+        action="store_true",
+        help="train in this process on OCS_MODELS even when a daemon answers",
+    )
+    tune.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
     return parser
 
 
@@ -249,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .commands import merge_command
 
             return merge_command(settings_from(args), args)
+        if args.command == "finetune":
+            from .commands import finetune_command
+
+            return finetune_command(settings_from(args), args)
         if args.command == "eval":
             from .commands import eval_command
 

@@ -532,3 +532,173 @@ def eval_command(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print("\n\n".join(format_report(report) for report in reports))
     return 0
+
+
+# ------------------------------------------------------------------------------ finetune
+
+FINETUNE_FLAGS = {
+    "rank": "rank",
+    "alpha": "alpha",
+    "dropout": "dropout",
+    "target_modules": "target_modules",
+    "epochs": "epochs",
+    "max_steps": "max_steps",
+    "lr": "learning_rate",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "max_length": "max_length",
+    "eval_split": "eval_split",
+    "seed": "seed",
+    "save_steps": "save_steps",
+}
+
+
+class TrainingBar:
+    """Training progress on one terminal line (a line every 10% when not a terminal):
+    step, a bar, loss, tokens/s and the time left; other statuses on lines of their own."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.out = stream or sys.stderr
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self.open = False  # a bar line is on screen without its newline
+        self.shown = -1
+        self.report: dict[str, Any] | None = None
+
+    def __call__(self, item: dict[str, Any]) -> None:
+        status = str(item.get("status", ""))
+        if status == "training":
+            self._bar(item)
+            return
+        if status == "trained" and isinstance(item.get("report"), dict):
+            self.report = item["report"]
+            return
+        self._end()
+        print(status, file=self.out, flush=True)
+
+    def _bar(self, item: dict[str, Any]) -> None:
+        step, total = int(item.get("completed") or 0), int(item.get("total") or 1)
+        fraction = step / max(total, 1)
+        width = 24
+        filled = int(width * fraction)
+        eta = int(float(item.get("eta_seconds") or 0))
+        line = (
+            f"training {step}/{total} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{100 * fraction:3.0f}%  loss {float(item.get('loss') or 0):.4f}  "
+            f"{float(item.get('tokens_per_second') or 0):,.0f} tok/s  "
+            f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        )
+        if self.tty:
+            print("\r" + line.ljust(100), end="", file=self.out, flush=True)
+            self.open = True
+            if step >= total:
+                self._end()
+        elif int(10 * fraction) != self.shown or step >= total:
+            self.shown = int(10 * fraction)
+            print(line, file=self.out, flush=True)
+
+    def _end(self) -> None:
+        if self.open:
+            print(file=self.out, flush=True)
+            self.open = False
+
+
+def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"method": args.method}
+    for flag, key in FINETUNE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def _columns(text: str | None) -> dict[str, str]:
+    columns: dict[str, str] = {}
+    for pair in (text or "").split(","):
+        if not pair.strip():
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CommandError(f"--columns expects field=column pairs, got {pair!r}")
+        columns[key.strip()] = value.strip()
+    return columns
+
+
+def _daemon_answers(client: Client) -> bool:
+    try:
+        return client.http.get("/api/version", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def finetune_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`ollama-compact finetune BASE NEW_NAME --data FILE`: in the daemon when one answers
+    (the data uploaded as a blob), else in this process on the local registry."""
+    from .jobs.finetune import format_report
+
+    bar = TrainingBar()
+    try:
+        columns = _columns(args.columns)
+        if not args.data.is_file():
+            raise CommandError(f"{args.data} is not a file")
+        client = Client(settings)
+        if not args.local and _daemon_answers(client):
+            print(f"uploading {args.data.name}", file=sys.stderr)
+            request = {
+                "model": args.new_name,
+                "from": args.base,
+                "data": {args.data.name: client.upload(args.data)},
+                "format": args.format,
+                "columns": columns,
+                "parameters": finetune_options(args),
+                "resume": bool(args.resume),
+            }
+            for item in client.stream("/api/finetune", request):
+                bar(item)
+        else:
+            _finetune_here(settings, args, columns, bar)
+    except CommandError as exc:
+        bar._end()
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar._end()
+        print(
+            "stopped: the registry is unchanged; `--resume` continues from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+    bar._end()
+    if bar.report is not None:
+        print(format_report(bar.report))
+    print(f"created '{args.new_name}' on '{args.base}'")
+    return 0
+
+
+def _finetune_here(
+    settings: Settings, args: argparse.Namespace, columns: dict[str, str], bar: TrainingBar
+) -> None:
+    from .jobs.finetune import FinetuneSpec, Stopped, finetune
+    from .logs import setup_logging
+    from .registry.store import Registry
+    from .training.params import TrainingError, check_params
+
+    setup_logging("warning")
+    try:
+        params = check_params(finetune_options(args))
+    except TrainingError as exc:
+        raise CommandError(str(exc)) from None
+    spec = FinetuneSpec(
+        base=args.base,
+        name=args.new_name,
+        data=args.data,
+        format=args.format,
+        columns=columns,
+        params=params,
+        resume=bool(args.resume),
+    )
+    try:
+        finetune(Registry(settings.models), spec, bar, device=settings.device)
+    except Stopped:
+        raise KeyboardInterrupt from None
+    except RegistryError as exc:
+        raise CommandError(str(exc)) from None

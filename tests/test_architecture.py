@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "modeling": {"compress", "registry", "units", "threads"},
     "engine": {"modeling", "registry", "settings", "threads", "units"},
     "chat": {"engine", "logs", "modeling", "registry", "units"},
-    "jobs": {"compress", "modeling", "registry", "units", "threads"},  # the workflows
+    "training": {"chat", "modeling"},  # data formats and the loop of fine-tuning
+    "jobs": {"compress", "modeling", "registry", "training", "units", "threads"},  # workflows
     "api": {
         "__init__",
         "chat",
@@ -38,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
         "registry",
         "settings",
         "threads",
+        "training",
         "units",
     },  # never modeling: model work goes through jobs
     "app": {
@@ -64,6 +66,7 @@ ALLOWED: dict[str, set[str]] = {
         "registry",
         "server",
         "settings",
+        "training",
         "units",
     },
     "cli": {"__init__", "commands", "server", "settings", "units"},

@@ -6,6 +6,7 @@ call modeling/ or compress/ directly."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +15,11 @@ from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from .compressing import precheck as precheck_compression
 from .create import CreateSpec, check_file_map, create_model
+from .finetune import FinetuneSpec, finetune
+from .finetune import precheck as precheck_finetune
 from .pull import hub_repo, pull_model
 
-__all__ = ["CreateSpec", "ModelJobs", "check_file_map"]
+__all__ = ["CreateSpec", "FinetuneSpec", "ModelJobs", "check_file_map"]
 
 
 class ModelJobs:
@@ -46,3 +49,16 @@ class ModelJobs:
 
     def pull(self, name: ModelName, progress: Callable[[dict[str, Any]], None]) -> ModelRecord:
         return pull_model(self.registry, name, progress)
+
+    def precheck_finetune(self, spec: FinetuneSpec) -> None:
+        """The base and the whole data file, checked before any weights load (a thread)."""
+        precheck_finetune(self.registry, spec)
+
+    def finetune(
+        self,
+        spec: FinetuneSpec,
+        progress: Callable[[dict[str, Any]], None],
+        cancel: threading.Event,
+        device: str = "auto",
+    ) -> ModelRecord:
+        return finetune(self.registry, spec, progress, cancel, device)

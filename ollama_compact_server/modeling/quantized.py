@@ -38,6 +38,21 @@ INT4_CUDA_GROUPS = (32, 64, 128, 256)  # group sizes the CUDA tinygemm kernel su
 REPACK_ROWS = 8192  # rows unpacked at a time when repacking int4 for CUDA
 
 
+class _Dequantized(torch.autograd.Function):
+    """``x @ W.T`` for a frozen compressed ``W`` with a gradient for ``x`` (QLoRA: training
+    an adapter on a compressed base). The weight is dequantized for the forward and again
+    for the backward, never kept: memory stays that of the compressed model."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: CompressedLinear) -> torch.Tensor:
+        ctx.module = module
+        return x @ module.dense(x.dtype, x.device).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.module.dense(grad.dtype, grad.device), None
+
+
 class CompressedLinear(nn.Module):
     """Common surface of the runtime linears: ``in_features``, ``out_features``, ``bias``."""
 
@@ -55,7 +70,10 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1])).to(x.dtype)  # y: [M, N]
+        if x.requires_grad and torch.is_grad_enabled():  # an adapter trains on this base
+            y = _Dequantized.apply(x.reshape(-1, shape[-1]), self)
+        else:
+            y = self.matmul(x.reshape(-1, shape[-1])).to(x.dtype)  # y: [M, N]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -63,6 +81,11 @@ class CompressedLinear(nn.Module):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows ``ids`` of the weight (an embedding lookup): [*ids.shape, K]."""
         raise NotImplementedError
+
+    def dense(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The whole weight dequantized [N, K] (what the module computes with)."""
+        ids = torch.arange(self.out_features, device=self.device or device)
+        return self.rows(ids, dtype).to(device)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"

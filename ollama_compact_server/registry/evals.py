@@ -6,12 +6,15 @@ with the same manifest shares it), so no digest ever changes because a model was
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import RegistryError
 from .fsutil import TMP_PREFIX, atomic_write_bytes
 from .store import ModelRecord, Registry
 
@@ -137,3 +140,45 @@ def disk_size(registry: Registry, record: ModelRecord) -> int:
         sizes[base.manifest.config.digest] = base.manifest.config.size
         sizes.update({layer.digest: layer.size for layer in base.manifest.layers})
     return sum(sizes.values())
+
+
+TRAINING_INFO = (
+    "method",
+    "steps",
+    "epochs",
+    "train_tokens",
+    "tokens_per_second",
+    "eval_loss_base",
+    "eval_loss_adapter",
+    "perplexity_base",
+    "perplexity_adapter",
+    "perplexity_change",
+)
+
+
+def read_training(registry: Registry, record: ModelRecord) -> dict[str, Any] | None:
+    """The report of the run that trained an adapter model here (jobs/finetune.py), kept
+    in its manifest; None for models not trained here."""
+    from .manifest import MT_TRAINING
+
+    layer = record.manifest.first(MT_TRAINING)
+    if layer is None:
+        return None
+    try:
+        value = json.loads(registry.read_text(layer))
+    except (json.JSONDecodeError, RegistryError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def training_info(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures as /api/show's model_info keys (``ocs.train.*``)."""
+    info: dict[str, Any] = {
+        f"ocs.train.{key}": report[key]
+        for key in TRAINING_INFO
+        if isinstance(report.get(key), (int, float, str))
+    }
+    data = report.get("data")
+    if isinstance(data, dict) and isinstance(data.get("name"), str):
+        info["ocs.train.data"] = data["name"]
+    return info

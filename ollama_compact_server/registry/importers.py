@@ -19,6 +19,7 @@ from .manifest import (
     MT_PARAMS,
     MT_SYSTEM,
     MT_TEMPLATE,
+    MT_TRAINING,
     POOLING_MODES,
     AdapterInfo,
     EmbeddingInfo,
@@ -487,8 +488,10 @@ def import_adapter_dir(
     *,
     source: dict[str, Any] | None = None,
     progress: ProgressFn = _noop,
+    training: dict[str, Any] | None = None,
 ) -> ModelRecord:
-    """Imports a PEFT LoRA adapter directory as a model running on ``base``."""
+    """Imports a PEFT adapter directory as a model running on ``base`` (``training``: the
+    report of a run trained here, stored with it)."""
     target = ModelName.parse(name) if not isinstance(name, ModelName) else name
     directory = Path(directory)
     progress("reading adapter files", None, None)
@@ -540,6 +543,8 @@ def import_adapter_dir(
         for layer in base_record.manifest.layers:
             if layer.media_type in (MT_TEMPLATE, MT_SYSTEM, MT_PARAMS, MT_LICENSE):
                 txn.add_existing(layer)
+        if training is not None:
+            txn.add_bytes(MT_TRAINING, json.dumps(training, sort_keys=True).encode())
         progress("writing manifest", None, None)
         record = txn.commit(target, model_config)
     progress("success", None, None)

@@ -21,6 +21,7 @@ MT_SYSTEM = "application/vnd.ollama.image.system"
 MT_PARAMS = "application/vnd.ollama.image.params"  # JSON object of default options
 MT_MESSAGES = "application/vnd.ollama.image.messages"  # JSON list of {role, content}
 MT_LICENSE = "application/vnd.ollama.image.license"
+MT_TRAINING = "application/vnd.ollama-compact.training+json"  # report of a run trained here
 
 TEXT_LAYERS = (MT_TEMPLATE, MT_SYSTEM, MT_PARAMS, MT_MESSAGES, MT_LICENSE)
 MAX_MANIFEST_BYTES = 1 << 20

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,7 +19,7 @@ from ...chat.service import check_messages
 from ...chat.templates import TemplateError
 from ...chat.templates import check as check_template
 from ...compress.schemes import SchemeError
-from ...jobs import CreateSpec, ModelJobs, check_file_map
+from ...jobs import CreateSpec, FinetuneSpec, ModelJobs, check_file_map
 from ...registry.blobs import normalize_digest
 from ...registry.errors import RegistryError
 from ...registry.fsutil import check_free_space
@@ -27,7 +29,7 @@ from ..common import json_body, registry_of
 from ..errors import APIError
 from ..streaming import ndjson
 from ..wire import BINARY_BODY, body, parse
-from .wire import CreateRequestWire, JobRequest, parse_name
+from .wire import CreateRequestWire, FinetuneRequestWire, JobRequest, parse_name
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -42,11 +44,16 @@ Report = Callable[[dict[str, Any]], None]
 
 
 async def progress_response(
-    stream: bool | None, run: Callable[[Report], None], failure: str
+    stream: bool | None,
+    run: Callable[[Report], None],
+    failure: str,
+    cancel: threading.Event | None = None,
+    request: Request | None = None,
 ) -> Response:
-    """Runs a long registry job (create, pull) on a thread, streaming its progress lines as
-    NDJSON, or answering its last line alone when ``stream`` is false. A registry error
-    becomes an in-band error line (or the error status without streaming)."""
+    """Runs a long registry job (create, pull, finetune) on a thread, streaming its progress
+    lines as NDJSON, or answering its last line alone when ``stream`` is false. A registry
+    error becomes an in-band error line (or the error status without streaming). With
+    ``cancel``, a client that goes away sets it (the job stops; create and pull finish)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
@@ -67,25 +74,46 @@ async def progress_response(
 
     task = asyncio.create_task(work())
     if stream is False:
+        watcher = None
+        if cancel is not None and request is not None:
+            watcher = asyncio.create_task(_watch_disconnect(request, cancel))
         last: dict[str, Any] = {}
-        while (item := await queue.get()) is not None:
-            last = item
-        await task
+        try:
+            while (item := await queue.get()) is not None:
+                last = item
+            await task
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         if "error" in last:
             raise APIError(int(last.pop("_status")), last["error"])
         return JSONResponse(last)
 
     async def items() -> AsyncIterator[dict[str, Any]]:
         previous = None
-        while (item := await queue.get()) is not None:
-            item.pop("_status", None)
-            if item == previous:
-                continue  # the same status twice in a row says nothing new
-            previous = item
-            yield item
-        await task
+        finished = False
+        try:
+            while (item := await queue.get()) is not None:
+                item.pop("_status", None)
+                if item == previous:
+                    continue  # the same status twice in a row says nothing new
+                previous = item
+                yield item
+            finished = True
+            await task
+        finally:
+            if not finished and cancel is not None:
+                cancel.set()  # the client went away before the end
 
     return ndjson(items())
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(0.5)
 
 
 @router.head("/api/blobs/{digest}")
@@ -279,3 +307,69 @@ async def pull(request: Request) -> Response:
         jobs.pull(name, progress)
 
     return await progress_response(wire.stream, run, "pulling the model failed")
+
+
+# ------------------------------------------------------------------------------ finetune
+
+
+def finetune_spec(wire: FinetuneRequestWire, registry: Registry) -> FinetuneSpec:
+    """/api/finetune's fields, checked before any work (the data file is read later, on a
+    thread, before any weights load)."""
+    from ...training.data import FORMATS
+    from ...training.params import TrainingError, check_params
+
+    name = parse_name(wire.model_name())
+    if not wire.from_ or not wire.from_.strip():
+        raise APIError(400, "from must name the registry model to train on")
+    parse_name(wire.from_, "from")
+    files = check_file_map(wire.data, "data")
+    if len(files) != 1:
+        raise APIError(400, "data must map one file name to the digest of its uploaded blob")
+    ((filename, digest),) = files.items()
+    if not registry.blobs.has(digest):
+        raise APIError(404, f"blob {digest} for {filename} was not uploaded")
+    fmt = (wire.format or "auto").lower()
+    if fmt not in FORMATS:
+        raise APIError(400, f"format must be one of {', '.join(FORMATS)}")
+    columns = wire.columns or {}
+    if not all(isinstance(v, str) for v in columns.values()):
+        raise APIError(400, "columns must map field names to CSV column names")
+    options = dict(wire.parameters or {})
+    if wire.method is not None:
+        options["method"] = wire.method
+    try:
+        params = check_params(options)
+    except TrainingError as exc:
+        raise APIError(400, str(exc)) from None
+    return FinetuneSpec(
+        base=wire.from_,
+        name=name.display(),
+        data=Path(registry.blobs.path(digest)),
+        data_name=filename,
+        format=fmt,
+        columns=dict(columns),
+        params=params,
+        resume=bool(wire.resume),
+    )
+
+
+@router.post("/api/finetune", openapi_extra=body(FinetuneRequestWire))
+async def finetune(request: Request) -> Response:
+    """Trains a LoRA / DoRA / IA3 adapter on a registry model (our extension): progress
+    lines as /api/create's, plus the loss, tokens/s and ETA of each step; a client that
+    disconnects stops the run (its checkpoint is kept for ``resume``)."""
+    wire = parse(FinetuneRequestWire, await json_body(request))
+    registry = registry_of(request)
+    spec = finetune_spec(wire, registry)
+    jobs = jobs_of(request)
+    # refusals that need no weights (the base, the whole data file) answer before streaming
+    await asyncio.to_thread(jobs.precheck_finetune, spec)
+    cancel = threading.Event()
+    device = request.app.state.settings.device
+
+    def run(report: Report) -> None:
+        jobs.finetune(spec, report, cancel, device)
+
+    return await progress_response(
+        wire.stream, run, "fine-tuning failed", cancel=cancel, request=request
+    )

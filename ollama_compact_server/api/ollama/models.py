@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, Response
 from ... import __version__
 from ...chat.errors import ModelNotFound
 from ...chat.service import ModelView
-from ...registry.evals import read_eval
+from ...registry.evals import read_eval, read_training, training_info
 from ...registry.store import Registry
 from ..common import chat_service, json_body, registry_of
 from ..errors import APIError
@@ -163,7 +163,10 @@ async def show(request: Request) -> dict[str, Any]:
     report = read_eval(registry, view.record)  # `ollama-compact eval`, once measured
     if report is not None:
         info.update(report.model_info())
-    return {
+    training = read_training(registry, view.record)  # an adapter trained here
+    if training is not None:
+        info.update(training_info(training))
+    shown = {
         "license": registry.license(view.record),
         "modelfile": modelfile_text(view),
         "parameters": parameters_text(params),
@@ -175,6 +178,9 @@ async def show(request: Request) -> dict[str, Any]:
         "capabilities": view.record.config.capabilities,
         "modified_at": rfc3339(view.record.modified_at),
     }
+    if training is not None:
+        shown["training"] = training  # our extension: the whole report, loss curve included
+    return shown
 
 
 @router.get("/api/ps")

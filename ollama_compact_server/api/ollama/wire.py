@@ -315,6 +315,20 @@ class CreateRequestWire(JobRequest):
     modelfile: Any = None  # refused: Modelfiles are parsed by the client
 
 
+class FinetuneRequestWire(JobRequest):
+    """/api/finetune (our extension beside /api/create): trains an adapter model ``model``
+    on the registry model ``from`` with one uploaded data file (``data``: file name ->
+    blob digest, as /api/create's ``files``)."""
+
+    from_: str | None = Field(default=None, alias="from")
+    data: dict[str, str] | None = None
+    format: str | None = None
+    columns: dict[str, str] | None = None
+    method: str | None = None
+    parameters: dict[str, Any] | None = None
+    resume: bool | None = None
+
+
 def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
     return [
         {"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}}
