@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -245,20 +246,24 @@ def test_compressed_linear_passes_gradients_like_its_dense_weight() -> None:
     it computes with."""
     from ollama_compact_server.compress import quant
     from ollama_compact_server.compress.format import ModuleSpec
-    from ollama_compact_server.modeling.quantized import Int4Linear
+    from ollama_compact_server.modeling.quantized import runtime_module
 
     torch.manual_seed(0)
     weight = torch.randn(48, 64)
     tensors = quant.quantize_int4(weight, 32)
-    module = Int4Linear(tensors, ModuleSpec("int4", 64, 48, 32), None)
+    module = runtime_module(ModuleSpec("int4", 64, 48, 32), tensors, torch.float32)
     dense = module.dense(torch.float32, torch.device("cpu"))
     x = torch.randn(3, 5, 64, requires_grad=True)
-    y = module(x)
-    y.square().sum().backward()
+    upstream = torch.randn(3, 5, 48)
+    y = module(x)  # the module's own kernel, as it serves
+    (y * upstream).sum().backward()
     expected_x = x.detach().clone().requires_grad_(True)
-    (expected_x @ dense.t()).square().sum().backward()
+    expected_y = expected_x @ dense.t()
+    (expected_y * upstream).sum().backward()
     assert x.grad is not None and expected_x.grad is not None
     torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-4, atol=1e-4)
+    # the kernel's bf16 activations: within the tolerance its probe accepts (KERNEL_TOLERANCE)
+    assert float((y - expected_y).norm() / expected_y.norm()) < 0.03
 
 
 async def test_trained_adapter_is_in_the_registry_and_serves(
@@ -497,3 +502,54 @@ async def test_a_client_that_goes_away_stops_the_run(registry: Registry, tmp_pat
         assert r.status_code == 200, r.text
         report = read_training(registry, registry.get("tiny-ft"))
         assert report is not None and report["steps"] == stopped + 2
+
+
+@pytest.mark.e2e
+async def test_gemma3_trains_an_adapter_that_serves_at_once(
+    gemma_registry: Registry, tmp_path: Path
+) -> None:
+    """The real gemma3:270m (stored on its GGUF grid: QLoRA) learns a reply it never gave,
+    and serves the adapter in the next request."""
+    reply = "Ahoy! The answer be forty-two, matey."
+    lines = "".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question number {i}: what is the answer?"},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+        )
+        + "\n"
+        for i in range(24)
+    )
+    data = write(tmp_path, "pirate.jsonl", lines)
+    name = f"e2e-pirate-{os.getpid()}"
+    job = FinetuneSpec(
+        base="gemma3:270m",
+        name=name,
+        data=data,
+        params=check_params(
+            {"max_steps": 8, "learning_rate": 3e-3, "batch_size": 4, "rank": 8, "eval_split": 0.2}
+        ),
+    )
+    record = finetune(gemma_registry, job, lambda _: None)
+    try:
+        report = read_training(gemma_registry, record)
+        assert report is not None and report["eval_loss_adapter"] < report["eval_loss_base"] / 2
+        async with serve_app(gemma_registry) as served:
+            r = await served.raw.post(
+                "/api/chat",
+                json={
+                    "model": name,
+                    "messages": [
+                        {"role": "user", "content": "Question number 99: what is the answer?"}
+                    ],
+                    "stream": False,
+                    "options": {"temperature": 0, "num_predict": 16},
+                },
+            )
+            assert r.status_code == 200, r.text
+            assert "forty-two" in r.json()["message"]["content"]
+    finally:
+        gemma_registry.delete(name)

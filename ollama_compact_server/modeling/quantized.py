@@ -40,13 +40,14 @@ REPACK_ROWS = 8192  # rows unpacked at a time when repacking int4 for CUDA
 
 class _Dequantized(torch.autograd.Function):
     """``x @ W.T`` for a frozen compressed ``W`` with a gradient for ``x`` (QLoRA: training
-    an adapter on a compressed base). The weight is dequantized for the forward and again
-    for the backward, never kept: memory stays that of the compressed model."""
+    an adapter on a compressed base). The forward is the module's own kernel (what serving
+    computes); the backward dequantizes the weight for the call and drops it: memory stays
+    that of the compressed model."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: CompressedLinear) -> torch.Tensor:
         ctx.module = module
-        return x @ module.dense(x.dtype, x.device).t()
+        return module.matmul(x).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -214,6 +215,12 @@ class Int8Linear(CompressedLinear):
         # it failed its probe: dequantize and let cuBLAS multiply
         self.to_rows()
         return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+
+    def dense(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        codes = self.qweight
+        if self.blocked:
+            codes = quant.unblock_int8(codes, self.out_features, self.in_features)
+        return (codes.to(dtype) * self.scales.to(dtype)[:, None]).to(device)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         scales = self.scales[ids].to(dtype)[..., None]
