@@ -178,6 +178,13 @@ def cmd_show(client: Client, args: argparse.Namespace) -> None:
             ("tokens/s, 16 streams", model_info.get("ocs.eval.tokens_per_second_16", "")),
         ):
             print(f"    {label:<20}{value}")
+    training = info.get("training")
+    if isinstance(training, dict):
+        from .jobs.finetune import format_report
+
+        print("\n  Training")
+        for line in format_report(training).splitlines():
+            print(f"    {line}")
     if info.get("parameters"):
         print("\n  Parameters")
         for line in str(info["parameters"]).splitlines():

@@ -444,6 +444,22 @@ def test_cli_finetune_without_a_daemon(
     assert "training 3/3" in out.err and "loss" in out.err
     assert "created 'cli-ft' on 'tiny'" in out.out and "held-out loss" in out.out
     assert registry.get("cli-ft").is_adapter
+    from types import SimpleNamespace
+
+    from ollama_compact_server.commands import cmd_show
+
+    class Shown:
+        def request(self, method: str, path: str, body: Any = None) -> Any:
+            from ollama_compact_server.registry.evals import read_training as read
+
+            return SimpleNamespace(
+                json=lambda: {"training": read(registry, registry.get("cli-ft"))}
+            )
+
+    flags = dict.fromkeys(("license", "modelfile", "parameters", "system", "template"), False)
+    cmd_show(Shown(), SimpleNamespace(model="cli-ft", **flags))  # type: ignore[arg-type]
+    shown = capsys.readouterr().out
+    assert "Training" in shown and "method lora on tiny:latest" in shown
     assert (
         main([*argv[:-2], "--models", str(registry.root), "--max-steps", "0", "--epochs", "0"]) == 1
     )
