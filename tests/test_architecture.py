@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "settings": {"registry", "units"},
     "compress": {"units"},
     "modeling": {"compress", "registry", "units", "threads"},
-    "engine": {"modeling", "registry", "settings", "threads", "units"},
+    "engine": {"compress", "modeling", "registry", "settings", "threads", "units"},  # schemes
     "chat": {"engine", "logs", "modeling", "registry", "units"},
     "jobs": {"compress", "modeling", "registry", "units", "threads"},  # the workflows
     "api": {
