@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "settings": {"registry", "units"},
     "compress": {"units"},
     "modeling": {"compress", "registry", "units", "threads"},
-    "engine": {"modeling", "registry", "settings", "threads", "units"},
+    "engine": {"compress", "modeling", "registry", "settings", "threads", "units"},  # schemes
     "chat": {"engine", "logs", "modeling", "registry", "units"},
     "training": {"chat", "modeling"},  # data formats and the loop of fine-tuning
     "jobs": {"compress", "modeling", "registry", "training", "units", "threads"},  # workflows

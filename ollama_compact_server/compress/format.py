@@ -12,6 +12,7 @@ FORMAT_VERSION = "compressed-v1"
 MODULES_KEY = "ocs.modules"
 SHAPES_KEY = "ocs.shapes"  # the parent's weight shapes, for adapter checks
 KINDS = ("int8", "int4", "int2", "nf4", "lowrank", "dense", "tied")
+GROUPED_KINDS = ("int4", "int2", "nf4")  # kinds with a scale record per group of input columns
 
 
 @dataclass(slots=True)
@@ -28,7 +29,7 @@ class ModuleSpec:
         """Storage cost, for size targets (scales and zeros included)."""
         if self.kind == "int8":
             return 8.0 + 16.0 / max(self.in_features, 1)
-        if self.kind in ("int4", "nf4", "int2"):
+        if self.kind in GROUPED_KINDS:
             bits = 2.0 if self.kind == "int2" else 4.0
             return bits + 32.0 / max(self.group_size, 1)  # bf16 scale + zero (nf4: f32 absmax)
         if self.kind == "lowrank":

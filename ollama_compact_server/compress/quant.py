@@ -22,9 +22,6 @@ from __future__ import annotations
 import torch
 
 INT4_BLOCK_N = 64
-INT4_GROUP_SIZES = (32, 64, 128, 256)
-INT2_GROUP_SIZES = (16, 32, 64, 128, 256)
-NF4_GROUP_SIZES = (32, 64, 128, 256)
 ROW_CHUNK = 8192
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 # least-squares refits of each group's scale and zero after the clipping search (gemma3:270m,

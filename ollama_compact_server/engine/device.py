@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..compress.schemes import recorded
 from .types import EngineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,9 +58,10 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-# compression schemes whose weights our integer CPU kernels serve (int2 runs as int4, mixed
-# and imported GGUF files are int8 and int4 modules)
-INTEGER_SCHEMES = frozenset({"int8", "int4", "int2", "mixed", "gguf"})
+def integer_scheme(scheme: str | None) -> bool:
+    """Whether our integer CPU kernels serve models of ``scheme`` (its handler says)."""
+    handler = recorded(scheme)
+    return handler is not None and handler.integer
 
 
 def model_dtype(setting: str, device: torch.device, scheme: str | None) -> torch.dtype:
@@ -69,7 +71,7 @@ def model_dtype(setting: str, device: torch.device, scheme: str | None) -> torch
     step for torch's modules (gemma3:270m as imported, one stream on an AVX512-BF16 box:
     42.6 tok/s in bfloat16 against 66.3 in float32, benchmarks/bench_servers.py). Float
     models get :func:`resolve_dtype`'s choice (bfloat16 where the CPU has it natively)."""
-    if setting == "auto" and device.type == "cpu" and scheme in INTEGER_SCHEMES:
+    if setting == "auto" and device.type == "cpu" and integer_scheme(scheme):
         return torch.float32
     return resolve_dtype(setting, device)
 

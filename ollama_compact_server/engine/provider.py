@@ -10,26 +10,19 @@ from typing import Any
 
 import torch
 
+from ..compress.schemes import recorded
 from ..modeling.loader import load_causal_lm, load_encoder, load_tokenizer
 from ..modeling.lora import LoraWeights, read_peft_adapter
 from ..registry.manifest import MT_ADAPTER_FILE
 from ..registry.store import ModelRecord, Registry
 from .adapters import AdapterRef, Target
 from .constraint import GuidedTokenizer
-from .device import INTEGER_SCHEMES, dtype_name, model_dtype
+from .device import dtype_name, integer_scheme, model_dtype
 from .planner import Plan, format_plan, plan_memory, serving_plan
 from .sequence import LoadedModel
 from .types import EngineError
 
 log = logging.getLogger(__name__)
-COMPRESSED_FORMATS = {
-    "int8": "int8",
-    "int4": "int4",
-    "int2": "int4",
-    "nf4": "nf4",
-    "mixed": "int8",
-    "gguf": "int8",  # an imported GGUF file: int8 and int4 modules, sized as int8
-}
 
 
 def stop_ids_of(model: Any, tokenizer: Any) -> set[int]:
@@ -179,17 +172,17 @@ class RegistrySizing:
 
     def serving_dtype(self, name: str) -> str:
         """The dtype ``name`` serves in: its KV cache's and its activations'."""
-        if scheme_of(self._base(name)) in INTEGER_SCHEMES:
+        if integer_scheme(scheme_of(self._base(name))):
             return self.integer_dtype
         return self.dtype_name
 
     def weight_format(self, name: str) -> str:
-        """The planner's weight format: a compressed model's scheme where the planner knows
-        it (int2 runs as int4, mixed is sized as int8), else the serving dtype."""
-        quantization = self._base(name).config.quantization
-        if quantization is None:
+        """The planner's weight format: the one a compressed model's scheme runs as (int2
+        runs as int4, mixed is sized as int8), else the serving dtype."""
+        handler = recorded(scheme_of(self._base(name)))
+        if handler is None or handler.runtime_format is None:
             return self.dtype_name
-        return COMPRESSED_FORMATS.get(quantization.scheme, self.dtype_name)
+        return handler.runtime_format
 
     def hf_config(self, name: str) -> dict[str, Any]:
         base = self._base(name)

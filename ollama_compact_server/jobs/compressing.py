@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compress.format import FORMAT_KEY, FORMAT_VERSION, MODULES_KEY, SHAPES_KEY, specs_to
-from ..compress.schemes import Scheme, SchemeError, check_shapes, resolve, supported
+from ..compress.schemes import Scheme, SchemeError, loads_as_float, resolve, supported
 from ..registry.errors import InvalidModel
 from ..registry.importers import base_tensors
 from ..registry.manifest import MT_FILE, Quantization
@@ -33,11 +33,12 @@ def check_source(record: ModelRecord) -> None:
             f"'{record.name.display()}' is an adapter; compress its base model "
             f"'{record.config.base_model}' and create the adapter on the result"
         )
-    if record.config.quantization is not None and record.config.quantization.scheme != "gguf":
+    quantization = record.config.quantization
+    if quantization is not None and not loads_as_float(quantization.scheme):
         parent = record.config.parent_model or "its parent"
         raise SchemeError(
             f"'{record.name.display()}' is already compressed "
-            f"({record.config.quantization.scheme}); compress {parent} instead "
+            f"({quantization.scheme}); compress {parent} instead "
             f"(supported schemes on a float model: {supported()})"
         )
     if record.config.format != "safetensors":
@@ -54,7 +55,7 @@ def precheck(
     check_source(record)
     shapes = {n: t.shape for n, t in base_tensors(registry, record).items()}
     embedding = next((n for n in shapes if n.endswith("embed_tokens.weight")), "")
-    check_shapes(scheme, checked, shapes, embedding)
+    scheme.check_shapes(checked, shapes, embedding)
     return scheme, checked, record
 
 

@@ -68,6 +68,7 @@ def import_gguf(
 ) -> ModelRecord:
     """Imports a GGUF file: its weights stay near their own grid (int8 / int4, see
     modeling/gguf.py) unless ``dequantize`` expands them to float32."""
+    from ..compress.schemes import GGUF
     from ..modeling.gguf import convert_gguf
     from ..registry.manifest import Quantization
 
@@ -80,7 +81,7 @@ def import_gguf(
         quantization = None
         if result.compressed:
             quantization = Quantization(
-                scheme="gguf",
+                scheme=GGUF.name,
                 options={"source_types": result.source_types, "stored": result.stored},
             )
             if result.level:

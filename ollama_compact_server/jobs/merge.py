@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..compress.schemes import loads_as_float
 from ..modeling.loader import load_causal_lm
 from ..registry.errors import InvalidModel
 from ..registry.importers import ProgressFn, import_hf_dir
@@ -34,9 +35,10 @@ def merge_adapter(
     if not record.is_adapter or not record.config.base_model:
         raise InvalidModel(f"'{record.name.display()}' is not an adapter model: nothing to merge")
     base = registry.get(record.config.base_model)
-    if base.config.quantization is not None and base.config.quantization.scheme != "gguf":
+    quantization = base.config.quantization
+    if quantization is not None and not loads_as_float(quantization.scheme):
         raise InvalidModel(
-            f"the base '{base.name.display()}' is compressed ({base.config.quantization.scheme}); "
+            f"the base '{base.name.display()}' is compressed ({quantization.scheme}); "
             "merge into its full-precision parent instead"
         )
     adapter_info = record.config.adapter

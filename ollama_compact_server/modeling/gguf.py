@@ -117,13 +117,14 @@ def convert_gguf(
 
     if specs:
         from ..compress.format import FORMAT_KEY, FORMAT_VERSION, MODULES_KEY, SHAPES_KEY, specs_to
+        from ..compress.schemes import GGUF
 
         result.compressed = True
         file_metadata = {
             FORMAT_KEY: FORMAT_VERSION,
             MODULES_KEY: specs_to(specs),
             SHAPES_KEY: json.dumps(shapes, sort_keys=True),
-            "ocs.scheme": "gguf",
+            "ocs.scheme": GGUF.name,
             "ocs.parent": "",
         }
     else:
