@@ -569,3 +569,16 @@ async def test_gemma3_trains_an_adapter_that_serves_at_once(
             assert "forty-two" in r.json()["message"]["content"]
     finally:
         gemma_registry.delete(name)
+
+
+def test_a_run_the_memory_cannot_hold_is_refused_before_loading(
+    registry: Registry, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ollama_compact_server.modeling import memory
+
+    monkeypatch.setattr(memory, "available_ram", lambda: 1 << 20)
+    lines: list[dict[str, Any]] = []
+    with pytest.raises(InvalidModel, match="GiB of memory"):
+        finetune(registry, spec(data), lines.append)
+    assert "loading base model" not in [line["status"] for line in lines]
+    assert not registry.exists("tiny-ft")

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..modeling.memory import check_memory
 from ..registry.errors import InvalidModel, ModelNotFound, RegistryError
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
@@ -152,6 +153,19 @@ def _finetune(
         pad = tokenizer.eos_token_id or 0
     device = _device(device_name)
     compressed_base = base.config.quantization is not None
+    if device.type == "cpu":
+        check_memory(
+            memory_needed(
+                base,
+                params,
+                len(tokenizer),
+                compressed_base,
+                max(len(item.ids) for item in items),
+                max(item.trained for item in items),
+            ),
+            f"fine-tuning '{base.name.display()}' with batch size {params.batch_size} and "
+            f"max length {params.max_length}",
+        )
     progress({"status": "loading base model"})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_causal_lm(
@@ -217,6 +231,29 @@ def _finetune(
         )
     shutil.rmtree(checkpoint, ignore_errors=True)
     return record
+
+
+def memory_needed(
+    base: ModelRecord,
+    params: TrainParams,
+    vocab: int,
+    compressed: bool,
+    longest: int,
+    learnt: int,
+) -> int:
+    """A rough upper bound of what a run holds on the CPU: the weights (as stored for QLoRA,
+    float32 otherwise), a micro-batch's activations (``longest`` tokens a row) and the
+    output head's logits with their gradient (``learnt`` positions a row at most)."""
+    config = base.config
+    parameters = config.parameter_count or base.size // 2
+    keep_compressed = compressed and params.method == "lora"
+    weights = base.size if keep_compressed else 4 * parameters
+    tokens = params.batch_size * longest
+    hidden = config.embedding_length or 1024
+    layers = max(1, (parameters - vocab * hidden) // max(12 * hidden * hidden, 1))
+    activations = tokens * hidden * layers * 24 * 4
+    logits = params.batch_size * learnt * max(vocab, 1) * 4 * 3
+    return weights + activations + logits
 
 
 def _device(name: str) -> Any:
