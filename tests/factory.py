@@ -29,7 +29,7 @@ import json
 import math
 import pathlib
 from os import PathLike
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -340,14 +340,19 @@ def make_lora_adapter(
     seed: int = 0,
     use_rslora: bool = False,
     base_name: str | None = None,
+    use_dora: bool = False,
+    task_type: str | None = "CAUSAL_LM",
 ) -> pathlib.Path:
     """Build, save and return a LoRA adapter at ``out_dir`` for the model in ``model_dir``.
 
     Targets all attention and MLP projections unless ``target_modules`` is given. Both LoRA
     matrices are seeded random (N(0, 0.3)), large enough that the adapter changes the base
-    model's greedy output. ``adapter_config.json`` records ``base_model_name_or_path`` as
-    ``base_name`` (default: ``str(model_dir)``). Writes ``adapter_config.json``,
-    ``adapter_model.safetensors`` and PEFT's model-card ``README.md``; never pickle files.
+    model's greedy output. ``use_dora`` makes a DoRA adapter (its magnitudes: peft's, from
+    the random A and B, times a seeded factor in [0.5, 1.5)); ``task_type=None`` saves it
+    the way peft does without one (``auto_mapping`` naming the transformers base class).
+    ``adapter_config.json`` records ``base_model_name_or_path`` as ``base_name`` (default:
+    ``str(model_dir)``). Writes ``adapter_config.json``, ``adapter_model.safetensors`` and
+    PEFT's model-card ``README.md``; never pickle files.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -369,15 +374,59 @@ def make_lora_adapter(
         target_modules=modules,
         init_lora_weights=False,
         use_rslora=use_rslora,
-        task_type="CAUSAL_LM",
+        use_dora=use_dora,
+        task_type=task_type,
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(base, lora_config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                param.mul_(0.5 + torch.rand(param.shape, generator=generator))
+            elif "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return _save_adapter(peft_model, model_dir, out_dir, base_name, modules)
+
+
+def make_ia3_adapter(
+    model_dir: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    *,
+    target_modules: list[str] | None = None,
+    feedforward_modules: list[str] | None = None,
+    seed: int = 0,
+    base_name: str | None = None,
+) -> pathlib.Path:
+    """Build, save and return an IA3 adapter at ``out_dir`` for the model in ``model_dir``,
+    like :func:`make_lora_adapter`: keys, values and the MLP input (``down_proj``, a
+    feedforward module) unless told otherwise, each vector seeded 1 + N(0, 0.3)."""
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    modules = target_modules or ["k_proj", "v_proj", "down_proj"]
+    feedforward = feedforward_modules if feedforward_modules is not None else ["down_proj"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = IA3Config(
+        target_modules=modules, feedforward_modules=feedforward, task_type="CAUSAL_LM"
+    )
+    peft_model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.3)
+    return _save_adapter(peft_model, model_dir, out_dir, base_name, modules)
+
+
+def _save_adapter(
+    peft_model: Any,
+    model_dir: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    base_name: str | None,
+    modules: list[str],
+) -> pathlib.Path:
     peft_model.peft_config["default"].base_model_name_or_path = (
         base_name if base_name is not None else str(model_dir)
     )

@@ -8,8 +8,9 @@ The operations and their order follow transformers' own (norms in float32, rope 
 ``q * cos + rotate_half(q) * sin``, grouped-query attention as its sdpa path does it), so in
 float32 a greedy decode equals transformers' token for token (tests/test_compact.py). The
 projections are the model's own modules (dense, int8 / int4 / nf4, low-rank), so compressed
-models and the batched LoRA slots run here too: a fused projection adds each part's LoRA
-update itself, the others call the module, whose forward the LoRA bank may have wrapped.
+models and the batched adapter slots run here too: a fused projection applies each part's
+adapters itself (LoRA / DoRA updates, DoRA / IA3 vectors), the others call the module, whose
+forward the adapter bank may have wrapped.
 """
 
 from __future__ import annotations
@@ -260,18 +261,17 @@ class CompactModel:
         each with its rows' LoRA update when adapters take part in this forward."""
         outs: list[torch.Tensor] = []
         bank = self.lora
-        active = bank is not None and bank.rows.mask is not None
+        active = bank is not None and bank.rows.active
         for proj in parts:
-            if proj.module is not None:  # as it is: a LoRA-wrapped forward adds its update
+            if proj.module is not None:  # as it is: an adapter-wrapped forward adapts itself
                 outs.append(proj.module.forward(x))
                 continue
             pieces = list(torch.split(proj.fused(x), proj.parts, dim=-1))
-            if active:
+            if active:  # each part's own adapters: LoRA / DoRA updates, DoRA / IA3 vectors
                 for i, path in enumerate(proj.paths):
                     layer = bank.layers.get(path)
-                    delta = layer.delta(x) if layer is not None else None
-                    if delta is not None:
-                        pieces[i] = pieces[i] + delta
+                    if layer is not None:
+                        pieces[i] = layer.adapt(x, pieces[i])
             outs.extend(pieces)
         return outs
 
@@ -289,10 +289,10 @@ class CompactModel:
 
     def _kernel(self, cache: Any, h: torch.Tensor) -> Any:
         """The C decode step for this cache, when it can run this step: float32 on the CPU,
-        no LoRA row, every projection held by the kernels (decided once per cache)."""
+        no adapter row, every projection held by the kernels (decided once per cache)."""
         if h.dtype != torch.float32 or h.device.type != "cpu":
             return None
-        if self.lora is not None and self.lora.rows.mask is not None:
+        if self.lora is not None and self.lora.rows.active:
             return None
         key = id(cache)
         if key not in self.kernels:

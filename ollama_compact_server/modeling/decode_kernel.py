@@ -4,10 +4,10 @@ operations per layer (on gemma3:270m that dispatch cost 15-20 ms a token on a 2-
 about as much as reading the weights).
 
 Used for float32 activations on CPU when every projection is one the kernels hold (dense
-float32, int8, int4) and no row of the step runs a LoRA adapter; otherwise the compact
-forward's torch path runs. The layer's tensors are described once (pointers into the
-model's own weights and the slot KV cache); a step passes only the rows' hidden states,
-slots, positions and rope angles.
+float32, int8, int4) and no row of the step runs an adapter (LoRA, DoRA or IA3: the kernels
+read the base weights only); otherwise the compact forward's torch path runs. The layer's
+tensors are described once (pointers into the model's own weights and the slot KV cache); a
+step passes only the rows' hidden states, slots, positions and rope angles.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -21,13 +20,13 @@ from .manifest import (
     MT_TEMPLATE,
     MT_TRAINING,
     POOLING_MODES,
-    AdapterInfo,
     EmbeddingInfo,
     ModelConfig,
     Quantization,
     check_filename,
 )
 from .names import ModelName
+from .peft import check_adapter_config, check_adapter_shapes
 from .store import ModelRecord, ProgressFn, Registry
 from .tensors import DTYPE_NAMES, TensorInfo, read_header
 
@@ -352,51 +351,6 @@ def _add_text_layers(
 # ---------------------------------------------------------------------------- PEFT adapters
 
 
-def check_adapter_config(config: dict[str, Any]) -> AdapterInfo:
-    """Accepts plain LoRA adapters; refuses what would run code or what we cannot serve."""
-    if config.get("auto_mapping"):
-        raise InvalidModel("adapter_config.json asks for custom code (auto_mapping); refused")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise InvalidModel(
-            f"unsupported adapter type {peft_type or 'unknown'!r}: only LoRA adapters are supported"
-        )
-    if config.get("use_dora"):
-        raise InvalidModel("DoRA adapters are not supported yet; use a plain LoRA adapter")
-    if config.get("modules_to_save"):
-        raise InvalidModel(
-            "adapters with modules_to_save (fully trained extra modules) are not supported; "
-            "merge them into a model and import that instead"
-        )
-    r = config.get("r")
-    alpha = config.get("lora_alpha", r)
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= 4096:
-        raise InvalidModel(f"adapter rank r={str(r)[:20]} is out of range (1-4096)")
-    if (
-        not isinstance(alpha, (int, float))
-        or isinstance(alpha, bool)
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
-        raise InvalidModel(f"lora_alpha={str(alpha)[:20]} must be a positive number")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise InvalidModel(f"adapters with {key} are not supported yet")
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise InvalidModel("target_modules must be a list of module names")
-    return AdapterInfo(
-        peft_type="LORA",
-        r=r,
-        alpha=float(alpha),
-        target_modules=sorted(targets),
-        use_rslora=bool(config.get("use_rslora", False)),
-        use_dora=False,
-    )
-
-
 def base_tensors(registry: Registry, base: ModelRecord) -> dict[str, TensorInfo]:
     """Shapes of the base model's tensors, read from the stored safetensors headers."""
     shapes: dict[str, TensorInfo] = {}
@@ -422,62 +376,6 @@ def _compressed_shapes(metadata: dict[str, str]) -> dict[str, TensorInfo]:
         for name, shape in recorded.items()
         if isinstance(shape, list) and all(isinstance(d, int) for d in shape)
     }
-
-
-def check_adapter_shapes(
-    adapter: dict[str, TensorInfo], base: dict[str, TensorInfo], r: int
-) -> None:
-    """Every LoRA pair must sit on a base weight of matching shape."""
-    if not adapter:
-        raise InvalidModel("adapter_model.safetensors holds no tensors")
-    base_keys = {k.lower(): k for k in base}
-    for key, info in adapter.items():
-        stem = key.removeprefix("base_model.model.")
-        for marker, kind in (
-            (".lora_A.", "A"),
-            (".lora_B.", "B"),
-            (".lora_embedding_A", "eA"),
-            (".lora_embedding_B", "eB"),
-        ):
-            if marker in stem:
-                module = stem.split(marker, 1)[0]
-                matched = kind
-                break
-        else:
-            raise InvalidModel(
-                f"adapter tensor {key[:100]!r} is not a LoRA weight (adapters that carry full "
-                "weights, such as resized embeddings, are not supported)"
-            )
-        if "experts" in module.split(".") or "shared_expert" in module:
-            raise InvalidModel(
-                f"the adapter puts LoRA on mixture-of-experts modules ({module[:100]!r}); only "
-                "attention and dense MLP projections can be served"
-            )
-        if matched in ("eA", "eB"):
-            raise InvalidModel(
-                f"the adapter puts LoRA on an embedding ({module[:100]!r}); only LoRA on "
-                "linear projections (attention, MLP, output head) can be served"
-            )
-        target = base_keys.get(f"{module}.weight".lower())
-        if target is None:
-            raise InvalidModel(
-                f"adapter targets {module[:100]!r}, which the base model does not have"
-            )
-        out_dim, in_dim = (*base[target].shape, 0, 0)[:2]
-        shape = info.shape
-        kind = matched
-        if kind in ("eA", "eB"):
-            out_dim, in_dim = in_dim, out_dim  # embeddings: [vocab, hidden] is used as in=vocab
-        ok = len(shape) == 2 and (
-            (kind in ("A", "eA") and shape[0] == r and shape[1] == in_dim)
-            or (kind in ("B", "eB") and shape[1] == r and shape[0] == out_dim)
-        )
-        if not ok:
-            raise InvalidModel(
-                f"adapter tensor {key[:100]!r} has shape {list(shape)}, which does not fit "
-                f"the base "
-                f"weight {list(base[target].shape)} with rank {r}"
-            )
 
 
 def import_adapter_dir(
@@ -516,7 +414,7 @@ def import_adapter_dir(
             f"'{base_record.name.display()}' is itself an adapter; name its base model"
         )
     adapter_tensors, _ = read_header(weights)
-    check_adapter_shapes(adapter_tensors, base_tensors(registry, base_record), info.r)
+    check_adapter_shapes(adapter_tensors, base_tensors(registry, base_record), info)
     base_config = base_record.config
     model_config = ModelConfig(
         kind="adapter",

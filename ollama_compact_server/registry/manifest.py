@@ -114,6 +114,8 @@ class AdapterInfo(BaseModel):
     target_modules: list[str] = Field(default_factory=list)
     use_rslora: bool = False
     use_dora: bool = False
+    # IA3: the modules whose input is scaled (peft's list of name suffixes, or a pattern)
+    feedforward_modules: list[str] | str = Field(default_factory=list)
 
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
