@@ -536,3 +536,19 @@ async def test_dora_and_ia3_merge_into_models_that_generate_the_same(
             assert await run(engine, f"{kind}-merged", PROMPTS[0]) == adapter, kind
     finally:
         engine.close()
+
+
+def test_memory_plan_reserves_room_for_the_vectors(
+    tmp_path: Path, tiny_models: dict[str, Path], typed_adapters
+) -> None:
+    from ollama_compact_server.engine.provider import RegistrySizing
+
+    registry = registry_with(
+        tmp_path / "reg", tiny_models["llama"], {"ia3": typed_adapters["llama", "ia3"]}
+    )
+    sizing = RegistrySizing(
+        registry, dtype=torch.float32, num_parallel=2, context_length=256, max_loras=3
+    )
+    assert sizing.adapters_of("tiny") == (3, 1)  # IA3 has no rank: its vectors, as rank 1
+    import_adapter_dir(registry, typed_adapters["llama", "dora"], "dora", "tiny")
+    assert sizing.adapters_of("tiny") == (3, 9)  # rank 8, and DoRA's vectors

@@ -198,12 +198,15 @@ class RegistrySizing:
 
     def adapters_of(self, name: str) -> tuple[int, int]:
         """Adapter slots to reserve beside ``name``: none without registry adapters for it,
-        else the OCS_MAX_LORAS slots the engine allocates, at their highest rank."""
+        else the OCS_MAX_LORAS slots the engine allocates, at their highest rank (one more
+        for DoRA's and IA3's per-output vectors)."""
         base = self.registry.get(name).name.display()
         ranks = [
-            record.config.adapter.r
+            info.r + (1 if info.use_dora or info.peft_type == "IA3" else 0)
             for record in self.registry.models()
-            if record.is_adapter and record.config.base_model == base and record.config.adapter
+            if record.is_adapter
+            and record.config.base_model == base
+            and (info := record.config.adapter) is not None
         ]
         if not ranks or not self.max_loras:
             return 0, 16

@@ -1,5 +1,6 @@
-"""Folds a LoRA adapter model into its base: a standalone model recorded as derived from
-both (the adapter as parent, base and adapter in its source)."""
+"""Folds an adapter model (LoRA, DoRA or IA3, merged by peft's own merge_and_unload) into its
+base: a standalone model recorded as derived from both (the adapter as parent, base and
+adapter in its source)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def merge_adapter(
     name: str | ModelName,
     progress: ProgressFn = _noop,
 ) -> ModelRecord:
-    """Writes ``name``: the adapter model ``adapter`` with its LoRA weights merged into a
+    """Writes ``name``: the adapter model ``adapter`` with its weights merged into a
     copy of its base (in the base's stored precision). The registry is unchanged on error."""
     target = ModelName.parse(name) if not isinstance(name, ModelName) else name
     record = registry.get(adapter)

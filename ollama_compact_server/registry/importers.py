@@ -388,8 +388,8 @@ def import_adapter_dir(
     progress: ProgressFn = _noop,
     training: dict[str, Any] | None = None,
 ) -> ModelRecord:
-    """Imports a PEFT adapter directory as a model running on ``base`` (``training``: the
-    report of a run trained here, stored with it)."""
+    """Imports a PEFT adapter directory (LoRA, DoRA or IA3) as a model running on ``base``
+    (``training``: the report of a run trained here, stored with it)."""
     target = ModelName.parse(name) if not isinstance(name, ModelName) else name
     directory = Path(directory)
     progress("reading adapter files", None, None)
