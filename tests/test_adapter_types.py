@@ -291,11 +291,12 @@ def test_dora_factor_uses_the_dequantized_weight(
     a, b = weights.pairs[path]
     weight = expanded.get_submodule(path).weight + weights.scale * (b @ a)
     expected = weights.magnitudes[path] / torch.linalg.norm(weight, dim=1)
-    layer = bank.layers[path]
-    assert layer.out_scale is not None
-    assert torch.allclose(layer.out_scale[1], expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(layer.out_scale[0], torch.ones_like(expected))  # other slots: identity
-    assert torch.equal(layer.out_scale[2], torch.ones_like(expected))  # bare rows: identity
+    at = bank.layers[path].out_at
+    assert at is not None and bank.vectors.store is not None
+    factors = bank.vectors.store[:, at : at + expected.numel()]  # [slots + 1, out]
+    assert torch.allclose(factors[1], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(factors[0], torch.ones_like(expected))  # other slots: identity
+    assert torch.equal(factors[2], torch.ones_like(expected))  # bare rows: identity
     module = compressed.get_submodule(path)
     assert (module.qweight is None) == released, "reading rows kept the stored int4 layout"
     # a module that keeps only its kernel's layout (int4 repacked for CUDA) cannot give
@@ -308,7 +309,10 @@ def test_dora_factor_uses_the_dequantized_weight(
         patch.setattr(type(module), "rows", no_rows)
         again = LoraBank(compressed, 2, torch.float32, torch.device("cpu"))
         again.load(0, weights)
-    assert torch.allclose(again.layers[path].out_scale[0], expected, rtol=1e-4, atol=1e-5)
+    at = again.layers[path].out_at
+    assert at is not None and again.vectors.store is not None
+    got = again.vectors.store[0, at : at + expected.numel()]
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ imports
@@ -486,7 +490,7 @@ def test_bank_refuses_vectors_that_do_not_fit(tiny_models: dict[str, Path]) -> N
     model.get_submodule(path).weight.data[3].zero_()  # a zero row: no direction to rescale
     with pytest.raises(LoraError, match="norms are zero"):
         bank.load(0, zero)
-    assert not any(bank.vectored) and bank.layers[path].out_scale is None
+    assert not any(bank.vectored) and bank.layers[path].out_at is None
 
 
 async def test_a_nan_adapter_fails_alone(
@@ -552,3 +556,29 @@ def test_memory_plan_reserves_room_for_the_vectors(
     assert sizing.adapters_of("tiny") == (3, 1)  # IA3 has no rank: its vectors, as rank 1
     import_adapter_dir(registry, typed_adapters["llama", "dora"], "dora", "tiny")
     assert sizing.adapters_of("tiny") == (3, 9)  # rank 8, and DoRA's vectors
+
+
+def test_forwards_pay_only_for_the_kinds_their_rows_use(
+    tiny_models: dict[str, Path], typed_adapters
+) -> None:
+    """With DoRA and IA3 adapters resident, a forward of LoRA and bare rows gathers no
+    vectors, and one of IA3 and bare rows computes no low-rank update; one gather of the
+    vector store serves every projection."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    bank = LoraBank(model, 4, torch.float32, torch.device("cpu"))
+    for slot, kind in enumerate(["lora", "dora", "ia3"]):
+        bank.load(slot, read(typed_adapters["llama", kind], kind))
+    bank.select([0, -1, 0])
+    assert bank.rows.mask is not None and bank.rows.vectors is None
+    bank.select([2, -1])
+    assert bank.rows.mask is None and bank.rows.vectors is not None
+    assert bank.rows.vectors.shape == (2, bank.vectors.width)
+    bank.select([1, 2, -1])
+    assert bank.rows.mask is not None and bank.rows.mask.shape[-1] == 2 * bank.rank  # width 2
+    bank.select([-1, -1])
+    assert not bank.rows.active
+    bank.clear(2)
+    bank.select([2])
+    assert not bank.rows.active

@@ -9,14 +9,14 @@ Each wrapped projection keeps the adapters of its device slots side by side: ``A
 whatever the mix of adapters (the gather-free form of S-LoRA / Punica's segment GEMM).
 Rows without an adapter get exact zeros; a batch without any adapter skips the work.
 
-DoRA and IA3 add per-row vectors, gathered by each row's slot index from stores of
-``slots + 1`` rows (the last, like every slot without such an adapter, the identity):
-``y = out_scale * (base(in_scale * x) + lora) + out_shift``. DoRA's LoRA update goes through
-the A / B stores and its out_scale is magnitude / ||W + s B A||_row (computed once, when the
-adapter is placed, from the weight the base computes with), with out_shift (1 - out_scale)
-* bias keeping the bias unscaled; IA3 scales the output of its other targets (bias
-included) and the input of its feedforward ones. A forward whose rows use no DoRA or IA3
-adapter never touches these stores.
+DoRA and IA3 add per-row vectors (modeling/vectors.py: one store for every projection,
+gathered once per forward by each row's slot): ``y = out_scale * (base(in_scale * x) +
+lora) + out_shift``, identities for rows without such an adapter. DoRA's LoRA update goes
+through the A / B stores and its out_scale is magnitude / ||W + s B A||_row (computed once,
+when the adapter is placed, from the weight the base computes with), with out_shift
+(1 - out_scale) * bias keeping the bias unscaled; IA3 scales the output of its other targets
+(bias included) and the input of its feedforward ones. A forward whose rows use no DoRA or
+IA3 adapter never touches the vectors.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ..registry.peft import (
     is_feedforward,
     tensor_part,
 )
+from .vectors import VectorStore, dora_norms
 
 LORA_TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -135,73 +136,18 @@ def read_peft_adapter(config: dict[str, Any], weights: Path, key: str) -> LoraWe
 class LoraRows:
     """Which adapter slot each row of the current forward uses, shared by every wrapped
     projection of one model. Set by the runner around a forward; ``mask`` is None when no
-    row uses a LoRA / DoRA update, ``index`` None when no row uses DoRA or IA3 vectors."""
+    row uses a LoRA / DoRA update, ``vectors`` None when no row uses DoRA or IA3 ones."""
 
-    __slots__ = ("index", "mask", "width")
+    __slots__ = ("mask", "vectors", "width")
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # [B, 1, width * rank]: scale on own columns
         self.width = 0  # slots 0..width-1 take part in this forward
-        self.index: torch.Tensor | None = None  # [B] long: each row's vector store row
+        self.vectors: torch.Tensor | None = None  # [B, store width]: each row's vectors
 
     @property
     def active(self) -> bool:
-        return self.mask is not None or self.index is not None
-
-
-DORA_CHUNK = 1024  # weight rows (or columns) computed at a time for DoRA's norms
-
-
-def dora_norms(
-    module: Any, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """||W + scale B A||_row in float32 [out], W the weight ``module`` computes with: a dense
-    module's own, a compressed module's dequantized rows, or (a module that keeps only its
-    kernel's layout, such as int4 repacked for CUDA) its columns read back through its
-    forward on unit vectors in ``dtype``. ``a`` [r, in], ``b`` [out, r] in float32."""
-    out_f = int(module.out_features)
-    if isinstance(module, nn.Linear) or getattr(module, "rows", None) is not None:
-        norms = torch.empty(out_f, dtype=torch.float32, device=a.device)
-        try:
-            for start in range(0, out_f, DORA_CHUNK):
-                stop = min(start + DORA_CHUNK, out_f)
-                weight = _weight_rows(module, start, stop).to(a.device)  # [rows, in]
-                weight = weight + scale * (b[start:stop] @ a)
-                norms[start:stop] = torch.linalg.norm(weight, dim=1)
-            return norms
-        except RuntimeError as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
-                raise
-            # no stored layout to read rows from: read columns through the forward
-    in_f = int(module.in_features)
-    bias = getattr(module, "bias", None)
-    squares = torch.zeros(out_f, dtype=torch.float32, device=a.device)
-    for start in range(0, in_f, DORA_CHUNK):
-        stop = min(start + DORA_CHUNK, in_f)
-        units = torch.zeros((stop - start, in_f), dtype=dtype, device=a.device)
-        units[:, start:stop].fill_diagonal_(1.0)
-        columns = type(module).forward(module, units).float()  # [cols, out] = W[:, cols]^T
-        if bias is not None:
-            columns = columns - bias.float()
-        columns = columns + scale * (a[:, start:stop].t() @ b.t())
-        squares += columns.square().sum(dim=0)
-    return squares.sqrt()
-
-
-def _weight_rows(module: Any, start: int, stop: int) -> torch.Tensor:
-    """Rows start..stop of the weight in float32 (a compressed module's dequantized rows)."""
-    if isinstance(module, nn.Linear):
-        return module.weight[start:stop].float()
-    # an int4 module whose CPU kernel layout replaced its stored one rebuilds that to read
-    # rows; it is released again after, not kept beside the kernel's copy
-    released = getattr(module, "qweight", False) is None
-    device = getattr(module, "device", None)
-    try:
-        ids = torch.arange(start, stop, device=device if device is not None else "cpu")
-        return module.rows(ids, torch.float32).float()
-    finally:
-        if released:
-            module.qweight = None
+        return self.mask is not None or self.vectors is not None
 
 
 class LoraLinear:
@@ -220,18 +166,18 @@ class LoraLinear:
         self.lora_a: torch.Tensor | None = None  # [slots * rank, in]
         self.lora_b: torch.Tensor | None = None  # [slots * rank, out]
         self.rank = 0
-        # DoRA / IA3 vectors, made when the first adapter needing one arrives:
-        # [slots + 1, in] / [slots + 1, out] / [slots + 1, out], identity rows elsewhere
-        self.in_scale: torch.Tensor | None = None
-        self.out_scale: torch.Tensor | None = None
-        self.out_shift: torch.Tensor | None = None
-        self.scaled = False  # any of them exists
+        # first columns of its DoRA / IA3 vectors in the bank's store, once an adapter
+        # placed one: in_scale [in], out_scale [out], out_shift [out]
+        self.in_at: int | None = None
+        self.out_at: int | None = None
+        self.shift_at: int | None = None
+        self.scaled = False  # any of them is placed
         base_forward = type(base).forward
         base_ref = self._base
         self.base_forward = lambda x: base_forward(base_ref(), x)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if self.scaled and rows.index is not None:
+            if self.scaled and rows.vectors is not None:
                 return self.adapt(x, None)
             y = base_forward(base_ref(), x)
             delta = self.delta(x)
@@ -253,23 +199,25 @@ class LoraLinear:
     def adapt(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The projection's output for ``x`` [B, q, in] with each row's adapter; ``y``: the
         base's output for ``x`` when the caller has it (a fused projection), else None."""
-        index = self.rows.index
-        if not self.scaled or index is None:
+        vectors = self.rows.vectors  # [B, store width]
+        if not self.scaled or vectors is None:
             delta = self.delta(x)
             y = self.base_forward(x) if y is None else y
             return y if delta is None else y + delta
-        if self.in_scale is not None:  # IA3 feedforward rows scale their input; others by 1
-            # in_scale[index]: [B, in] -> [B, 1, in]
-            y = self.base_forward(x * self.in_scale.index_select(0, index).unsqueeze(1))
+        if self.in_at is not None:  # IA3 feedforward rows scale their input; others by 1
+            scale = vectors[:, None, self.in_at : self.in_at + self.in_features]  # [B, 1, in]
+            y = self.base_forward(x * scale)
         elif y is None:
             y = self.base_forward(x)
         delta = self.delta(x)  # rows with an input scale have no low-rank update
         if delta is not None:
             y = y + delta
-        if self.out_scale is not None:  # [B, 1, out]
-            y = y * self.out_scale.index_select(0, index).unsqueeze(1)
-        if self.out_shift is not None:
-            y = y + self.out_shift.index_select(0, index).unsqueeze(1)
+        if self.out_at is not None:
+            out = vectors[:, None, self.out_at : self.out_at + self.out_features]  # [B, 1, out]
+            if self.shift_at is None:
+                return y * out
+            shift = vectors[:, None, self.shift_at : self.shift_at + self.out_features]
+            return torch.addcmul(shift, y, out)  # shift + y * out
         return y
 
     @property
@@ -312,34 +260,6 @@ class LoraLinear:
         self.lora_a[start : start + r].copy_(a)
         self.lora_b[start : start + r].copy_(b.t())
 
-    def write_vectors(
-        self,
-        slot: int,
-        slots: int,
-        in_scale: torch.Tensor | None = None,
-        out_scale: torch.Tensor | None = None,
-        out_shift: torch.Tensor | None = None,
-    ) -> None:
-        """Puts a DoRA / IA3 adapter's vectors in ``slot`` (None: that store's identity),
-        making a store on the first vector it must hold."""
-        for name, vector, width, fill in (
-            ("in_scale", in_scale, self.in_features, 1.0),
-            ("out_scale", out_scale, self.out_features, 1.0),
-            ("out_shift", out_shift, self.out_features, 0.0),
-        ):
-            store: torch.Tensor | None = getattr(self, name)
-            if store is None:
-                if vector is None:
-                    continue
-                store = torch.full((slots + 1, width), fill, dtype=vector.dtype)
-                store = store.to(vector.device)
-                setattr(self, name, store)
-                self.scaled = True
-            if vector is None:
-                store[slot].fill_(fill)
-            else:
-                store[slot].copy_(vector)
-
     def dora_scale(
         self,
         a: torch.Tensor,
@@ -363,8 +283,9 @@ class LoraLinear:
 
     @property
     def nbytes(self) -> int:
-        stores = [self.lora_a, self.lora_b, self.in_scale, self.out_scale, self.out_shift]
-        return sum(t.numel() * t.element_size() for t in stores if t is not None)
+        if self.lora_a is None or self.lora_b is None:
+            return 0
+        return (self.lora_a.numel() + self.lora_b.numel()) * self.lora_a.element_size()
 
 
 class LoraBank:
@@ -383,6 +304,7 @@ class LoraBank:
         self.layers: dict[str, LoraLinear] = {}
         self.scales = [0.0] * slots
         self.vectored = [False] * slots  # the slot's adapter has DoRA / IA3 vectors
+        self.vectors = VectorStore(slots, dtype, device)
         self.nbytes = 0  # kept as a number: other threads read it while layers change
 
     def check(self, weights: LoraWeights) -> None:
@@ -448,40 +370,58 @@ class LoraBank:
             self._wrap(path)
         self.vectored[slot] = False  # until every vector is in place
         vectors = self._vectors(weights)  # DoRA's norms: raises before anything is written
+        self._place(vectors)
         for path, layer in self.layers.items():
             pair = weights.pairs.get(path)
             if pair is None:
                 layer.write(slot, None, None)
             else:
                 layer.write(slot, pair[0].to(self.dtype), pair[1].to(self.dtype))
-            layer.write_vectors(slot, self.slots, *vectors.get(path, (None, None, None)))
-        self.nbytes = sum(layer.nbytes for layer in self.layers.values())
+        columns = {
+            getattr(self.layers[path], attr): vector
+            for path, parts in vectors.items()
+            for attr, vector in parts.items()
+        }
+        self.vectors.write(slot, columns)
+        self.nbytes = sum(layer.nbytes for layer in self.layers.values()) + self.vectors.nbytes
         self.scales[slot] = weights.scale
         self.vectored[slot] = bool(vectors)
 
-    def _vectors(
-        self, weights: LoraWeights
-    ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
-        """Per projection, the (in_scale, out_scale, out_shift) rows of a DoRA or IA3
-        adapter, on the device in the bank's dtype."""
-        out: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
+    def _vectors(self, weights: LoraWeights) -> dict[str, dict[str, torch.Tensor]]:
+        """Per projection, a DoRA or IA3 adapter's vectors by the LoraLinear attribute
+        naming their column (in_at: in_scale, out_at: out_scale, shift_at: out_shift), on
+        the device in the bank's dtype."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
         for path, (side, vector) in weights.vectors.items():
-            vector = vector.to(self.device, self.dtype)
-            out[path] = (vector, None, None) if side == "in" else (None, vector, None)
+            out[path] = {"in_at" if side == "in" else "out_at": vector.to(self.device, self.dtype)}
         for path, magnitude in weights.magnitudes.items():
             a, b = (t.to(self.device) for t in weights.pairs[path])  # norms in float32
             factor, shift = self.layers[path].dora_scale(a, b, weights.scale, magnitude, self.dtype)
-            out[path] = (
-                None,
-                factor.to(self.dtype),
-                None if shift is None else shift.to(self.dtype),
-            )
+            out[path] = {"out_at": factor.to(self.dtype)}
+            if shift is not None:
+                out[path]["shift_at"] = shift.to(self.dtype)
         return out
+
+    def _place(self, vectors: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Columns in the vector store for the vectors no adapter placed before."""
+        owners: list[tuple[LoraLinear, str]] = []
+        spans: list[tuple[int, float]] = []
+        for path, parts in vectors.items():
+            layer = self.layers[path]
+            for attr, vector in parts.items():
+                if getattr(layer, attr) is None:
+                    owners.append((layer, attr))
+                    spans.append((vector.numel(), 0.0 if attr == "shift_at" else 1.0))
+        if not spans:
+            return
+        for (layer, attr), at in zip(owners, self.vectors.reserve(spans)):
+            setattr(layer, attr, at)
+            layer.scaled = True
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.write(slot, None, None)
-            layer.write_vectors(slot, self.slots)
+        self.vectors.write(slot, {})
         self.scales[slot] = 0.0
         self.vectored[slot] = False
 
@@ -490,19 +430,18 @@ class LoraBank:
         self.reset()
         if not slots or max(slots) < 0:
             return
-        if self.rank and any(slot >= 0 and self.scales[slot] for slot in slots):
-            width = max(slots) + 1
+        lora = [slot >= 0 and self.scales[slot] > 0 for slot in slots]  # IA3 rows: none
+        if self.rank and any(lora):
+            width = max(slot for slot, low_rank in zip(slots, lora) if low_rank) + 1
             mask = torch.zeros((len(slots), 1, width * self.rank), dtype=self.dtype)
             for row, slot in enumerate(slots):
-                if slot >= 0:
+                if lora[row]:
                     mask[row, 0, slot * self.rank : (slot + 1) * self.rank] = self.scales[slot]
             self.rows.mask = mask.to(self.device)
             self.rows.width = width
         if any(slot >= 0 and self.vectored[slot] for slot in slots):
-            # rows without vectors read the identity row ``slots``
-            index = [slot if slot >= 0 else self.slots for slot in slots]
-            self.rows.index = torch.tensor(index, dtype=torch.long).to(self.device)
+            self.rows.vectors = self.vectors.gather(slots)  # one gather for every projection
 
     def reset(self) -> None:
         self.rows.mask = None
-        self.rows.index = None
+        self.rows.vectors = None
