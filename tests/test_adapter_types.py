@@ -582,3 +582,33 @@ def test_forwards_pay_only_for_the_kinds_their_rows_use(
     bank.clear(2)
     bank.select([2])
     assert not bank.rows.active
+
+
+async def test_a_broken_adapter_is_a_400_in_both_dialects(
+    tmp_path: Path, tiny_models: dict[str, Path], typed_adapters
+) -> None:
+    """An adapter whose weights only the load can judge (NaN) answers 400 with the reason,
+    before any output, in either dialect (and for embeddings); the base still serves."""
+    from tests.conftest import serve_app
+
+    bad = patched(
+        typed_adapters["llama", "dora"],
+        tmp_path / "nan",
+        tensors=lambda t: {k: v * float("nan") if "lora_B" in k else v for k, v in t.items()},
+    )
+    registry = registry_with(tmp_path / "reg", tiny_models["llama"], {"bad": bad})
+    async with serve_app(registry, dtype="float32") as served:
+        raw = served.raw
+        body = {"model": "bad", "prompt": "hi", "raw": True, "options": {"num_predict": 3}}
+        for stream in (False, True):
+            r = await raw.post("/api/generate", json={**body, "stream": stream})
+            assert r.status_code == 400 and "NaN" in r.json()["error"], r.text
+        r = await raw.post(
+            "/v1/chat/completions",
+            json={"model": "bad", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert r.status_code == 400 and "NaN" in r.json()["error"]["message"], r.text
+        r = await raw.post("/api/embed", json={"model": "bad", "input": "hi"})
+        assert r.status_code == 400, r.text
+        r = await raw.post("/api/generate", json={**body, "model": "tiny", "stream": False})
+        assert r.status_code == 200, r.text

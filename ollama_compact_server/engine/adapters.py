@@ -185,13 +185,14 @@ class AdapterSlots:
 
     # ------------------------------------------------------------ housekeeping
 
-    def poll(self, wanted: Collection[AdapterRef]) -> dict[str, str]:
+    def poll(self, wanted: Collection[AdapterRef]) -> dict[str, tuple[str, int]]:
         """Housekeeping once per step: starts loading what ``wanted`` (the adapters waiting
         work names) lacks, collects finished loads into host memory and trims the host
-        cache (keeping what ``wanted`` needs); returns {key: error} for loads that failed."""
+        cache (keeping what ``wanted`` needs); returns {key: (error, HTTP status)} for loads
+        that failed (400: the adapter's own fault, such as NaN weights)."""
         for ref in wanted:  # e.g. pushed out of host memory while its request waited
             self.prefetch(ref)
-        failed: dict[str, str] = {}
+        failed: dict[str, tuple[str, int]] = {}
         for key, (future, started) in list(self.loading.items()):
             if not future.done():
                 continue
@@ -199,11 +200,11 @@ class AdapterSlots:
             try:
                 weights = future.result()
             except LoraError as exc:
-                failed[key] = str(exc)
+                failed[key] = (str(exc), 400)
                 continue
             except Exception as exc:
                 log.exception("loading an adapter failed")
-                failed[key] = f"loading the adapter failed: {exc.__class__.__name__}"
+                failed[key] = (f"loading the adapter failed: {exc.__class__.__name__}", 500)
                 continue
             self.stats.loads += 1
             self.stats.load_seconds.append(time.perf_counter() - started)

@@ -139,9 +139,16 @@ class Postprocessor:
         seq.carry = every[-1:].clone()
 
     def finish(
-        self, seq: Sequence, reason: FinishReason, *, flush: bool = False, error: str | None = None
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        *,
+        flush: bool = False,
+        error: str | None = None,
+        status: int = 500,
     ) -> None:
-        """Ends a request: the rest of its text, its slots given back, and its final event."""
+        """Ends a request: the rest of its text, its slots given back, and its final event
+        (``status``: the HTTP code of an error that ends it before any output)."""
         if seq.finished:
             return
         seq.finished = True
@@ -166,6 +173,7 @@ class Postprocessor:
                 text=tail,
                 finish_reason=reason,
                 error=error,
+                status=status,
                 stop_sequence=seq.stops.matched if reason == FinishReason.STOP else None,
                 prompt_tokens=len(seq.prompt),
                 cached_tokens=seq.reused,

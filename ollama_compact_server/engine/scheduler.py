@@ -31,7 +31,7 @@ class StepPlan:
     decode: list[Sequence]
     prefill: list[Sequence] = field(default_factory=list)
     chunk: Sequence | None = None
-    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+    failed: list[tuple[Sequence, str, int]] = field(default_factory=list)  # error, status
 
 
 class Scheduler:
@@ -139,7 +139,8 @@ class Scheduler:
             except Exception as exc:  # does not fit, or no memory for the adapter slots
                 if not isinstance(exc, LoraError):
                     log.exception("placing adapter %s failed", seq.adapter.name)
-                plan.failed.append((seq, adapter_error(exc)))
+                status = 400 if isinstance(exc, LoraError) else 500
+                plan.failed.append((seq, adapter_error(exc), status))
                 return None
         self.waiting.remove(seq)
         seq.slot = self.prefix.allocate(reuse)
@@ -156,10 +157,10 @@ class Scheduler:
 
     # ------------------------------------------------------------ adapters
 
-    def poll_adapters(self) -> list[tuple[Sequence, str]]:
+    def poll_adapters(self) -> list[tuple[Sequence, str, int]]:
         """Housekeeping: adapter loads start for what waits, finished ones go to host
-        memory; returns the waiting sequences whose adapter failed to load (to end), and
-        fails the adapter waits for it."""
+        memory; returns the waiting sequences whose adapter failed to load (to end, with
+        the error and its HTTP status), and fails the adapter waits for it."""
         if self.adapters is None:
             return []
         wanted = {s.adapter.key: s.adapter for s in self.waiting if s.adapter is not None}
@@ -169,9 +170,9 @@ class Scheduler:
             return []
         for wait in [w for w in self.adapter_waits if w.adapter.key in failed]:
             self.adapter_waits.remove(wait)
-            wait.fail(failed[wait.adapter.key], 500)
+            wait.fail(*failed[wait.adapter.key])
         return [
-            (seq, failed[seq.adapter.key])
+            (seq, *failed[seq.adapter.key])
             for seq in self.waiting
             if seq.adapter is not None and seq.adapter.key in failed
         ]

@@ -76,9 +76,15 @@ class ModelWorker:
         self.scheduler.adapter_waits.append(wait)
 
     def finish(
-        self, seq: Sequence, reason: FinishReason, *, flush: bool = False, error: str | None = None
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        *,
+        flush: bool = False,
+        error: str | None = None,
+        status: int = 500,
     ) -> None:
-        self.post.finish(seq, reason, flush=flush, error=error)
+        self.post.finish(seq, reason, flush=flush, error=error, status=status)
 
     def abort_waits(self, request_id: str) -> None:
         self.scheduler.abort_waits(request_id)
@@ -94,12 +100,12 @@ class ModelWorker:
         if not self.busy:
             return False
         self.last_used = time.monotonic()
-        for seq, error in self.scheduler.poll_adapters():
-            self.finish(seq, FinishReason.ERROR, error=error)
+        for seq, error, status in self.scheduler.poll_adapters():
+            self.finish(seq, FinishReason.ERROR, error=error, status=status)
         served = self._serve_adapter_waits()
         plan = self.scheduler.schedule()
-        for seq, error in plan.failed:
-            self.finish(seq, FinishReason.ERROR, error=error)
+        for seq, error, status in plan.failed:
+            self.finish(seq, FinishReason.ERROR, error=error, status=status)
         if plan.prefill:
             self._prefill_many(plan.prefill)
         elif plan.chunk is not None:
