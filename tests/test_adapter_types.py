@@ -30,6 +30,15 @@ MAKERS: dict[str, Callable[[Path, Path], Path]] = {
         base, out, r=8, alpha=8, seed=2, use_dora=True, base_name="tiny"
     ),
     "ia3": lambda base, out: make_ia3_adapter(base, out, seed=3, base_name="tiny"),
+    # IA3 on the input of a projection the compact model fuses (up with gate), and on q
+    "ia3_up": lambda base, out: make_ia3_adapter(
+        base,
+        out,
+        seed=5,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        feedforward_modules=["up_proj", "down_proj"],
+        base_name="tiny",
+    ),
     # what a new user gets from LoraConfig(r=..., target_modules=...) without task_type
     "notask": lambda base, out: make_lora_adapter(
         base,
@@ -92,8 +101,8 @@ def test_saved_configs_are_what_peft_writes(typed_adapters) -> None:
 def test_one_step_of_every_type_matches_peft_logits(
     tiny_models: dict[str, Path], typed_adapters, family: str
 ) -> None:
-    """In float32, a prefill of five rows (each type and the bare base), then one decode
-    step of the same five rows: every row's logits are within 1e-4 of peft's for its own
+    """In float32, a prefill of one row per type and a bare row, then one decode step of
+    the same rows: every row's logits are within 1e-4 of peft's for its own
     adapter (see TOLERANCE)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -106,7 +115,7 @@ def test_one_step_of_every_type_matches_peft_logits(
         ).eval()
 
     runner = ModelRunner(
-        fresh(), slots=5, capacity=64, dtype=torch.float32, device=torch.device("cpu")
+        fresh(), slots=len(KINDS) + 1, capacity=64, dtype=torch.float32, device=torch.device("cpu")
     )
     bank = runner.attach_lora(len(KINDS))
     for slot, kind in enumerate(KINDS):
@@ -114,7 +123,7 @@ def test_one_step_of_every_type_matches_peft_logits(
     prompt = PROMPTS[1]
     rows = [*range(len(KINDS)), -1]
     slots = [runner.cache.allocate() for _ in rows]
-    prefill = runner.prefill_batch(slots, [prompt] * len(rows), rows)  # [5, V]
+    prefill = runner.prefill_batch(slots, [prompt] * len(rows), rows)  # [rows, V]
     token = 77
     decode = runner.decode(slots, [token] * len(rows), [len(prompt)] * len(rows), rows)
     with torch.no_grad():
@@ -336,6 +345,7 @@ async def test_every_type_imports_through_every_path(
         "lora": ("LORA", False),
         "dora": ("LORA", True),
         "ia3": ("IA3", False),
+        "ia3_up": ("IA3", False),
         "notask": ("LORA", False),
     }
 
