@@ -434,7 +434,7 @@ def short_magnitude(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         ("lora", {"use_dora": True}, None, "lacks its lora_magnitude_vector"),
         ("dora", None, drop_magnitude, "lacks its lora_magnitude_vector"),
         ("dora", None, short_magnitude, "does not fit"),
-        ("dora", {"use_dora": False}, None, "does not belong in a LORA adapter"),
+        ("dora", {"use_dora": False}, None, "does not belong in a LoRA adapter"),
         ("lora", {"peft_type": "IA3"}, None, "does not belong in a IA3 adapter"),
         ("ia3", {"feedforward_modules": []}, None, "does not fit"),
         ("ia3", {"feedforward_modules": "(("}, None, "not a usable pattern"),

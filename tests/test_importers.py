@@ -251,7 +251,7 @@ def test_adapter_targeting_missing_modules_is_refused(
     [
         ({"peft_type": "LOHA"}, "the supported types are LoRA"),
         ({"peft_type": "IA3"}, "does not belong in a IA3 adapter"),  # LoRA weights
-        ({"use_dora": True}, "lacks its lora_magnitude_vector"),
+        ({"use_dora": True}, "DoRA adapter's module .* lacks its lora_magnitude_vector"),
         ({"r": 10**9}, "rank"),
         ({"lora_alpha": -1}, "lora_alpha"),
         ({"auto_mapping": {"base_model_class": "Evil"}}, "custom code"),

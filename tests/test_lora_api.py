@@ -176,8 +176,8 @@ async def test_recreated_adapter_is_listed_once_and_serves_its_new_weights(
 def refused_adapters(
     registry: Registry, tiny_models: dict[str, Path], tmp_path: Path
 ) -> dict[str, Path]:
-    """Adapters the tiny llama base must refuse at create time (the DoRA one is a copy of
-    the ``registry`` fixture's pirate adapter)."""
+    """Adapters the tiny llama base must refuse at create time (the DoRA one is the
+    ``registry`` fixture's pirate adapter with use_dora set: no magnitude vectors)."""
     import json
     import shutil
 
@@ -200,8 +200,9 @@ def refused_adapters(
 async def test_adapters_that_do_not_fit_are_refused_at_create_time(
     registry: Registry, refused_adapters: dict[str, Path], capsys: pytest.CaptureFixture
 ) -> None:
-    """DoRA, wrong shapes and modules the base lacks: 400 with a message that says which,
-    over HTTP and from `ollama-compact import --base`; the registry stays as it was."""
+    """A DoRA config without magnitudes, wrong shapes and modules the base lacks: 400
+    with a message that says which, over HTTP and from `ollama-compact import --base`; the
+    registry stays as it was."""
     from tests.fakes import FakeEngine
 
     async with serve_app(registry, FakeEngine()) as served:

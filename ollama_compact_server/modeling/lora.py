@@ -34,6 +34,7 @@ from ..registry.errors import InvalidModel
 from ..registry.peft import (
     DORA,
     IA3,
+    LABELS,
     LORA,
     PART_NAMES,
     PARTS_OF,
@@ -90,14 +91,16 @@ def read_peft_adapter(config: dict[str, Any], weights: Path, key: str) -> LoraWe
     for name, tensor in tensors.items():
         parsed = tensor_part(name)
         if parsed is None or parsed[1] not in PARTS_OF[kind]:
-            raise LoraError(f"adapter tensor {name[:100]!r} is not a {kind.upper()} weight")
+            raise LoraError(f"adapter tensor {name[:100]!r} is not a {LABELS[kind]} weight")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise LoraError(f"adapter tensor {name[:100]!r} holds NaN or infinite values")
         found.setdefault(parsed[0], {})[parsed[1]] = tensor
     for module, parts in found.items():
         if set(parts) != PARTS_OF[kind]:
             missing = ", ".join(sorted(PART_NAMES[p] for p in PARTS_OF[kind] - set(parts)))
-            raise LoraError(f"adapter module {module[:100]!r} lacks its {missing}")
+            raise LoraError(
+                f"the {LABELS[kind]} adapter's module {module[:100]!r} lacks its {missing}"
+            )
     if kind == IA3:
         vectors: dict[str, tuple[str, torch.Tensor]] = {}
         for module, parts in found.items():

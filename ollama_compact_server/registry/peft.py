@@ -27,6 +27,7 @@ TENSOR_PARTS = (
 )
 PARTS_OF = {LORA: {"A", "B"}, DORA: {"A", "B", "M"}, IA3: {"L"}}
 PART_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector", "L": "ia3_l"}
+LABELS = {LORA: "LoRA", DORA: "DoRA", IA3: "IA3"}
 
 # what peft writes as auto_mapping when an adapter is saved without a task_type: the
 # transformers class of the base, for AutoPeftModel (which imports it; we never do)
@@ -189,7 +190,7 @@ def check_adapter_shapes(
             )
         if part not in PARTS_OF[kind]:
             raise InvalidModel(
-                f"adapter tensor {key[:100]!r} does not belong in a {kind.upper()} adapter"
+                f"adapter tensor {key[:100]!r} does not belong in a {LABELS[kind]} adapter"
             )
         found.setdefault(module, set()).add(part)
         target = base_keys.get(f"{module}.weight".lower())
@@ -215,6 +216,6 @@ def check_adapter_shapes(
         missing = PARTS_OF[kind] - parts
         if missing:
             raise InvalidModel(
-                f"adapter module {module[:100]!r} lacks its "
+                f"the {LABELS[kind]} adapter's module {module[:100]!r} lacks its "
                 + ", ".join(sorted(PART_NAMES[p] for p in missing))
             )
