@@ -26,8 +26,8 @@ from tests.test_lora import peft_generate, run, start
 
 MAKERS: dict[str, Callable[[Path, Path], Path]] = {
     "lora": lambda base, out: make_lora_adapter(base, out, seed=1, base_name="tiny"),
-    "dora": lambda base, out: make_lora_adapter(
-        base, out, r=8, alpha=8, seed=2, use_dora=True, base_name="tiny"
+    "dora": lambda base, out: make_lora_adapter(  # rsLoRA's scale in the norms too
+        base, out, r=8, alpha=8, seed=2, use_dora=True, use_rslora=True, base_name="tiny"
     ),
     "ia3": lambda base, out: make_ia3_adapter(base, out, seed=3, base_name="tiny"),
     # IA3 on the input of a projection the compact model fuses (up with gate), and on q
