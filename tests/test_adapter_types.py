@@ -622,3 +622,31 @@ async def test_a_broken_adapter_is_a_400_in_both_dialects(
         assert r.status_code == 400, r.text
         r = await raw.post("/api/generate", json={**body, "model": "tiny", "stream": False})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+async def test_adapters_trained_here_serve_as_peft_runs_them(
+    tmp_path: Path, tiny_models: dict[str, Path], method: str
+) -> None:
+    """`ollama-compact finetune --method dora / ia3` (jobs.finetune) adds its adapter
+    through the same import; it serves, with peft's greedy tokens for the saved files."""
+    from ollama_compact_server.jobs.finetune import finetune
+    from ollama_compact_server.modeling.loader import model_dir
+    from ollama_compact_server.registry.manifest import MT_ADAPTER_FILE
+    from tests.test_finetune import chat_lines, spec
+
+    registry = registry_with(tmp_path / "reg", tiny_models["gemma3"], {})
+    data = tmp_path / "train.jsonl"
+    data.write_text(chat_lines())
+    record = finetune(registry, spec(data, name="trained", method=method), lambda line: None)
+    info = record.config.adapter
+    assert info is not None and (info.peft_type == "IA3") == (method == "ia3")
+    assert info.use_dora == (method == "dora")
+    engine = start(registry)
+    try:
+        ours = await run(engine, "trained", PROMPTS[0])
+        assert ours != await run(engine, "tiny", PROMPTS[0])
+    finally:
+        engine.close()
+    with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
+        assert ours == peft_generate(tiny_models["gemma3"], directory, PROMPTS[0])
