@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train in this process on OCS_MODELS even when a daemon answers",
     )
     tune.add_argument("--models", default=None, help="registry root [env OCS_MODELS]")
+    tune.add_argument("--device", default=None, help="cpu, cuda or cuda:N [env OCS_DEVICE]")
+    tune.add_argument(
+        "--dtype",
+        default=None,
+        help="compute precision: auto (bfloat16 where native), float32, bfloat16 [env OCS_DTYPE]",
+    )
     return parser
 
 

@@ -704,7 +704,9 @@ def _finetune_here(
         resume=bool(args.resume),
     )
     try:
-        finetune(Registry(settings.models), spec, bar, device=settings.device)
+        finetune(
+            Registry(settings.models), spec, bar, device=settings.device, precision=settings.dtype
+        )
     except Stopped:
         raise KeyboardInterrupt from None
     except RegistryError as exc:

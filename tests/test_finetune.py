@@ -582,3 +582,23 @@ def test_a_run_the_memory_cannot_hold_is_refused_before_loading(
         finetune(registry, spec(data), lines.append)
     assert "loading base model" not in [line["status"] for line in lines]
     assert not registry.exists("tiny-ft")
+
+
+def test_precision_follows_the_hardware_unless_named(
+    registry: Registry, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ollama_compact_server.jobs.finetune import training_dtype
+    from ollama_compact_server.modeling import hardware
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert training_dtype("auto", cpu) == torch.bfloat16
+    assert training_dtype("float32", cpu) == torch.float32
+    assert training_dtype("float16", cpu) == torch.float32  # no loss scaling: float32
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert training_dtype("auto", cpu) == torch.float32
+    assert training_dtype("bfloat16", cpu) == torch.bfloat16
+    record = finetune(registry, spec(data), lambda _: None, precision="bfloat16")
+    report = read_training(registry, record)
+    assert report is not None and report["dtype"] == "bfloat16" and report["device"] == "cpu"
+    assert report["eval_loss_adapter"] < report["eval_loss_base"] * 0.7

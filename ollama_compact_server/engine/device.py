@@ -4,12 +4,10 @@ natively, see docs/PERFORMANCE.md)."""
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 
 from ..compress.schemes import recorded
+from ..modeling.hardware import cpu_has_fast_bf16
 from .types import EngineError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,23 +29,6 @@ def resolve_device(setting: str) -> torch.device:
                 f"OCS_DEVICE={setting}: only {torch.cuda.device_count()} CUDA device(s) present"
             )
     return device
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bfloat16 matmuls run natively (about twice float32's speed)."""
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:

@@ -60,5 +60,6 @@ class ModelJobs:
         progress: Callable[[dict[str, Any]], None],
         cancel: threading.Event,
         device: str = "auto",
+        precision: str = "auto",
     ) -> ModelRecord:
-        return finetune(self.registry, spec, progress, cancel, device)
+        return finetune(self.registry, spec, progress, cancel, device, precision)

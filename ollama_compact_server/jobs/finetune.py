@@ -99,13 +99,16 @@ def finetune(
     progress: Progress,
     cancel: threading.Event | None = None,
     device: str = "auto",
+    precision: str = "auto",
 ) -> ModelRecord:
     """Trains and adds the adapter model ``spec.name``; raises InvalidModel for bad data or
-    settings, Stopped when ``cancel`` is set (or on Ctrl-C), Busy while another runs."""
+    settings, Stopped when ``cancel`` is set (or on Ctrl-C), Busy while another runs.
+    ``precision`` (OCS_DTYPE): auto computes in bfloat16 where the hardware multiplies it
+    natively, float32 elsewhere."""
     if not _RUNNING.acquire(blocking=False):
         raise Busy("another fine-tuning job is running in this daemon; try again when it ends")
     try:
-        return _finetune(registry, spec, progress, cancel or threading.Event(), device)
+        return _finetune(registry, spec, progress, cancel or threading.Event(), device, precision)
     except (DataError, TrainingError) as exc:
         raise InvalidModel(str(exc)) from None
     finally:
@@ -118,8 +121,8 @@ def _finetune(
     progress: Progress,
     cancel: threading.Event,
     device_name: str,
+    precision: str,
 ) -> ModelRecord:
-    import torch
 
     from ..modeling.loader import load_causal_lm, load_tokenizer
     from ..modeling.quantized import CompressedLinear
@@ -167,7 +170,7 @@ def _finetune(
             f"max length {params.max_length}",
         )
     progress({"status": "loading base model"})
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = training_dtype(precision, device)
     model = load_causal_lm(
         registry, base, dtype, dequantize=compressed_base and params.method != "lora"
     )
@@ -181,7 +184,7 @@ def _finetune(
         "columns": spec.columns,
         "params": params.comparable(),
     }
-    run = loop.Run(peft_model, params, train_items, pad, device, fingerprint)
+    run = loop.Run(peft_model, params, train_items, pad, device, fingerprint, dtype)
     checkpoint = checkpoint_dir(registry, spec.name)
     if spec.resume:
         if not (checkpoint / "state.json").is_file():
@@ -190,7 +193,9 @@ def _finetune(
         progress({"status": f"resuming at step {run.state.step}"})
     progress({"status": "evaluating base model", "total": len(held_out)})
     with peft_model.disable_adapter():
-        base_loss = loop.evaluate(peft_model, held_out, params.batch_size, pad, device, cancel)
+        base_loss = loop.evaluate(
+            peft_model, held_out, params.batch_size, pad, device, cancel, dtype
+        )
     started = time.perf_counter()
     try:
         state = run.run(progress, cancel, checkpoint)
@@ -200,10 +205,14 @@ def _finetune(
             "unchanged" + ("; resume to continue" if run.state.step else "")
         ) from None
     progress({"status": "evaluating adapter", "total": len(held_out)})
-    adapter_loss = loop.evaluate(peft_model, held_out, params.batch_size, pad, device, cancel)
+    adapter_loss = loop.evaluate(
+        peft_model, held_out, params.batch_size, pad, device, cancel, dtype
+    )
     report = _report(
         spec, base, dataset, run, state, base_loss, adapter_loss, len(items), len(held_out)
     )
+    report["dtype"] = str(dtype).removeprefix("torch.")
+    report["device"] = str(device)
     report["seconds"] = round(state.seconds, 1)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     if encoder.truncated:
@@ -254,6 +263,23 @@ def memory_needed(
     activations = tokens * hidden * layers * 24 * 4
     logits = params.batch_size * learnt * max(vocab, 1) * 4 * 3
     return weights + activations + logits
+
+
+def training_dtype(precision: str, device: Any) -> Any:
+    """The compute dtype of a run: bfloat16 when asked, or under auto where it is native
+    (AMX / AVX512-BF16 CPUs, CUDA devices that support it); float32 otherwise (float16
+    would need loss scaling)."""
+    import torch
+
+    from ..modeling.hardware import cpu_has_fast_bf16
+
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision != "auto":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def _device(name: str) -> Any:

@@ -163,6 +163,7 @@ def evaluate(
     pad: int,
     device: torch.device,
     cancel: threading.Event | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> float | None:
     """Mean loss per learnt token over ``items`` (None without items)."""
     if not items:
@@ -170,7 +171,7 @@ def evaluate(
     peft_model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, dtype):
         for start in range(0, len(order), batch_size):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
@@ -181,10 +182,12 @@ def evaluate(
     return total / max(count, 1)
 
 
-def _autocast(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    """bfloat16 matmuls where the run computes in bfloat16 (the adapter's weights and the
+    loss stay float32), nothing otherwise."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -213,6 +216,7 @@ class Run:
         pad: int,
         device: torch.device,
         fingerprint: dict[str, Any],
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if not train:
             raise TrainingError("no training examples are left after the held-out split")
@@ -221,6 +225,7 @@ class Run:
         self.train = train
         self.pad = pad
         self.device = device
+        self.dtype = dtype
         self.lengths = [len(t.ids) for t in train]
         per_epoch = math.ceil(math.ceil(len(train) / params.batch_size) / params.grad_accum)
         self.per_epoch = per_epoch
@@ -287,7 +292,7 @@ class Run:
                 for batch in batches:
                     if cancel.is_set():
                         raise Cancelled()
-                    with _autocast(self.device):
+                    with _autocast(self.device, self.dtype):
                         loss, _ = loss_sum(self.model, batch)
                     (loss / max(learnt, 1)).backward()
                     total_loss += float(loss.detach())

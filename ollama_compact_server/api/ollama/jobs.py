@@ -365,10 +365,10 @@ async def finetune(request: Request) -> Response:
     # refusals that need no weights (the base, the whole data file) answer before streaming
     await asyncio.to_thread(jobs.precheck_finetune, spec)
     cancel = threading.Event()
-    device = request.app.state.settings.device
+    settings = request.app.state.settings
 
     def run(report: Report) -> None:
-        jobs.finetune(spec, report, cancel, device)
+        jobs.finetune(spec, report, cancel, settings.device, settings.dtype)
 
     return await progress_response(
         wire.stream, run, "fine-tuning failed", cancel=cancel, request=request
