@@ -303,19 +303,32 @@ async def test_trained_adapter_is_in_the_registry_and_serves(
         assert shown["model_info"]["ocs.train.eval_loss_adapter"] == report["eval_loss_adapter"]
 
 
-def test_qlora_trains_on_a_compressed_base_that_stays_compressed(
-    registry: Registry, data: Path
+@pytest.mark.parametrize(
+    ("scheme", "options"), [("int8", {}), ("int4", {"group_size": 32}), ("nf4", {})]
+)
+async def test_qlora_trains_on_a_compressed_base_that_stays_compressed(
+    registry: Registry, data: Path, scheme: str, options: dict[str, Any]
 ) -> None:
-    compress_registry_model(registry, "tiny", "tiny-q4", "int4", {"group_size": 32})
+    compress_registry_model(registry, "tiny", "tiny-q", scheme, options)
     lines: list[dict[str, Any]] = []
-    job = spec(data, "tiny-q4-ft")
-    job.base = "tiny-q4"
+    job = spec(data, "tiny-q-ft")
+    job.base = "tiny-q"
     record = finetune(registry, job, lines.append)
-    assert record.config.base_model == "tiny-q4:latest"
+    assert record.config.base_model == "tiny-q:latest"
     assert record.config.quantization is not None
     report = read_training(registry, record)
-    assert report is not None and report["base_quantization"] == "int4"
+    assert report is not None and report["base_quantization"] == scheme
     assert report["eval_loss_adapter"] < report["eval_loss_base"] * 0.7
+    async with serve_app(registry, dtype="float32") as served:  # on the compressed base
+        outputs = []
+        for model in ("tiny-q", "tiny-q-ft"):
+            r = await served.raw.post(
+                "/api/generate",
+                json={"model": model, "prompt": "colour 7?", "stream": False, "options": GREEDY},
+            )
+            assert r.status_code == 200, r.text
+            outputs.append(r.json()["response"])
+        assert outputs[0] != outputs[1]
 
 
 def test_stop_keeps_the_registry_and_resume_finishes(registry: Registry, data: Path) -> None:
@@ -341,6 +354,18 @@ def test_stop_keeps_the_registry_and_resume_finishes(registry: Registry, data: P
     report = read_training(registry, record)
     assert report is not None and len(report["loss_curve"]) == 12
     assert not checkpoint.exists()
+
+
+def test_a_stop_while_evaluating_is_a_stop_too(registry: Registry, data: Path) -> None:
+    cancel = threading.Event()
+
+    def progress(item: dict[str, Any]) -> None:
+        if item["status"] == "evaluating base model":
+            cancel.set()
+
+    with pytest.raises(Stopped, match="registry is unchanged"):
+        finetune(registry, spec(data), progress, cancel)
+    assert not registry.exists("tiny-ft")
 
 
 def resumed(job: FinetuneSpec) -> FinetuneSpec:

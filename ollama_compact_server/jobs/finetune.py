@@ -107,10 +107,14 @@ def finetune(
     natively, float32 elsewhere."""
     if not _RUNNING.acquire(blocking=False):
         raise Busy("another fine-tuning job is running in this daemon; try again when it ends")
+    from ..training.loop import Cancelled
+
     try:
         return _finetune(registry, spec, progress, cancel or threading.Event(), device, precision)
     except (DataError, TrainingError) as exc:
         raise InvalidModel(str(exc)) from None
+    except (Cancelled, KeyboardInterrupt):  # outside the training steps (loading, evaluating)
+        raise Stopped("fine-tuning stopped; the registry is unchanged") from None
     finally:
         _RUNNING.release()
 
@@ -123,6 +127,7 @@ def _finetune(
     device_name: str,
     precision: str,
 ) -> ModelRecord:
+    import torch
 
     from ..modeling.loader import load_causal_lm, load_tokenizer
     from ..modeling.quantized import CompressedLinear
@@ -155,6 +160,7 @@ def _finetune(
     if pad is None:
         pad = tokenizer.eos_token_id or 0
     device = _device(device_name)
+    dtype = training_dtype(precision, device)
     compressed_base = base.config.quantization is not None
     if device.type == "cpu":
         check_memory(
@@ -163,6 +169,7 @@ def _finetune(
                 params,
                 len(tokenizer),
                 compressed_base,
+                2 if dtype == torch.bfloat16 else 4,
                 max(len(item.ids) for item in items),
                 max(item.trained for item in items),
             ),
@@ -170,7 +177,6 @@ def _finetune(
             f"max length {params.max_length}",
         )
     progress({"status": "loading base model"})
-    dtype = training_dtype(precision, device)
     model = load_causal_lm(
         registry, base, dtype, dequantize=compressed_base and params.method != "lora"
     )
@@ -247,16 +253,18 @@ def memory_needed(
     params: TrainParams,
     vocab: int,
     compressed: bool,
+    width: int,
     longest: int,
     learnt: int,
 ) -> int:
     """A rough upper bound of what a run holds on the CPU: the weights (as stored for QLoRA,
-    float32 otherwise), a micro-batch's activations (``longest`` tokens a row) and the
-    output head's logits with their gradient (``learnt`` positions a row at most)."""
+    else ``width`` bytes a parameter), a micro-batch's activations (``longest`` tokens a
+    row) and the output head's logits with their gradient (``learnt`` positions a row at
+    most)."""
     config = base.config
     parameters = config.parameter_count or base.size // 2
     keep_compressed = compressed and params.method == "lora"
-    weights = base.size if keep_compressed else 4 * parameters
+    weights = base.size if keep_compressed else width * parameters
     tokens = params.batch_size * longest
     hidden = config.embedding_length or 1024
     layers = max(1, (parameters - vocab * hidden) // max(12 * hidden * hidden, 1))
