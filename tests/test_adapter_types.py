@@ -650,3 +650,19 @@ async def test_adapters_trained_here_serve_as_peft_runs_them(
         engine.close()
     with model_dir(registry, record, MT_ADAPTER_FILE) as directory:
         assert ours == peft_generate(tiny_models["gemma3"], directory, PROMPTS[0])
+
+
+def test_a_pathological_feedforward_pattern_is_refused_in_time() -> None:
+    """feedforward_modules may be a regular expression; one that backtracks exponentially
+    on a module name is stopped by a deadline, not run to the end on the loader thread."""
+    import time
+
+    from ollama_compact_server.registry.errors import InvalidModel
+    from ollama_compact_server.registry.peft import is_feedforward
+
+    slow = r"(\w|.)*\W\W\W\W\W\W\W\W"
+    started = time.monotonic()
+    with pytest.raises(InvalidModel, match="too long to match"):
+        is_feedforward({"feedforward_modules": slow}, "model.layers.10.mlp.down_proj" * 2)
+    assert time.monotonic() - started < 5
+    assert is_feedforward({"feedforward_modules": r".*\.mlp\.down_proj"}, "m.mlp.down_proj")

@@ -8,6 +8,8 @@ import math
 import re
 from typing import Any
 
+import regex
+
 from .errors import InvalidModel
 from .manifest import AdapterInfo
 from .tensors import TensorInfo
@@ -35,6 +37,7 @@ AUTO_MAPPING_KEYS = {"base_model_class", "parent_library"}
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 TRANSFORMERS_MODULE = re.compile(r"transformers(\.[A-Za-z_][A-Za-z0-9_]*){0,8}")
 MAX_PATTERN = 500
+PATTERN_SECONDS = 0.1  # to match feedforward_modules against one module name
 
 
 def adapter_kind(config: dict[str, Any]) -> str:
@@ -76,7 +79,14 @@ def is_feedforward(config: dict[str, Any], module: str) -> bool:
     matching the whole module path) names it, else its output."""
     modules = config.get("feedforward_modules") or []
     if isinstance(modules, str):
-        return re.fullmatch(modules, module) is not None
+        # the adapter's own pattern: matched with a deadline (a pathological pattern such as
+        # "(a+)+b" would otherwise take exponential time on the engine's loader thread)
+        try:
+            return regex.fullmatch(modules, module, timeout=PATTERN_SECONDS) is not None
+        except TimeoutError:
+            raise InvalidModel(
+                "feedforward_modules takes too long to match a module name; refused"
+            ) from None
     return any(module.endswith(name) for name in modules)
 
 
