@@ -9,15 +9,18 @@
    answer only) and **text** (plain 256-token windows, every token learnt).
 2. **quality**: a LoRA adapter trained through the real job (``jobs.finetune``, as
    ``ollama-compact finetune`` runs it) on Genesis 1-9 (King James Version, public domain,
-   ``benchmarks/data/genesis_kjv.txt``), and its perplexity on the held-out chapters 10-12
-   measured through the serving engine (the adapter as it serves), against the base's;
-   then the same on the base compressed to int4 (QLoRA: the base stays int4).
+   ``benchmarks/data/genesis_kjv.txt``) as plain text in windows of ``--max-length`` (512,
+   the window the perplexity is measured in) for ``--epochs`` (3) at ``--lr`` (1e-3), and
+   its perplexity on the held-out chapters 10-12 measured through the serving engine (the
+   adapter as it serves), against the base's; then the same on the base compressed to
+   int4 (QLoRA: the base stays int4).
 3. **serving**: 16 requests spread over a LoRA, a DoRA and an IA3 adapter in one batch,
    against the same 16 requests all on the LoRA adapter.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_finetune.py           # about 25 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_finetune.py           # about 35 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_finetune.py --parts quality --bases f32
     .venv/bin/python benchmarks/bench_finetune.py --quick   # a smoke run
 """
 
@@ -89,9 +92,14 @@ def prepare(registry: Any, model: str, scratch: Path, int4: bool) -> Any:
             if item.name.startswith("tokenizer") or item.name.endswith(".jinja"):
                 (folder / item.name).write_bytes(item.read_bytes())
     del model_obj
-    import_hf_dir(local, folder, "base-f32")
-    if registry.template(record) and not local.template(local.get("base-f32")):
-        say("warning: the float copy lost the model's chat template")
+    import_hf_dir(  # with the registry's template, system prompt and defaults (the GGUF's)
+        local,
+        folder,
+        "base-f32",
+        template=registry.template(record) or None,
+        system=registry.system(record) or None,
+        params=registry.params(record) or None,
+    )
     if int4:
         from ollama_compact_server.jobs.compressing import compress_registry_model
 
@@ -301,7 +309,7 @@ class Reporter:
             say(f"{self.name}: step {item['completed']}/{item['total']} loss {item['loss']}")
 
 
-def quality(local: Any, scratch: Path, epochs: float, lr: float, quick: bool) -> list[str]:
+def quality(local: Any, scratch: Path, args: argparse.Namespace, bases: list[str]) -> list[str]:
     from ollama_compact_server.jobs.finetune import FinetuneSpec, finetune
     from ollama_compact_server.registry.evals import read_training
     from ollama_compact_server.training.params import check_params
@@ -310,16 +318,16 @@ def quality(local: Any, scratch: Path, epochs: float, lr: float, quick: bool) ->
     train.write_text(chapters(TRAIN_CHAPTERS))
     heldout = chapters(HELDOUT_CHAPTERS)
     rows = []
-    for base in ("base-f32", "base-int4"):
+    for base in bases:
         name = f"{base}-genesis"
         options = {
-            "epochs": epochs,
-            "learning_rate": lr,
-            "max_length": 256,
-            "batch_size": 4,
+            "epochs": args.epochs,
+            "learning_rate": args.lr,
+            "max_length": args.max_length,
+            "batch_size": args.batch_size,
             "eval_split": 0.1,
         }
-        if quick:
+        if args.quick:
             options["max_steps"] = 2
         spec = FinetuneSpec(
             base=base, name=name, data=train, format="text", params=check_params(options)
@@ -413,9 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=float, default=3.0, help="quality runs' epochs")
     parser.add_argument("--lr", type=float, default=1e-3, help="quality runs' learning rate")
+    parser.add_argument("--batch-size", type=int, default=4, help="quality runs' batch size")
+    parser.add_argument(
+        "--max-length", type=int, default=512, help="quality runs' window (the eval's)"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument(
         "--parts", default="throughput,quality,serving", help="which parts to run, in order"
+    )
+    parser.add_argument(
+        "--bases", default="f32,int4", help="the quality runs' bases: f32 and / or int4"
     )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -430,14 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ocs-bench-ft-") as scratch_name:
         scratch = Path(scratch_name)
         say("preparing the float expansion of the model")
-        local = on_fresh_thread(prepare, registry, args.model, scratch, "quality" in parts)
+        int4 = "quality" in parts and "int4" in args.bases
+        local = on_fresh_thread(prepare, registry, args.model, scratch, int4)
         if "throughput" in parts:
             out += ["Training throughput, one epoch, LoRA r16:", ""]
             out += throughput(local, 1 if args.quick else args.rounds, scratch, args.quick)
             out.append("")
         if "quality" in parts:
             out += ["Held-out perplexity (Genesis 10-12), through the serving engine:", ""]
-            out += quality(local, scratch, args.epochs, args.lr, args.quick)
+            bases = [f"base-{b.strip()}" for b in args.bases.split(",") if b.strip()]
+            out += quality(local, scratch, args, bases)
             out.append("")
         if "serving" in parts:
             out += ["Serving adapters of three kinds in one batch:", ""]
