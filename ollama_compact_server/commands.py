@@ -579,7 +579,7 @@ class TrainingBar:
         if status == "trained" and isinstance(item.get("report"), dict):
             self.report = item["report"]
             return
-        self._end()
+        self.end()
         print(status, file=self.out, flush=True)
 
     def _bar(self, item: dict[str, Any]) -> None:
@@ -598,12 +598,12 @@ class TrainingBar:
             print("\r" + line.ljust(100), end="", file=self.out, flush=True)
             self.open = True
             if step >= total:
-                self._end()
+                self.end()
         elif int(10 * fraction) != self.shown or step >= total:
             self.shown = int(10 * fraction)
             print(line, file=self.out, flush=True)
 
-    def _end(self) -> None:
+    def end(self) -> None:
         if self.open:
             print(file=self.out, flush=True)
             self.open = False
@@ -664,17 +664,17 @@ def finetune_command(settings: Settings, args: argparse.Namespace) -> int:
         else:
             _finetune_here(settings, args, columns, bar)
     except CommandError as exc:
-        bar._end()
+        bar.end()
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        bar._end()
+        bar.end()
         print(
             "stopped: the registry is unchanged; `--resume` continues from the last checkpoint",
             file=sys.stderr,
         )
         return 130
-    bar._end()
+    bar.end()
     if bar.report is not None:
         print(format_report(bar.report))
     print(f"created '{args.new_name}' on '{args.base}'")

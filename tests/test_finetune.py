@@ -627,3 +627,25 @@ def test_precision_follows_the_hardware_unless_named(
     report = read_training(registry, record)
     assert report is not None and report["dtype"] == "bfloat16" and report["device"] == "cpu"
     assert report["eval_loss_adapter"] < report["eval_loss_base"] * 0.7
+
+
+def test_the_data_is_read_once_and_an_absent_device_is_a_clear_error(
+    registry: Registry, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    module = importlib.import_module("ollama_compact_server.jobs.finetune")
+    reads: list[Path] = []
+    real = module.read_dataset
+
+    def counted(path: Path, *args: Any) -> Any:
+        reads.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(module, "read_dataset", counted)
+    job = spec(data)
+    module.precheck(registry, job)  # the route's check
+    with pytest.raises(InvalidModel, match=r"device cuda:99 is not present"):
+        finetune(registry, job, lambda _: None, device="cuda:99")
+    assert reads == [data]  # the job used what the check read
+    assert not registry.exists("tiny-ft")

@@ -57,6 +57,7 @@ class FinetuneSpec:
     columns: dict[str, str] = field(default_factory=dict)
     params: TrainParams = field(default_factory=TrainParams)
     resume: bool = False
+    dataset: Dataset | None = None  # read by precheck, once
 
 
 def check_base(registry: Registry, base: str) -> ModelRecord:
@@ -81,11 +82,14 @@ def precheck(registry: Registry, spec: FinetuneSpec) -> tuple[ModelRecord, Datas
     file (raises InvalidModel / ModelNotFound, 400 / 404)."""
     ModelName.parse(spec.name)
     record = check_base(registry, spec.base)
-    try:
-        dataset = read_dataset(spec.data, spec.format, spec.columns, spec.data_name or None)
-    except DataError as exc:
-        raise InvalidModel(str(exc)) from None
-    return record, dataset
+    if spec.dataset is None:  # the route's precheck already read it: not twice
+        try:
+            spec.dataset = read_dataset(
+                spec.data, spec.format, spec.columns, spec.data_name or None
+            )
+        except DataError as exc:
+            raise InvalidModel(str(exc)) from None
+    return record, spec.dataset
 
 
 def checkpoint_dir(registry: Registry, name: str) -> Path:
@@ -295,7 +299,10 @@ def _device(name: str) -> Any:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(f"device {name} is not present here (OCS_DEVICE / --device)")
+    return device
 
 
 def _report(
