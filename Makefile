@@ -15,7 +15,7 @@ ifneq ($(TORCH_INDEX_URL),)
 TORCH_PIP_ARGS := --index-url $(TORCH_INDEX_URL)
 endif
 
-.PHONY: serve test lint venv clean-venv
+.PHONY: serve test lint venv clean-venv chromium
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,16 @@ serve: $(STAMP)
 	OCS_MODELS=$${OCS_MODELS:-$(CURDIR)/models} OCS_ADAPTERS=$${OCS_ADAPTERS:-$(CURDIR)/adapters} \
 		$(BIN)/ollama-compact serve
 
-test: $(STAMP)
+# The web page's tests drive Debian's chromium (tests/ui_support.py; OCS_TEST_CHROMIUM names
+# another build); installed here where it is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v "$$OCS_TEST_CHROMIUM" >/dev/null 2>&1 || { \
+		echo "== installing Debian's chromium for the web page's tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q chromium >/dev/null || { \
+			$$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check ollama_compact_server tests
 	$(BIN)/ruff format --check ollama_compact_server tests
 	$(BIN)/mypy

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
-from .api import anthropic, health, metrics, ollama, openai
+from .api import anthropic, health, metrics, ollama, openai, ui
 from .api.auth import APIKeyMiddleware
 from .api.errors import CatchAll, DrainGuard, install_error_handlers
 from .api.guard import LOCAL_ORIGIN, HostCheck, NetworkGuard, is_loopback_host
@@ -186,6 +186,7 @@ def create_app(
     app.include_router(ollama.router)
     app.include_router(openai.router)
     app.include_router(anthropic.router)
+    app.include_router(ui.router)
     # Starlette runs the last added middleware first: CORS answers preflights, the request
     # log counts and times everything after it, the guard checks Host and Origin, then the
     # key is checked; innermost, an unexpected error becomes a 500 that keeps the connection.

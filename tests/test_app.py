@@ -108,7 +108,10 @@ async def test_api_key_guards_every_route_but_the_probes(tmp_path: Path) -> None
     )
     app = create_app(settings)
     public = {("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("HEAD", "/health")}
-    routes = set(walk_routes(app.routes)) - public
+    # the web page's files (no data in them; tests/test_ui.py): public; its JSON routes not
+    page = {(m, p) for m, p in walk_routes(app.routes) if p.startswith("/ui") and "/api/" not in p}
+    assert len(page) == 5, page
+    routes = set(walk_routes(app.routes)) - public - page
     # the walk can never go quietly empty: every documented path is in it, and the daemon
     # has more than 20 guarded routes
     documented = {path for path in app.openapi()["paths"]} - {"/", "/health"}

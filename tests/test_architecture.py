@@ -36,6 +36,7 @@ ALLOWED: dict[str, set[str]] = {
         "engine",
         "jobs",
         "logs",
+        "modelfile",  # the web page's Modelfile box (api/ui.py)
         "registry",
         "settings",
         "threads",

@@ -1,6 +1,7 @@
 """API-key check: with OCS_API_KEY set, every route but the public probes needs the key,
 as `Authorization: Bearer <key>` or as Anthropic's `x-api-key: <key>`, compared in constant
-time."""
+time. The web page's static files are public too (they hold no data; the page asks for the
+key when a call answers 401)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_response
+from .ui import is_public
 
 PUBLIC = {("HEAD", "/"), ("GET", "/"), ("GET", "/health"), ("HEAD", "/health")}
 
@@ -20,7 +22,11 @@ class APIKeyMiddleware:
         self.expected_key = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["method"], scope["path"]) in PUBLIC:
+        if (
+            scope["type"] != "http"
+            or (scope["method"], scope["path"]) in PUBLIC
+            or is_public(scope["method"], scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         bearer = key = b""

@@ -66,8 +66,27 @@ class HostCheck:
         )
 
 
-def origin_allowed(origin: str, extra: list[str]) -> bool:
-    return bool(LOCAL_ORIGIN.fullmatch(origin)) or origin in extra or "*" in extra
+def origin_allowed(origin: str, extra: list[str], host: str = "") -> bool:
+    """Local origins, the configured ones, and the daemon's own (the web page at /ui,
+    opened by whatever name the Host check let through)."""
+    return (
+        bool(LOCAL_ORIGIN.fullmatch(origin))
+        or origin in extra
+        or "*" in extra
+        or same_origin(origin, host)
+    )
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether ``origin`` is this server as the request names it (``Host``): a page the
+    daemon served itself. Safe only behind the Host check (a rebound name fails there) or
+    the key (where the Host check is off)."""
+    if not host:
+        return False
+    for scheme in ("http://", "https://"):
+        if origin.lower().startswith(scheme):
+            return origin[len(scheme) :].lower() == host.strip().lower()
+    return False
 
 
 class NetworkGuard:
@@ -92,7 +111,7 @@ class NetworkGuard:
         if (
             origin
             and scope["method"] not in SAFE_METHODS
-            and not origin_allowed(origin, self.extra_origins)
+            and not origin_allowed(origin, self.extra_origins, headers.get("host", ""))
         ):
             await error_response(403, "forbidden: origin not allowed", scope["path"])(
                 scope, receive, send

@@ -1,0 +1,6 @@
+// placeholder
+import { el } from "./ui.js";
+
+export function init(section) {
+  section.append(el("h2", {}, "engine"));
+}
