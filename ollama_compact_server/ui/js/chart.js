@@ -74,3 +74,37 @@ export function bars(rows, { format = (v) => String(v) } = {}) {
   }
   return box;
 }
+
+// Several lines on one scale: series is [{values, className}] (each path gets the classes
+// "line" and className, so CSS colours it); options as lineChart's.
+export function multiLineChart(series, { min, max, format = (v) => String(v), label = "", xLabel = "" } = {}) {
+  const all = series.flatMap((s) => s.values);
+  const top = max ?? Math.max(0, ...all.filter((v) => typeof v === "number" && Number.isFinite(v)));
+  const svg = lineChart(series[0]?.values || [], { min, max: top, format, label, xLabel });
+  const base = svg.querySelector("path.line");
+  if (base && series[0]?.className) base.classList.add(series[0].className);
+  const width = 300;
+  const height = 120;
+  const left = 36;
+  const bottom = 14;
+  const upper = 6;
+  const low = min ?? Math.min(0, ...all.filter((v) => typeof v === "number" && Number.isFinite(v)));
+  let high = top;
+  if (high <= low) high = low + 1;
+  for (const { values, className } of series.slice(1)) {
+    const x = (i) => left + (values.length > 1 ? (i / (values.length - 1)) * (width - left - 4) : 0);
+    const y = (v) => upper + (1 - (v - low) / (high - low)) * (height - upper - bottom);
+    let path = "";
+    let pen = false;
+    values.forEach((v, i) => {
+      if (typeof v !== "number" || !Number.isFinite(v)) {
+        pen = false;
+        return;
+      }
+      path += `${pen ? "L" : "M"}${x(i).toFixed(1)},${y(Math.min(Math.max(v, low), high)).toFixed(1)}`;
+      pen = true;
+    });
+    if (path) svg.append(svgEl("path", { class: `line ${className || ""}`.trim(), d: path, "vector-effect": "non-scaling-stroke" }));
+  }
+  return svg;
+}
