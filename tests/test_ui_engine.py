@@ -181,3 +181,23 @@ async def test_prometheus_parser_in_the_browser(registry) -> None:
         assert figures["finished"] == {"stop": 3, "length": 2}
         assert figures["total"] == 5
         assert figures["none"] is None
+
+
+async def test_engine_page_with_a_key(registry) -> None:
+    async with ui_session(registry, api_key="s3cret-key") as ui:
+        page = ui.page
+        await ui.open("engine")
+        dialog = page.locator("#key-dialog")
+        await dialog.wait_for(state="visible")  # asked once for both reads
+        await page.keyboard.press("Escape")  # no key: the page pauses instead of asking again
+        await expect(page.locator("#engine-error")).to_contain_text("resume to try again")
+        await expect(page.locator("#engine-pause")).to_have_attribute("aria-pressed", "true")
+        await expect(dialog).to_be_hidden()
+        await page.click("#engine-pause")  # resume: asked again
+        await dialog.wait_for(state="visible")
+        await page.fill("#key-input", "s3cret-key")
+        await page.press("#key-input", "Enter")
+        await dialog.wait_for(state="hidden")
+        await expect(page.locator("#engine-tokens")).to_have_text("0")
+        await expect(page.locator("#engine-error")).to_be_hidden()
+        await expect(page.locator("#engine-status")).to_contain_text("Updated")

@@ -176,7 +176,7 @@ async function poll() {
   const refused = [metrics, ps].some((r) => r.status === "rejected" && r.reason instanceof ApiError && r.reason.status === 401);
   if (problems.length) {
     view.error.hidden = false;
-    view.error.textContent = refused ? `The daemon refused the key (${problems.join("; ")}). Paused: resume to try again.` : `Could not read the engine's figures (${problems.join("; ")}); trying again every ${state.interval} s.`;
+    view.error.textContent = refused ? `The daemon needs a valid key (${problems.join("; ")}). Paused: resume to try again.` : `Could not read the engine's figures (${problems.join("; ")}); trying again every ${state.interval} s.`;
     if (refused) setPaused(true); // do not ask for the key every few seconds
   } else {
     view.error.hidden = true;
