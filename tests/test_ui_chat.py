@@ -228,7 +228,8 @@ async def test_markdown_is_rendered_as_text_never_markup(registry) -> None:
                 const { render } = await import('/ui/js/markdown.js');
                 const box = document.createElement('div');
                 box.append(render('Look:\\n```js\\nlet x = 1'));
-                return [box.querySelector('pre code')?.textContent, box.querySelector('p')?.textContent];
+                const code = box.querySelector('pre code')?.textContent;
+                return [code, box.querySelector('p')?.textContent];
             }"""
         )
         assert partial == ["let x = 1", "Look:"]
