@@ -117,6 +117,13 @@ async def test_create_from_a_modelfile_and_a_bad_one(registry) -> None:
         await system.locator("summary").click()
         await expect(system.locator("pre")).to_have_text("Answer in one word.")
 
+        # a pull the daemon refuses shows why on its job
+        pull = page.locator("#pull-form")
+        await pull.get_by_label("Model to pull").fill("llama3")
+        await pull.get_by_role("button", name="Pull").click()
+        await expect(pull.locator(".job.failed")).to_contain_text("only Hugging Face")
+        await expect(page.locator(".toast.error").first).to_contain_text("Pull llama3 failed")
+
 
 async def test_upload_an_adapter_folder(
     registry, tmp_path: Path, tiny_models: dict[str, Path]

@@ -246,6 +246,15 @@ function folded(title, text) {
   return el("details", { class: "folded" }, el("summary", {}, title), el("pre", {}, text));
 }
 
+// the loss chart's y axis starts a little under the lowest loss (a curve, not a flat line)
+function lossFloor(losses) {
+  const finite = losses.filter((v) => Number.isFinite(v));
+  if (!finite.length) return 0;
+  const low = Math.min(...finite);
+  const high = Math.max(...finite);
+  return Math.max(0, low - Math.max(high - low, Math.abs(low) * 0.02) * 0.2);
+}
+
 const fixed = (digits) => (v) => (typeof v === "number" ? v.toFixed(digits) : "");
 const percent = (v) => `${v > 0 ? "+" : ""}${(100 * v).toFixed(1)}%`;
 
@@ -301,7 +310,8 @@ function trainingReport(report) {
   const parts = [el("h4", {}, "Fine-tuning report"), el("p", { class: "muted" }, summary)];
   if (report.data && report.data.name) parts.push(el("p", { class: "muted" }, `Data: ${report.data.name} (${report.data.format || "?"}, ${report.examples} examples)`));
   if (curve.length) {
-    parts.push(el("h5", {}, "Training loss"), lineChart(curve.map((p) => p[1]), { label: "training loss", format: fixed(2), xLabel: `step ${lastStep}` }));
+    const losses = curve.map((p) => p[1]);
+    parts.push(el("h5", {}, "Training loss"), lineChart(losses, { label: "training loss", format: fixed(2), xLabel: `step ${lastStep}`, min: lossFloor(losses) }));
   }
   if (typeof report.perplexity_base === "number" && typeof report.perplexity_adapter === "number") {
     parts.push(
@@ -619,7 +629,12 @@ function compressForm() {
     typed = Boolean(name.value.trim());
   });
   const suggest = () => {
-    if (!typed && source.value && dom.scheme.value) name.value = `${source.value.split(":")[0]}-${dom.scheme.value}`;
+    if (typed || !source.value || !dom.scheme.value) return;
+    const stem = `${source.value.split(":")[0].split("/").pop()}-${dom.scheme.value}`;
+    const taken = (n) => state.models.some((m) => m.name === `${n}:latest`);
+    let suggestion = stem;
+    for (let i = 2; taken(suggestion); i++) suggestion = `${stem}-${i}`;
+    name.value = suggestion;
   };
   const scheme = () => (state.schemes || []).find((s) => s.name === dom.scheme.value);
   dom.scheme.addEventListener("change", () => {
@@ -756,7 +771,7 @@ function finetuneForm() {
             if (typeof event.loss !== "number") return event;
             losses.push(event.loss);
             steps = event.completed || losses.length;
-            const next = lineChart(losses, { label: "training loss", format: fixed(2), xLabel: `step ${steps}` });
+            const next = lineChart(losses, { label: "training loss", format: fixed(2), xLabel: `step ${steps}`, min: lossFloor(losses) });
             if (chart) chart.replaceWith(next);
             else chartBox.append(next);
             chart = next;
