@@ -259,3 +259,14 @@ async def test_finetune_shows_its_loss_curve(registry, tmp_path: Path) -> None:
         training = page.locator("#model-details .training")  # the new model is shown
         await expect(training).to_contain_text("lora on tiny:latest: 3 steps")
         await expect(training.locator("svg.chart path.line")).to_have_count(1)
+
+        # a long run stopped from the page adds nothing
+        await form.get_by_label("New adapter model name").fill("endless")
+        await form.get_by_label("Max steps").fill("1000000")
+        await form.get_by_role("button", name="Train", exact=True).click()
+        running = form.locator(".job").first
+        await expect(running.locator(".progress-status")).to_contain_text("training: step")
+        await running.get_by_role("button", name="Stop").click()
+        await expect(running).to_have_class(re.compile(r"\bfailed\b"))
+        await expect(running.locator(".progress-status")).to_have_text("failed: stopped")
+        assert "endless:latest" not in await names(ui)
