@@ -157,3 +157,44 @@ async def test_ui_json_routes(registry) -> None:
             r = await ui.http.post("/ui/api/modelfile", json={"modelfile": text})
             assert r.status_code == 400, text
             assert words in r.json()["error"], r.json()
+
+
+def test_every_file_is_packaged() -> None:
+    import fnmatch
+
+    import tomllib
+
+    project = tomllib.loads((ROOT.parent.parent / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["ollama_compact_server"]
+    for name in ASSETS:
+        path = f"ui/{name}"
+        assert any(
+            fnmatch.fnmatch(path, p) and p.count("/") == path.count("/") for p in patterns
+        ), path
+
+
+async def test_sha256_of_uploads_matches_hashlib(registry) -> None:
+    """The page hashes uploads itself (crypto.subtle is missing on plain http by another
+    name); its SHA-256 must be the digest /api/blobs checks."""
+    import hashlib
+
+    sizes = [0, 1, 55, 56, 63, 64, 65, 119, 120, 1000, 70_000]
+    async with ui_session(registry) as ui:
+        await ui.open()
+        got = await ui.page.evaluate(
+            """async (sizes) => {
+                const { Sha256, sha256Hex } = await import('/ui/js/sha256.js');
+                const out = [];
+                for (const n of sizes) {
+                    const bytes = new Uint8Array(n).map((_, i) => (i * 7 + 3) & 255);
+                    const h = new Sha256();
+                    for (let i = 0; i < n; i += 13) h.update(bytes.subarray(i, i + 13));
+                    out.push([h.hex(), await sha256Hex(new Blob([bytes]))]);
+                }
+                return out;
+            }""",
+            sizes,
+        )
+    for n, (chunked, whole) in zip(sizes, got, strict=True):
+        want = hashlib.sha256(bytes((i * 7 + 3) & 255 for i in range(n))).hexdigest()
+        assert chunked == want and whole == want, n

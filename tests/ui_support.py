@@ -62,7 +62,9 @@ def tiny_registry(root: Path, tiny_models: dict[str, Path], work: Path) -> Regis
 async def ui_session(
     registry: Registry, *, width: int = 1280, height: int = 800, **settings: Any
 ) -> AsyncIterator[UI]:
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=20_000)  # a busy 2-core CI box, not a slow page
 
     options = {"adapters": None, "import_default": False, **settings}
     config = Settings(models=registry.root, **options)
