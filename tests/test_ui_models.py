@@ -270,3 +270,31 @@ async def test_finetune_shows_its_loss_curve(registry, tmp_path: Path) -> None:
         await expect(running).to_have_class(re.compile(r"\bfailed\b"))
         await expect(running.locator(".progress-status")).to_have_text("failed: stopped")
         assert "endless:latest" not in await names(ui)
+
+
+async def test_pull_from_the_hub_shows_progress(
+    registry, tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf.co/... through the page, from a fake Hugging Face hub on loopback (tests/test_pull.py)."""
+    import huggingface_hub.constants
+
+    from tests.test_pull import FakeHub
+
+    repo = tmp_path / "hub-repo"
+    repo.mkdir()
+    for path in tiny_models["llama"].iterdir():
+        if path.is_file():
+            (repo / path.name).write_bytes(path.read_bytes())
+    with FakeHub({"org/tiny": repo}) as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        async with ui_session(registry) as ui:
+            page = ui.page
+            await open_models(ui)
+            pull = page.locator("#pull-form")
+            await pull.get_by_label("Model to pull").fill("hf.co/org/tiny")
+            await pull.get_by_role("button", name="Pull").click()
+            await expect(pull.locator(".job.ok")).to_contain_text("success", timeout=60_000)
+            assert await pull.locator(".job progress").evaluate("p => p.value === p.max")
+            await expect(row(ui, "hf.co/org/tiny:latest")).to_be_visible()
+            assert "hf.co/org/tiny:latest" in await names(ui)
