@@ -72,7 +72,7 @@ def serve(settings: Settings) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, registry=registry)
-    log.info("listening on %s", address.url)
+    log.info("listening on %s (web page: %s/ui/)", address.url, address.client_url.rstrip("/"))
     GracefulServer(
         uvicorn_config(app, settings, address.host, address.port),
         drain_timeout=settings.shutdown_timeout,
