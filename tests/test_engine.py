@@ -342,13 +342,13 @@ async def test_a_long_prompt_delays_a_running_stream_by_one_chunk_at_most(
     real = runner.forward
     steps: list[tuple[str, int]] = []  # ("decode", 1 if the stream is in it) / ("prefill", n)
 
-    def forward(slots, input_ids, positions, length, keep=1, loras=None):
-        if positions.shape[1] == 1:
+    def forward(slots, input_ids, positions, length, keep=1, loras=None, step=False):
+        if step:
             mine = any(len(stream) <= int(p) < len(long_prompt) for p in positions.view(-1))
             steps.append(("decode", int(mine)))
         else:
             steps.append(("prefill", int((positions != junk).sum())))
-        return real(slots, input_ids, positions, length, keep, loras)
+        return real(slots, input_ids, positions, length, keep, loras, step)
 
     runner.forward = forward  # type: ignore[method-assign]
     try:

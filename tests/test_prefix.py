@@ -212,3 +212,33 @@ async def test_both_dialects_report_what_was_reused(tmp_path: Path, tiny_models)
         text = (await served.raw.get("/metrics")).text
         hits = [line for line in text.splitlines() if line.startswith("ocs_prefix_cache_hits")]
         assert hits and float(hits[0].split()[-1]) >= 2
+
+
+@pytest.mark.e2e
+async def test_a_cached_prompt_gives_the_reply_from_scratch_on_the_c_decode_step(
+    gemma_registry,
+) -> None:
+    """gemma3:270m (int8 / int4 modules, so decode steps run in C): a prompt sent again is
+    served from the cache but for its last token, which then runs as a prompt token on the
+    torch path, as it did from scratch, not as a C decode step whose last bits differ
+    (before: "different kinds of animals" against "types" from scratch)."""
+    from tests.conftest import serve_app
+
+    prompt = "Write one sentence about the sea. The sea is"
+    options = {"temperature": 0, "num_predict": 16}
+    async with serve_app(gemma_registry) as served:
+        other = await served.ollama.generate(
+            model="gemma3:270m", prompt="Something else entirely.", raw=True, options=options
+        )
+        assert other.response
+        replies = []
+        for _ in range(3):
+            reply = await served.ollama.generate(
+                model="gemma3:270m", prompt=prompt, raw=True, options=options
+            )
+            replies.append((reply.response, reply.prompt_eval_count))
+        (fresh, evaluated), *again = replies
+        assert evaluated > 5  # from scratch (the other prompt shared only <bos>)
+        for text, count in again:
+            assert count < evaluated  # served from the cache...
+            assert text == fresh  # ...with the same reply

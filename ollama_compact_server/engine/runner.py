@@ -99,16 +99,23 @@ class ModelRunner:
         length: int,
         keep: int = 1,
         loras: list[int] | None = None,
+        step: bool = False,
     ) -> torch.Tensor:
         """input_ids, positions: [B, q]; attends over ``length`` cached positions; returns
-        the last column's logits [B, V]. ``loras``: each row's adapter slot (-1: none)."""
+        the last column's logits [B, V]. ``loras``: each row's adapter slot (-1: none);
+        ``step``: a decode step (see CompactModel.forward)."""
         self.cache.bind(slots, positions, length)
         if self.lora is not None:
             self.lora.select(loras)
         try:
             if self.compact is not None:
                 logits = self.compact.forward(
-                    input_ids, positions, self._masks(positions, length), self.cache, keep
+                    input_ids,
+                    positions,
+                    self._masks(positions, length),
+                    self.cache,
+                    keep,
+                    step=step,
                 )
                 return logits[:, -1, :] if keep == 1 else logits
             out = self.model(
@@ -133,7 +140,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
-        return self.forward(slots, ids, pos, max(positions) + 1, loras=loras)
+        return self.forward(slots, ids, pos, max(positions) + 1, loras=loras, step=True)
 
     def prefill(
         self,

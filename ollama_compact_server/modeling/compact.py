@@ -367,13 +367,19 @@ class CompactModel:
         cache: Any,
         keep: int = 1,
         hidden_only: bool = False,
+        step: bool = False,
     ) -> torch.Tensor:
         """input_ids, positions: [B, q]; ``masks``: a bool mask [B, 1, q, L] or one per layer
         type; ``cache``: the bound slot KV cache. Returns the logits of the last ``keep``
-        columns ([B, keep, V]; keep 0: every column), or the final hidden states."""
+        columns ([B, keep, V]; keep 0: every column), or the final hidden states.
+
+        ``step``: a decode step (one new token per row), which the C decode step may run.
+        Prompt tokens always take the torch path, even one alone (the rest of a prompt whose
+        beginning the cache held): its last-bit results then do not depend on how much of
+        the prompt was cached, and a reply is the same with or without prefix reuse."""
         h = self.embed(input_ids)  # [B, q, hidden]
         batch, length = input_ids.shape
-        kernel = self._kernel(cache, h) if length == 1 else None
+        kernel = self._kernel(cache, h) if step and length == 1 else None
         if kernel is not None:
             flat = h.reshape(batch, -1).contiguous()  # [B, hidden], advanced in place
             kernel.run(flat, positions.reshape(-1).contiguous(), self._angles(flat, positions))
