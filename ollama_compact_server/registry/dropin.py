@@ -14,7 +14,7 @@ from .store import Registry
 
 log = logging.getLogger(__name__)
 
-BASE_FILE = "BASE"
+BASE_FILE = "BASE"  # a one-line file naming the base model
 SOURCE_KIND = "dropin"
 
 
@@ -25,7 +25,9 @@ class DropinResult:
     skipped: dict[str, str]  # folder -> reason
 
 
-def _base_for(registry: Registry, folder: Path) -> str:
+def base_for(registry: Registry, folder: Path) -> str:
+    """The registry name of the base an adapter folder names (BASE file, else
+    adapter_config.json's base_model_name_or_path)."""
     sidecar = folder / BASE_FILE
     if sidecar.is_file():
         named = sidecar.read_text(encoding="utf-8").strip().splitlines()
@@ -76,7 +78,7 @@ def register_dropins(registry: Registry, directory: Path | None) -> DropinResult
             continue
         try:
             name = ModelName.parse(folder.name)
-            base = _base_for(registry, folder)
+            base = base_for(registry, folder)
             existing = registry.resolve(name)
             if existing is not None:
                 record = registry.get(existing)
