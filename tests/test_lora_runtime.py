@@ -31,6 +31,14 @@ def staged(tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
 
 
 @pytest.fixture
+def other(tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
+    """Another adapter (other weights) on base 'tiny', outside the drop-in folder."""
+    return make_lora_adapter(
+        tiny_models["llama"], tmp_path / "staging" / "poet", seed=2, base_name="tiny"
+    )
+
+
+@pytest.fixture
 def registry(tmp_path: Path, tiny_models: dict[str, Path], staged: Path) -> Registry:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "tiny")
@@ -49,7 +57,9 @@ async def load(raw: Any, name: str, path: str, **extra: Any) -> Any:
     )
 
 
-async def test_load_serve_unload(registry: Registry, staged: Path, tmp_path: Path) -> None:
+async def test_load_serve_unload(
+    registry: Registry, staged: Path, other: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "adapters"
     folder.mkdir()
     async with serve_app(registry, dtype="float32", adapters=folder) as served:
@@ -75,12 +85,26 @@ async def test_load_serve_unload(registry: Registry, staged: Path, tmp_path: Pat
         r = await load(raw, "sql-abs", str(folder / "pirate-v1"))
         assert r.status_code == 200, r.text
 
-        # the same name again: vLLM's 400, unless in place
-        r = await load(raw, "sql", "pirate-v1")
+        # the same name and adapter again (each replica on a shared registry loads it): 200
+        digest = registry.get("sql").digest
+        for path in ("pirate-v1", "ref"):
+            r = await load(raw, "sql", path)
+            assert r.status_code == 200, r.text
+        assert registry.get("sql").digest == digest
+        # other weights under the name: vLLM's 400, unless in place
+        shutil.copytree(other, folder / "poet")
+        r = await load(raw, "sql", "poet")
         assert r.status_code == 400
         assert "has already been loaded" in r.json()["error"]["message"]
+        assert registry.get("sql").digest == digest
+        r = await load(raw, "sql", "poet", load_inplace=True)
+        assert r.status_code == 200, r.text
+        replaced = await chat(raw, "sql")
+        assert replaced.json()["choices"][0]["message"]["content"] != text
         r = await load(raw, "sql", "pirate-v1", load_inplace=True)
         assert r.status_code == 200, r.text
+        again = await chat(raw, "sql")
+        assert again.json()["choices"][0]["message"]["content"] == text
         # a name made otherwise is never replaced
         r = await load(raw, "ref", "pirate-v1", load_inplace=True)
         assert r.status_code == 400 and "already exists" in r.json()["error"]["message"]

@@ -158,3 +158,16 @@ async def test_metrics_follow_the_engine(
         assert seen["running_lora_adapters"] == seen["waiting_lora_adapters"] == ""
         assert families["vllm:num_requests_running"].samples[0].value == 0
         assert families["vllm:num_requests_waiting"].samples[0].value == 0
+
+
+async def test_public_metrics_lets_a_scraper_in_without_the_key(tmp_path: Path) -> None:
+    from tests.fakes import FakeEngine
+
+    registry = Registry(tmp_path / "registry")
+    async with serve_app(registry, engine=FakeEngine(), api_key="k") as served:
+        assert (await served.raw.get("/metrics")).status_code == 401
+    async with serve_app(registry, engine=FakeEngine(), api_key="k", public_metrics=True) as served:
+        r = await served.raw.get("/metrics")
+        assert r.status_code == 200 and "vllm:num_requests_waiting" in scrape(r.text)
+        assert (await served.raw.get("/v1/models")).status_code == 401  # only /metrics
+        assert (await served.raw.post("/metrics")).status_code == 401

@@ -46,7 +46,7 @@ def base_for(registry: Registry, folder: Path) -> str:
     return record.name.display()
 
 
-def _same_adapter(registry: Registry, name: ModelName, folder: Path, base: str) -> bool:
+def same_adapter(registry: Registry, name: ModelName, folder: Path, base: str) -> bool:
     """True when ``name`` already holds exactly this folder's files on this base."""
     from .blobs import sha256_file
     from .manifest import MT_ADAPTER_FILE
@@ -87,7 +87,7 @@ def register_dropins(registry: Registry, directory: Path | None) -> DropinResult
                         f"a model named '{name.display()}' already exists "
                         "and is not from this folder"
                     )
-                if _same_adapter(registry, existing, folder, base):
+                if same_adapter(registry, existing, folder, base):
                     result.unchanged.append(name.display())
                     continue
             import_adapter_dir(

@@ -5,9 +5,11 @@ they are removed by name."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
+from typing import cast
 
-from .dropin import BASE_FILE, base_for
+from .dropin import BASE_FILE, base_for, same_adapter
 from .errors import InvalidModel, ModelNotFound, RegistryError
 from .importers import ADAPTER_FILES, import_adapter_dir
 from .names import ModelName
@@ -92,6 +94,12 @@ def _registry_adapter(registry: Registry, lora_path: str) -> ModelRecord | None:
     return record
 
 
+class Outcome(str, Enum):
+    ADDED = "added"  # a new name
+    UNCHANGED = "unchanged"  # the name already held exactly this adapter
+    REPLACED = "replaced"  # load_inplace: the name now holds other weights
+
+
 def add_runtime_adapter(
     registry: Registry,
     adapters: Path | None,
@@ -99,28 +107,41 @@ def add_runtime_adapter(
     lora_path: str,
     *,
     inplace: bool = False,
-) -> tuple[ModelRecord, bool]:
+) -> tuple[ModelRecord, Outcome]:
     """Registers ``lora_name`` as the adapter ``lora_path`` names: an adapter model of the
     registry (its layers shared, no copy), else a folder inside ``adapters`` imported on the
-    base its BASE file or adapter_config.json names. Returns (the record, whether the name
-    is new). A name that exists is refused (AlreadyLoaded) unless it was added here and
-    ``inplace`` is set; then it points at the new weights."""
+    base its BASE file or adapter_config.json names.
+
+    A name this function added before that already holds the same adapter is left as it
+    is (replicas on one shared registry each load it: all succeed). Other weights under
+    that name are refused (AlreadyLoaded, vLLM's message) unless ``inplace`` is set; a name
+    made any other way (the drop-in folder, create, import) is never replaced."""
     name = ModelName.parse(lora_name)
-    with registry.locked():  # the check and the write, at once for every process
-        existing = registry.resolve(name)
+    with registry.locked():  # the checks and the write, at once for every process
+        stored = registry.resolve(name)
+        existing = registry.get(stored) if stored is not None else None
+        if existing is not None and existing.config.source.get("kind") != RUNTIME_KIND:
+            raise AlreadyLoaded(
+                f"a model named '{existing.name.display()}' already exists and was not "
+                "loaded through /v1/load_lora_adapter; it is not replaced"
+            )
+        source = _registry_adapter(registry, lora_path)
+        folder = base = None
+        if source is None:
+            folder = confined_folder(adapters, lora_path)
+            base = base_for(registry, folder)
         if existing is not None:
-            record = registry.get(existing)
-            if record.config.source.get("kind") != RUNTIME_KIND:
-                raise AlreadyLoaded(
-                    f"a model named '{record.name.display()}' already exists and was not "
-                    "loaded through /v1/load_lora_adapter; it is not replaced"
-                )
+            if source is not None:
+                same = existing.manifest.layers == source.manifest.layers
+            else:
+                same = same_adapter(registry, existing.name, cast(Path, folder), cast(str, base))
+            if same:
+                return existing, Outcome.UNCHANGED
             if not inplace:
                 raise AlreadyLoaded(
                     f"The lora adapter '{lora_name}' has already been loaded. If you want to "
                     "load the adapter in place, set 'load_inplace' to True."
                 )
-        source = _registry_adapter(registry, lora_path)
         if source is not None:
             config = source.config.model_copy(
                 update={"source": {"kind": RUNTIME_KIND, "model": source.name.display()}}
@@ -130,16 +151,14 @@ def add_runtime_adapter(
                     txn.add_existing(layer)
                 record = txn.commit(name, config)
         else:
-            folder = confined_folder(adapters, lora_path)
-            base = base_for(registry, folder)
             record = import_adapter_dir(
                 registry,
-                folder,
+                cast(Path, folder),
                 name,
-                base,
+                cast(str, base),
                 source={"kind": RUNTIME_KIND, "folder": lora_path[:MAX_PATH]},
             )
-    return record, existing is None
+    return record, Outcome.ADDED if existing is None else Outcome.REPLACED
 
 
 def remove_runtime_adapter(registry: Registry, lora_name: str) -> tuple[str, bool]:

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ...engine.protocol import Engine
 from ...engine.types import EngineError
-from ...registry.runtime_lora import add_runtime_adapter, remove_runtime_adapter
+from ...registry.runtime_lora import Outcome, add_runtime_adapter, remove_runtime_adapter
 from ...settings import Settings
 from ..common import json_body, registry_of
 from ..errors import APIError
@@ -53,8 +53,9 @@ def _enabled(request: Request) -> None:
 )
 async def load_lora_adapter(request: Request) -> PlainTextResponse:
     """Registers the adapter, then loads it (its base resident, the adapter in a device
-    slot) so the first request finds it there. A load that fails takes the new name away
-    again."""
+    slot) so the first request finds it there. A load that fails takes a new name away
+    again. Loading a name again with the same adapter succeeds (each replica on a shared
+    registry loads it); other weights under it need ``load_inplace``."""
     _enabled(request)
     wire = parse(LoadLoraAdapterRequest, await json_body(request))
     if not wire.lora_name or not wire.lora_path:
@@ -63,7 +64,7 @@ async def load_lora_adapter(request: Request) -> PlainTextResponse:
     registry = registry_of(request)
     engine: Engine = request.app.state.engine
     async with request.app.state.lora_lock:
-        record, added = await asyncio.to_thread(
+        record, outcome = await asyncio.to_thread(
             add_runtime_adapter,
             registry,
             settings.adapters,
@@ -72,19 +73,19 @@ async def load_lora_adapter(request: Request) -> PlainTextResponse:
             inplace=wire.load_inplace,
         )
         name = record.name.display()
-        if not added:
+        if outcome is Outcome.REPLACED:
             engine.unload(name)  # the old weights leave the slots once idle
         try:
             await engine.load(name)
         except EngineError as exc:
-            if added:
+            if outcome is Outcome.ADDED:
                 await asyncio.to_thread(registry.delete, record.name)
                 engine.unload(name)
             raise APIError(
                 exc.status if 400 <= exc.status < 600 else 500,
                 f"the LoRA adapter '{wire.lora_name}' could not be loaded: {exc}",
             ) from None
-    log.info("loaded LoRA adapter %s (lora_path %r)", name, wire.lora_path[:200])
+    log.info("LoRA adapter %s %s (lora_path %r)", name, outcome.value, wire.lora_path[:200])
     return PlainTextResponse(f"Success: LoRA adapter '{wire.lora_name}' added successfully.")
 
 
