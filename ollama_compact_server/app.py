@@ -181,6 +181,7 @@ def create_app(
     app.state.metrics = metrics.Metrics()
     app.state.jobs = ModelJobs(registry)
     app.state.responses = ResponseStore()  # /v1/responses kept for previous_response_id
+    app.state.lora_lock = asyncio.Lock()  # /v1/load_lora_adapter and unload, one at a time
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(ollama.router)
@@ -192,7 +193,11 @@ def create_app(
     # key is checked; innermost, an unexpected error becomes a 500 that keeps the connection.
     app.add_middleware(CatchAll)
     if settings.api_key is not None:
-        app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value())
+        app.add_middleware(
+            APIKeyMiddleware,
+            key=settings.api_key.get_secret_value(),
+            public_metrics=settings.public_metrics,
+        )
     extra = settings.extra_origins
     app.add_middleware(NetworkGuard, hosts=host_check(settings), extra_origins=extra)
     app.add_middleware(DrainGuard, state=app.state)

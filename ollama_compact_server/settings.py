@@ -165,6 +165,17 @@ class Settings(BaseSettings):
     max_cpu_loras: int = Field(
         32, ge=0, le=100_000, description="Most idle LoRA adapters kept in host memory."
     )
+    runtime_lora: bool = Field(
+        True,
+        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+        "runtime adapter routes, for gateways); their lora_path only names a folder inside "
+        "OCS_ADAPTERS or an adapter model of the registry.",
+    )
+    public_metrics: bool = Field(
+        False,
+        description="GET /metrics answers without OCS_API_KEY (a gateway's endpoint picker "
+        "scrapes it without a key).",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="When set, every route but HEAD /, GET / and /health needs "

@@ -1,7 +1,8 @@
 """API-key check: with OCS_API_KEY set, every route but the public probes needs the key,
 as `Authorization: Bearer <key>` or as Anthropic's `x-api-key: <key>`, compared in constant
 time. The web page's static files are public too (they hold no data; the page asks for the
-key when a call answers 401)."""
+key when a call answers 401). With OCS_PUBLIC_METRICS, GET /metrics is public too (gateways
+scrape it without a key)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ PUBLIC = {("HEAD", "/"), ("GET", "/"), ("GET", "/health"), ("HEAD", "/health")}
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, key: str) -> None:
+    def __init__(self, app: ASGIApp, key: str, public_metrics: bool = False) -> None:
         self.app = app
+        self.public = PUBLIC | ({("GET", "/metrics")} if public_metrics else set())
         self.expected = f"Bearer {key}".encode()
         self.expected_key = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
-            or (scope["method"], scope["path"]) in PUBLIC
+            or (scope["method"], scope["path"]) in self.public
             or is_public(scope["method"], scope["path"])
         ):
             await self.app(scope, receive, send)

@@ -1,6 +1,7 @@
 """/metrics in Prometheus format: HTTP requests by route and status, and the engine's
 queue, running sequences, KV use, residency, tokens, preemptions, evictions and latency
-histograms. Each app has its own collector registry. Also one log line per request."""
+histograms; beside them the gauges Kubernetes inference gateways scrape under vLLM's names.
+Each app has its own collector registry. Also one log line per request."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..logs import REQUEST
+from ..registry.names import DEFAULT_TAG
 
 router = APIRouter()
 log = logging.getLogger("ollama_compact_server.requests")
@@ -79,6 +81,26 @@ class Metrics:
             "ocs_finished_requests", "Requests finished, by reason", ["reason"], registry=r
         )
         self.seen: dict[str, float] = {}  # engine totals at the last scrape
+        # The model-server protocol of the Gateway API Inference Extension (docs/SCALING.md):
+        # vLLM's names, which its endpoint picker (EPP) reads by default. One series each,
+        # for the whole engine: the EPP takes the first series of a plain gauge.
+        self.vllm_waiting = Gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", registry=r
+        )
+        self.vllm_running = Gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            registry=r,
+        )
+        self.vllm_kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", registry=r
+        )
+        self.vllm_lora = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "ocs_time_to_first_token_seconds",
             "Time to first token",
@@ -116,6 +138,26 @@ class Metrics:
             self.ttft.observe(value)
         for value in stats.get("itl", []):
             self.itl.observe(value)
+        self.refresh_vllm(stats)
+
+    def refresh_vllm(self, stats: dict[str, Any]) -> None:
+        """vLLM's gauges as its endpoint picker reads them: requests waiting and running,
+        the KV cache's used share (0..1), and the adapters of running and waiting requests
+        as comma-separated label values of ``vllm:lora_requests_info``, whose value is the
+        time they were read (the EPP keeps the series with the newest value). vLLM leaves
+        every label combination it ever reported in place; here only the current one is
+        kept, so the series do not pile up, and the newest is the only one."""
+        self.vllm_waiting.set(stats.get("queued", 0))
+        self.vllm_running.set(stats.get("running", 0))
+        used, free = stats.get("kv_tokens_used", 0), stats.get("kv_tokens_free", 0)
+        self.vllm_kv_usage.set(used / (used + free) if used + free > 0 else 0.0)
+        max_loras = stats.get("max_loras", 0)
+        if not max_loras:  # an engine without adapters: vLLM leaves the family empty too
+            return
+        running = ",".join(served_names(stats.get("running_adapters", {})))
+        waiting = ",".join(served_names(stats.get("waiting_adapters", {})))
+        self.vllm_lora.clear()
+        self.vllm_lora.labels(str(max_loras), waiting, running).set(time.time())
 
     def advance(self, key: str, counter: Any, total: float) -> None:
         """Moves ``counter`` up to the engine's running ``total`` for ``key`` (a total that
@@ -124,6 +166,16 @@ class Metrics:
         if total > last:
             counter.inc(total - last)
         self.seen[key] = total
+
+
+def served_name(name: str) -> str:
+    """A model name as clients of the OpenAI dialect (and gateways) write it: Ollama's
+    default ``:latest`` tag left out, as in ``pirate`` for ``pirate:latest``."""
+    return name.removesuffix(f":{DEFAULT_TAG}")
+
+
+def served_names(counts: dict[str, int]) -> list[str]:
+    return sorted({served_name(name) for name in counts})
 
 
 @router.get("/metrics")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, cast
 
 from .adapters import AdapterRef
@@ -392,6 +392,8 @@ class DeviceLoop:
             "kv_tokens_free": kv_total - kv_used,
             "resident_models": len(workers),
             "resident_adapters": sum(len(a.resident()) for a in banks),
+            **self.adapter_queues(workers),
+            "max_loras": self.config.max_loras if self.models.load_adapter is not None else 0,
             "adapter_loads": self.stats.adapter_loads + sum(a.stats.loads for a in banks),
             "adapter_device_evictions": self.stats.adapter_device_evictions
             + sum(a.stats.device_evictions for a in banks),
@@ -404,6 +406,27 @@ class DeviceLoop:
             "evictions": self.stats.evictions,
             "finished": dict(self.stats.finished),
         }
+
+    def adapter_queues(self, workers: list[ModelWorker]) -> dict[str, dict[str, int]]:
+        """The adapters requests run with now (``running_adapters``: decoding or
+        prefilling) and wait for (``waiting_adapters``: queued for a KV slot, an adapter
+        slot or their model's load), as {adapter model name: requests}; what vLLM reports
+        as ``running_lora_adapters`` / ``waiting_lora_adapters``. Copies of the queues are
+        read (each copy is one C call: the device thread cannot change it meanwhile)."""
+        running: Counter[str] = Counter()
+        waiting: Counter[str] = Counter()
+        for worker in workers:
+            scheduler = worker.scheduler
+            active = list(scheduler.running)
+            prefilling = scheduler.prefilling
+            if prefilling is not None:
+                active.append(prefilling)
+            running.update(s.adapter.name for s in active if s.adapter is not None)
+            waiting.update(s.adapter.name for s in list(scheduler.waiting) if s.adapter)
+            waiting.update(w.adapter.name for w in list(scheduler.adapter_waits))
+        for queue in list(self.residency.pending.values()):
+            waiting.update(item.adapter.name for item in list(queue) if item.adapter)
+        return {"running_adapters": dict(running), "waiting_adapters": dict(waiting)}
 
     def resident(self) -> list[Resident]:
         now = time.monotonic()

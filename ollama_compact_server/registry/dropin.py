@@ -14,7 +14,7 @@ from .store import Registry
 
 log = logging.getLogger(__name__)
 
-BASE_FILE = "BASE"
+BASE_FILE = "BASE"  # a one-line file naming the base model
 SOURCE_KIND = "dropin"
 
 
@@ -25,7 +25,9 @@ class DropinResult:
     skipped: dict[str, str]  # folder -> reason
 
 
-def _base_for(registry: Registry, folder: Path) -> str:
+def base_for(registry: Registry, folder: Path) -> str:
+    """The registry name of the base an adapter folder names (BASE file, else
+    adapter_config.json's base_model_name_or_path)."""
     sidecar = folder / BASE_FILE
     if sidecar.is_file():
         named = sidecar.read_text(encoding="utf-8").strip().splitlines()
@@ -44,7 +46,7 @@ def _base_for(registry: Registry, folder: Path) -> str:
     return record.name.display()
 
 
-def _same_adapter(registry: Registry, name: ModelName, folder: Path, base: str) -> bool:
+def same_adapter(registry: Registry, name: ModelName, folder: Path, base: str) -> bool:
     """True when ``name`` already holds exactly this folder's files on this base."""
     from .blobs import sha256_file
     from .manifest import MT_ADAPTER_FILE
@@ -76,7 +78,7 @@ def register_dropins(registry: Registry, directory: Path | None) -> DropinResult
             continue
         try:
             name = ModelName.parse(folder.name)
-            base = _base_for(registry, folder)
+            base = base_for(registry, folder)
             existing = registry.resolve(name)
             if existing is not None:
                 record = registry.get(existing)
@@ -85,7 +87,7 @@ def register_dropins(registry: Registry, directory: Path | None) -> DropinResult
                         f"a model named '{name.display()}' already exists "
                         "and is not from this folder"
                     )
-                if _same_adapter(registry, existing, folder, base):
+                if same_adapter(registry, existing, folder, base):
                     result.unchanged.append(name.display())
                     continue
             import_adapter_dir(
