@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the daemon", description="Start the daemon.")
     add_settings_flags(serve)
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="run as replicas on Ray Serve behind one ingress routed by model (needs the `ray` "
+        "extra; a local Ray cluster unless RAY_ADDRESS names one)",
+    )
+    serve.add_argument(
+        "--replicas", type=int, default=1, help="with --ray: how many daemon replicas [1]"
+    )
 
     run = sub.add_parser("run", help="chat with a model, or answer one prompt")
     run.add_argument("model")
@@ -292,6 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.command == "serve" and args.ray:
+            from .serve_ray import serve_ray
+
+            overrides = {
+                field: getattr(args, field)
+                for field in Settings.model_fields
+                if getattr(args, field, None) is not None
+            }
+            return serve_ray(settings_from(args), args.replicas, overrides)
         if args.command == "serve":
             from .server import serve
 

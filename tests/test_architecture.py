@@ -70,7 +70,8 @@ ALLOWED: dict[str, set[str]] = {
         "training",
         "units",
     },
-    "cli": {"__init__", "commands", "server", "settings", "units"},
+    "serve_ray": {"api", "app", "settings"},  # Ray Serve replicas of the app; ray imported lazily
+    "cli": {"__init__", "commands", "serve_ray", "server", "settings", "units"},
     "__main__": {"cli"},
 }
 

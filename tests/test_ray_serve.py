@@ -1,0 +1,164 @@
+"""Replicas on Ray Serve (serve_ray.py): a local Ray cluster on loopback, two CPU replicas of
+the real app on the tiny llama and two adapters, requests through Serve's HTTP proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ollama_compact_server.registry.importers import import_adapter_dir, import_hf_dir
+from ollama_compact_server.registry.store import Registry
+from ollama_compact_server.serve_ray import REPLICA_HEADER, model_of
+from tests.conftest import serve_app
+from tests.factory import make_lora_adapter
+
+ray = pytest.importorskip("ray")  # the `ray` extra; CI's dev extra installs it
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "stream": True}
+OPTIONS = {"temperature": 0, "num_predict": 8, "repeat_penalty": 1.0}
+
+
+def test_model_of_reads_the_body() -> None:
+    assert model_of("POST", b'{"model": "tiny", "prompt": "x"}') == "tiny"
+    assert model_of("POST", b'{"name": "poet"}') == "poet"
+    assert model_of("POST", b"not json") == ""
+    assert model_of("GET", b"") == ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Registry:
+    root = tmp_path_factory.mktemp("ray")
+    registry = Registry(root / "registry")
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    for name, seed in (("pirate", 1), ("poet", 2)):
+        adapter = make_lora_adapter(tiny_models["llama"], root / name, seed=seed, base_name="tiny")
+        import_adapter_dir(registry, adapter, name, "tiny")
+    return registry
+
+
+@pytest.fixture(scope="module")
+def cluster(registry: Registry) -> Iterator[str]:
+    from ray import serve
+
+    from ollama_compact_server.serve_ray import build_app
+
+    port = free_port()
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        num_cpus=3,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}},
+        log_to_driver=False,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        overrides = {
+            "models": str(registry.root),
+            "adapters": None,
+            "import_default": False,
+            "device": "cpu",
+        }
+        serve.run(
+            build_app(2, overrides, replica_cpus=1.0), name="ocs", route_prefix="/", blocking=False
+        )
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=120) as client:
+            import time
+
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if client.get("/api/tags").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError("Serve did not come up")
+                time.sleep(1)
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.ray
+async def test_dialects_stream_through_and_match_the_plain_app(
+    cluster: str, registry: Registry
+) -> None:
+    async with serve_app(registry) as served:
+        plain_ollama = await served.raw.post(
+            "/api/chat", json={"model": "pirate", **CHAT, "options": OPTIONS}
+        )
+        plain_openai = await served.raw.post(
+            "/v1/chat/completions",
+            json={"model": "poet", **CHAT, "temperature": 0, "max_tokens": 8},
+        )
+    expected_ollama = "".join(
+        json.loads(line)["message"]["content"] for line in plain_ollama.text.splitlines()
+    )
+
+    async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
+        async with client.stream(
+            "POST", "/api/chat", json={"model": "pirate", **CHAT, "options": OPTIONS}
+        ) as r:
+            assert r.status_code == 200, await r.aread()
+            assert r.headers["content-type"].startswith("application/x-ndjson")
+            assert r.headers[REPLICA_HEADER]
+            lines = [json.loads(line) async for line in r.aiter_lines() if line]
+        assert len(lines) > 2 and lines[-1]["done"]
+        assert "".join(line["message"]["content"] for line in lines) == expected_ollama
+
+        r = await client.post(
+            "/v1/chat/completions",
+            json={"model": "poet", **CHAT, "temperature": 0, "max_tokens": 8},
+        )
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.text == plain_openai.text or _sse_content(r.text) == _sse_content(
+            plain_openai.text
+        )
+
+        tags = await client.get("/api/tags")
+        assert {m["name"].split(":")[0] for m in tags.json()["models"]} >= {
+            "tiny",
+            "pirate",
+            "poet",
+        }
+
+
+def _sse_content(text: str) -> str:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                out.append(choice.get("delta", {}).get("content") or "")
+    return "".join(out)
+
+
+@pytest.mark.ray
+async def test_requests_for_a_model_keep_their_replica(cluster: str) -> None:
+    async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
+        seen: dict[str, set[str]] = {}
+        for _ in range(4):
+            for model in ("pirate", "tiny"):
+                r = await client.post(
+                    "/api/generate",
+                    json={"model": model, "prompt": "Hi", "stream": False, "options": OPTIONS},
+                )
+                assert r.status_code == 200, r.text
+                seen.setdefault(model, set()).add(r.headers[REPLICA_HEADER])
+        assert all(len(replicas) == 1 for replicas in seen.values()), seen
