@@ -162,3 +162,83 @@ async def test_requests_for_a_model_keep_their_replica(cluster: str) -> None:
                 assert r.status_code == 200, r.text
                 seen.setdefault(model, set()).add(r.headers[REPLICA_HEADER])
         assert all(len(replicas) == 1 for replicas in seen.values()), seen
+
+
+async def test_closing_the_stream_cancels_the_asgi_call() -> None:
+    """A client gone (the ingress closes its stream) cancels the request on its replica: the
+    generator stops and the app's call is cancelled, not left running."""
+    import asyncio
+
+    from ollama_compact_server.serve_ray import ReplicaServer
+
+    cancelled = asyncio.Event()
+
+    async def endless(scope: dict, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"x\n", "more_body": True})  # type: ignore[operator]
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    server = object.__new__(ReplicaServer)
+    server.app = endless  # type: ignore[assignment]
+    server.replica_id = "r1"
+    server._lifespan = object()  # type: ignore[assignment]  # started
+    server._started = asyncio.Lock()
+    request = {
+        "method": "POST",
+        "path": "/api/chat",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1")],
+        "body": b"{}",
+        "client": ["127.0.0.1", 1],
+        "server": None,
+    }
+    stream = server.call(request)
+    head = await stream.__anext__()
+    assert head["status"] == 200 and (b"x-ocs-replica", b"r1") in head["headers"]
+    assert await stream.__anext__() == b"x\n"
+    await stream.aclose()
+    await asyncio.wait_for(cancelled.wait(), 5)
+
+
+@pytest.mark.ray
+async def test_a_killed_replica_is_replaced(cluster: str) -> None:
+    """Runs last: kills one replica's actor; Serve starts another and requests succeed."""
+    import asyncio
+
+    from ray.util import list_named_actors
+
+    async def ask(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post(
+            "/api/generate",
+            json={"model": "tiny", "prompt": "Hi", "stream": False, "options": OPTIONS},
+        )
+
+    names = [
+        a["name"]
+        for a in list_named_actors(all_namespaces=True)
+        if "Replica" in a["name"] and "SERVE_REPLICA" in a["name"]
+    ]
+    assert len(names) == 2, names
+    victim = ray.get_actor(names[0], namespace="serve")
+    ray.kill(victim, no_restart=True)
+    async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while True:
+            live = [
+                a["name"]
+                for a in list_named_actors(all_namespaces=True)
+                if "Replica" in a["name"] and "SERVE_REPLICA" in a["name"]
+            ]
+            if len(live) == 2 and names[0] not in live:
+                break
+            assert loop.time() < deadline, live
+            await asyncio.sleep(1)
+        for _ in range(3):
+            r = await ask(client)
+            assert r.status_code == 200, r.text
