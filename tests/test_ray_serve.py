@@ -118,8 +118,10 @@ async def test_dialects_stream_through_and_match_the_plain_app(
             assert r.status_code == 200, await r.aread()
             assert r.headers["content-type"].startswith("application/x-ndjson")
             assert r.headers[REPLICA_HEADER]
-            lines = [json.loads(line) async for line in r.aiter_lines() if line]
+            raw = [chunk async for chunk in r.aiter_raw() if chunk]
+        lines = [json.loads(line) for line in b"".join(raw).splitlines() if line]
         assert len(lines) > 2 and lines[-1]["done"]
+        assert len(raw) > 1  # streamed through in pieces, not buffered into one body
         assert "".join(line["message"]["content"] for line in lines) == expected_ollama
 
         r = await client.post(
@@ -128,6 +130,7 @@ async def test_dialects_stream_through_and_match_the_plain_app(
         )
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.text.rstrip().endswith("data: [DONE]")
         assert r.text == plain_openai.text or _sse_content(r.text) == _sse_content(
             plain_openai.text
         )
