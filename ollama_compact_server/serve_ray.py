@@ -257,8 +257,9 @@ def build_app(
 def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> int:
     """``ollama-compact serve --ray``: a local Ray cluster (or ``RAY_ADDRESS``'s), the
     application on Serve's proxy bound like the daemon (127.0.0.1:11434 by default)."""
+    import signal
     import sys
-    import time
+    import threading
 
     from .api.guard import is_loopback_host
 
@@ -289,11 +290,12 @@ def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> i
     serve.start(http_options={"host": address.host, "port": address.port})
     serve.run(build_app(replicas, overrides), name="ollama-compact", route_prefix="/")
     log.info("Ray Serve: %d replicas listening on %s", replicas, address.url)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both end the cluster this command started
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(1):
+            pass
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -135,6 +135,8 @@ async def test_dialects_stream_through_and_match_the_plain_app(
             plain_openai.text
         )
 
+        # Host passes through unchanged: the app's own guard answers on the replica
+        assert (await client.get("/api/tags", headers={"Host": "evil.example"})).status_code == 403
         tags = await client.get("/api/tags")
         assert {m["name"].split(":")[0] for m in tags.json()["models"]} >= {
             "tiny",
