@@ -156,7 +156,19 @@ def _sse_content(text: str) -> str:
 
 @pytest.mark.ray
 async def test_requests_for_a_model_keep_their_replica(cluster: str) -> None:
+    """Once a replica has loaded a model and reported it (Serve pushes a replica's model ids to
+    the routers asynchronously: a second request right after the first may not know yet),
+    that model's requests stay on it."""
+    import asyncio
+
     async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
+        for model in ("pirate", "tiny"):
+            r = await client.post(
+                "/api/generate",
+                json={"model": model, "prompt": "Hi", "stream": False, "options": OPTIONS},
+            )
+            assert r.status_code == 200, r.text
+        await asyncio.sleep(3)
         seen: dict[str, set[str]] = {}
         for _ in range(4):
             for model in ("pirate", "tiny"):
