@@ -94,6 +94,10 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int) -> uvicor
         access_log=False,
         lifespan="on",
         http=protocol_class(settings.header_timeout),
+        # asyncio's own loop and no websockets whatever else is installed (ray[serve] brings
+        # uvloop and websockets): the daemon behaves the same with or without the extras
+        loop="asyncio",
+        ws="none",
         limit_concurrency=settings.max_connections,
     )
 
