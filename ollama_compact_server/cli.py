@@ -304,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve" and args.ray:
             from .serve_ray import serve_ray
 
+            if args.replicas < 1:
+                parser.error("--replicas must be at least 1")
+
             overrides = {
                 field: getattr(args, field)
                 for field in Settings.model_fields
