@@ -261,18 +261,12 @@ def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> i
     import sys
     import threading
 
-    from .api.guard import is_loopback_host
+    from .server import open_bind_refusal
 
     address = settings.address
-    if (
-        not is_loopback_host(address.host)
-        and settings.api_key is None
-        and not settings.insecure_no_auth
-    ):
-        print(
-            f"Error: refusing to listen on {address.host} without OCS_API_KEY (as the daemon).",
-            file=sys.stderr,
-        )
+    refusal = open_bind_refusal(settings)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
     try:
         import ray

@@ -39,22 +39,29 @@ class _ProgressPrinter:
             self.last = line
 
 
+def open_bind_refusal(settings: Settings) -> str | None:
+    """Why the daemon (or its Ray Serve ingress) must not listen where settings say: a
+    non-loopback address without OCS_API_KEY; None when it may."""
+    from .api.guard import is_loopback_host
+
+    address = settings.address
+    if is_loopback_host(address.host) or settings.api_key is not None:
+        return None
+    if settings.insecure_no_auth:
+        return None
+    return (
+        f"Error: refusing to listen on {address.host} without OCS_API_KEY: anyone who can "
+        "reach it could use and change your models. Set OCS_API_KEY, or "
+        "OCS_INSECURE_NO_AUTH=true if the network is trusted."
+    )
+
+
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_json)
     address = settings.address
-    from .api.guard import is_loopback_host
-
-    if (
-        not is_loopback_host(address.host)
-        and settings.api_key is None
-        and not settings.insecure_no_auth
-    ):
-        print(
-            f"Error: refusing to listen on {address.host} without OCS_API_KEY: anyone who can "
-            "reach it could use and change your models. Set OCS_API_KEY, or "
-            "OCS_INSECURE_NO_AUTH=true if the network is trusted.",
-            file=sys.stderr,
-        )
+    refusal = open_bind_refusal(settings)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
     registry = Registry(settings.models)
     try:

@@ -70,7 +70,7 @@ ALLOWED: dict[str, set[str]] = {
         "training",
         "units",
     },
-    "serve_ray": {"api", "app", "settings"},  # Ray Serve replicas of the app; ray imported lazily
+    "serve_ray": {"api", "app", "server", "settings"},  # Ray Serve replicas; ray lazily
     "cli": {"__init__", "commands", "serve_ray", "server", "settings", "units"},
     "__main__": {"cli"},
 }

@@ -8,33 +8,26 @@ function svgEl(tag, attrs = {}) {
   return node;
 }
 
-// A line chart of numbers (or null gaps) into a new <svg class="chart">. Options: min / max
-// of the y axis (default: 0 and the data's top), format(value) for the axis labels, label
-// (the chart's accessible name), xLabel (text under the right end, e.g. "step 120").
-export function lineChart(values, { min, max, format = (v) => String(v), label = "", xLabel = "" } = {}) {
-  const width = 300;
-  const height = 120;
-  const left = 36;
-  const bottom = 14;
-  const top = 6;
-  const svg = svgEl("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label, preserveAspectRatio: "none" });
-  const numbers = values.filter((v) => typeof v === "number" && Number.isFinite(v));
-  const low = min ?? Math.min(0, ...numbers);
-  let high = max ?? Math.max(...numbers, low + 1e-9);
-  if (high <= low) high = low + 1;
-  const x = (i) => left + (values.length > 1 ? (i / (values.length - 1)) * (width - left - 4) : 0);
-  const y = (v) => top + (1 - (v - low) / (high - low)) * (height - top - bottom);
-  svg.append(svgEl("line", { class: "axis", x1: left, y1: height - bottom, x2: width, y2: height - bottom }));
-  for (const [v, dy] of [[high, 8], [low, 0]]) {
-    const text = svgEl("text", { x: left - 4, y: y(v) + (dy ? 4 : -1), "text-anchor": "end" });
-    text.textContent = format(v);
-    svg.append(text);
-  }
-  if (xLabel) {
-    const text = svgEl("text", { x: width - 2, y: height - 2, "text-anchor": "end" });
-    text.textContent = xLabel;
-    svg.append(text);
-  }
+// the drawing area of every chart, in viewBox units
+const WIDTH = 300;
+const HEIGHT = 120;
+const LEFT = 36; // room for the y labels
+const BOTTOM = 14; // room for the x label
+const TOP = 6;
+
+const finite = (values) => values.filter((v) => typeof v === "number" && Number.isFinite(v));
+
+// The x and y of value v at index i of n, on a y axis from low to high.
+function scale(n, low, high) {
+  return {
+    x: (i) => LEFT + (n > 1 ? (i / (n - 1)) * (WIDTH - LEFT - 4) : 0),
+    y: (v) => TOP + (1 - (v - low) / (high - low)) * (HEIGHT - TOP - BOTTOM),
+  };
+}
+
+// An SVG path's d for values (null and NaN leave gaps), clamped to [low, high]; "" if empty.
+function linePath(values, low, high) {
+  const { x, y } = scale(values.length, low, high);
   let path = "";
   let pen = false;
   values.forEach((v, i) => {
@@ -45,6 +38,31 @@ export function lineChart(values, { min, max, format = (v) => String(v), label =
     path += `${pen ? "L" : "M"}${x(i).toFixed(1)},${y(Math.min(Math.max(v, low), high)).toFixed(1)}`;
     pen = true;
   });
+  return path;
+}
+
+// A line chart of numbers (or null gaps) into a new <svg class="chart">. Options: min / max
+// of the y axis (default: 0 and the data's top), format(value) for the axis labels, label
+// (the chart's accessible name), xLabel (text under the right end, e.g. "step 120").
+export function lineChart(values, { min, max, format = (v) => String(v), label = "", xLabel = "" } = {}) {
+  const svg = svgEl("svg", { class: "chart", viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img", "aria-label": label, preserveAspectRatio: "none" });
+  const numbers = finite(values);
+  const low = min ?? Math.min(0, ...numbers);
+  let high = max ?? Math.max(...numbers, low + 1e-9);
+  if (high <= low) high = low + 1;
+  const { y } = scale(values.length, low, high);
+  svg.append(svgEl("line", { class: "axis", x1: LEFT, y1: HEIGHT - BOTTOM, x2: WIDTH, y2: HEIGHT - BOTTOM }));
+  for (const [v, dy] of [[high, 8], [low, 0]]) {
+    const text = svgEl("text", { x: LEFT - 4, y: y(v) + (dy ? 4 : -1), "text-anchor": "end" });
+    text.textContent = format(v);
+    svg.append(text);
+  }
+  if (xLabel) {
+    const text = svgEl("text", { x: WIDTH - 2, y: HEIGHT - 2, "text-anchor": "end" });
+    text.textContent = xLabel;
+    svg.append(text);
+  }
+  const path = linePath(values, low, high);
   if (path) {
     svg.append(svgEl("path", { class: "line", d: path, "vector-effect": "non-scaling-stroke" }));
   }
@@ -78,32 +96,15 @@ export function bars(rows, { format = (v) => String(v) } = {}) {
 // Several lines on one scale: series is [{values, className}] (each path gets the classes
 // "line" and className, so CSS colours it); options as lineChart's.
 export function multiLineChart(series, { min, max, format = (v) => String(v), label = "", xLabel = "" } = {}) {
-  const all = series.flatMap((s) => s.values);
-  const top = max ?? Math.max(0, ...all.filter((v) => typeof v === "number" && Number.isFinite(v)));
-  const svg = lineChart(series[0]?.values || [], { min, max: top, format, label, xLabel });
+  const all = finite(series.flatMap((s) => s.values));
+  const low = min ?? Math.min(0, ...all);
+  let high = max ?? Math.max(0, ...all);
+  if (high <= low) high = low + 1;
+  const svg = lineChart(series[0]?.values || [], { min: low, max: high, format, label, xLabel });
   const base = svg.querySelector("path.line");
   if (base && series[0]?.className) base.classList.add(series[0].className);
-  const width = 300;
-  const height = 120;
-  const left = 36;
-  const bottom = 14;
-  const upper = 6;
-  const low = min ?? Math.min(0, ...all.filter((v) => typeof v === "number" && Number.isFinite(v)));
-  let high = top;
-  if (high <= low) high = low + 1;
   for (const { values, className } of series.slice(1)) {
-    const x = (i) => left + (values.length > 1 ? (i / (values.length - 1)) * (width - left - 4) : 0);
-    const y = (v) => upper + (1 - (v - low) / (high - low)) * (height - upper - bottom);
-    let path = "";
-    let pen = false;
-    values.forEach((v, i) => {
-      if (typeof v !== "number" || !Number.isFinite(v)) {
-        pen = false;
-        return;
-      }
-      path += `${pen ? "L" : "M"}${x(i).toFixed(1)},${y(Math.min(Math.max(v, low), high)).toFixed(1)}`;
-      pen = true;
-    });
+    const path = linePath(values, low, high);
     if (path) svg.append(svgEl("path", { class: `line ${className || ""}`.trim(), d: path, "vector-effect": "non-scaling-stroke" }));
   }
   return svg;
