@@ -162,7 +162,7 @@ async def test_mixed_types_decode_together_and_equal_solo_and_peft(
         real = runner.decode
         steps: list[list[int]] = []
 
-        def decode(slots, tokens, positions, loras=None):
+        def decode(slots, tokens, positions, loras=None, offsets=None):
             steps.append(list(loras or []))
             return real(slots, tokens, positions, loras)
 

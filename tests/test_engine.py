@@ -236,7 +236,7 @@ async def test_a_failing_request_fails_alone(engine: LocalEngine) -> None:
     real = runner.decode
     poisoned = 77  # only the bad request (a 77-token prompt) decodes at this position
 
-    def decode(slots, tokens, positions, loras=None):
+    def decode(slots, tokens, positions, loras=None, offsets=None):
         if poisoned in positions:
             raise RuntimeError("injected fault")
         return real(slots, tokens, positions, loras)
@@ -342,13 +342,13 @@ async def test_a_long_prompt_delays_a_running_stream_by_one_chunk_at_most(
     real = runner.forward
     steps: list[tuple[str, int]] = []  # ("decode", 1 if the stream is in it) / ("prefill", n)
 
-    def forward(slots, input_ids, positions, length, keep=1, loras=None, step=False):
+    def forward(slots, input_ids, positions, length, keep=1, loras=None, step=False, **media):
         if step:
             mine = any(len(stream) <= int(p) < len(long_prompt) for p in positions.view(-1))
             steps.append(("decode", int(mine)))
         else:
             steps.append(("prefill", int((positions != junk).sum())))
-        return real(slots, input_ids, positions, length, keep, loras, step)
+        return real(slots, input_ids, positions, length, keep, loras, step, **media)
 
     runner.forward = forward  # type: ignore[method-assign]
     try:

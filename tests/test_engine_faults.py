@@ -125,7 +125,7 @@ async def test_a_row_of_bad_logits_gives_finite_tokens(engine, poison: float) ->
     bad_prompts = [list(range(300, 377)), list(range(300, 390))]  # unique positions >= 77
     hits = {"n": 0}
 
-    def decode(slots, tokens, positions, loras=None):
+    def decode(slots, tokens, positions, loras=None, offsets=None):
         logits = real(slots, tokens, positions, loras).clone()
         for row, position in enumerate(positions):
             if position >= 77:
@@ -173,7 +173,7 @@ async def test_a_forward_fault_is_pinned_on_the_row_that_causes_it(engine, where
     if where == "decode":  # decode(slots, tokens, positions, loras)
         bad_prompt = list(range(300, 400))  # the only request reaching position 90
 
-        def faulty(slots, tokens, positions, loras=None):
+        def faulty(slots, tokens, positions, loras=None, offsets=None):
             if any(p >= 90 for p in positions):
                 raise ValueError("injected decode fault")
             return real(slots, tokens, positions, loras)
@@ -181,7 +181,7 @@ async def test_a_forward_fault_is_pinned_on_the_row_that_causes_it(engine, where
     else:  # prefill_batch(slots, prompts, loras, starts): short, beside a short good one
         bad_prompt = list(range(395, 400))
 
-        def faulty(slots, prompts, loras=None, starts=None):  # type: ignore[misc]
+        def faulty(slots, prompts, loras=None, starts=None, media=None):  # type: ignore[misc]
             if any(399 in p for p in prompts):
                 raise ValueError("injected prefill fault")
             return real(slots, prompts, loras, starts)

@@ -159,7 +159,7 @@ async def test_out_of_memory_preempts_the_youngest_and_resumes_it(
         real = runner.decode
         state = {"ooms": 0}
 
-        def decode(slots, tokens, positions, loras=None):
+        def decode(slots, tokens, positions, loras=None, offsets=None):
             if len(slots) > 2:  # "memory" holds only two rows
                 state["ooms"] += 1
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
@@ -203,7 +203,7 @@ async def test_seeded_sampling_survives_preemption(tiny_models: dict[str, Path])
         real = runner.decode
         calls = {"n": 0}
 
-        def decode(slots, tokens, positions, loras=None):
+        def decode(slots, tokens, positions, loras=None, offsets=None):
             calls["n"] += 1
             if len(slots) > 1 and calls["n"] % 5 == 0:
                 raise RuntimeError("out of memory (injected)")

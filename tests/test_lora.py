@@ -329,7 +329,7 @@ async def test_prefill_out_of_memory_preempts_without_decoding_the_preempted(
         real = runner.prefill_batch
         fired = []
 
-        def prefill_batch(slots, prompts, loras=None, starts=None):
+        def prefill_batch(slots, prompts, loras=None, starts=None, media=None):
             if not fired and engine.device_loop.workers["tiny:latest"].scheduler.running:
                 fired.append(1)
                 raise torch.OutOfMemoryError("injected")
@@ -461,7 +461,7 @@ async def test_different_adapters_and_the_base_decode_in_one_step(
         real = runner.decode
         steps: list[list[int]] = []
 
-        def decode(slots, tokens, positions, loras=None):
+        def decode(slots, tokens, positions, loras=None, offsets=None):
             steps.append(list(loras or []))
             return real(slots, tokens, positions, loras)
 

@@ -242,6 +242,13 @@ class DeviceLoop:
             load_time=load_time,
             adapter=item.adapter,
         )
+        if request.images:
+            try:
+                seq.media = worker.runner.media_for(request.prompt_ids, request.images)
+            except ValueError as exc:  # never into the loop: the request's own 400
+                message = f'"{request.model}" cannot take these images: {exc}'
+                item.mailbox.put(error_event(message, 400))
+                return
         if request.constraint is not None:  # built by the engine front (engine/local.py)
             seq.constraint = request.constraint
         elif params.json_schema is not None:

@@ -11,7 +11,10 @@ import torch
 
 from ..modeling.compact import CompactModel, compact_for
 from ..modeling.lora import LoraBank
+from ..modeling.vision import VisionFamily, text_config, vision_family
 from .kv import KVShape, SlotKVCache
+from .sequence import Media, image_key
+from .types import ImageInput
 
 # architectures whose every layer attends within config.sliding_window when it is set
 # (transformers' Mistral and Phi-3 masks); others name their sliding layers in layer_types
@@ -38,7 +41,13 @@ class ModelRunner:
         compact: bool = True,
     ) -> None:
         self.model = model
-        self.config = model.config
+        self.config = text_config(model.config)  # the language model's
+        architectures = list(getattr(model.config, "architectures", None) or [""])
+        self.vision: VisionFamily | None = (
+            vision_family(architectures[0], model.config)
+            if hasattr(model.config, "vision_config")
+            else None
+        )
         self.device = device
         self.dtype = dtype
         self.lora: LoraBank | None = None  # adapter slots, made on the first adapter request
@@ -100,15 +109,19 @@ class ModelRunner:
         keep: int = 1,
         loras: list[int] | None = None,
         step: bool = False,
+        embeds: torch.Tensor | None = None,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [B, q]; attends over ``length`` cached positions; returns
         the last column's logits [B, V]. ``loras``: each row's adapter slot (-1: none);
-        ``step``: a decode step (see CompactModel.forward)."""
+        ``step``: a decode step (see CompactModel.forward). A prompt with images comes as
+        ``embeds`` [B, q, hidden] (its images' embeddings in place), and for an M-RoPE model
+        with its rotary positions ``rope`` ([3, B, q] or [B, q]; ``positions`` stay the cache's)."""
         self.cache.bind(slots, positions, length)
         if self.lora is not None:
             self.lora.select(loras)
         try:
-            if self.compact is not None:
+            if self.compact is not None and embeds is None and rope is None:
                 logits = self.compact.forward(
                     input_ids,
                     positions,
@@ -119,8 +132,9 @@ class ModelRunner:
                 )
                 return logits[:, -1, :] if keep == 1 else logits
             out = self.model(
-                input_ids=input_ids,
-                position_ids=positions,
+                input_ids=input_ids if embeds is None else None,
+                inputs_embeds=embeds,
+                position_ids=positions if rope is None else rope,
                 attention_mask=self._masks(positions, length),
                 past_key_values=self.cache,
                 use_cache=True,
@@ -137,10 +151,18 @@ class ModelRunner:
         tokens: list[int],
         positions: list[int],
         loras: list[int] | None = None,
+        offsets: list[int] | None = None,
     ) -> torch.Tensor:
+        """One token per row at its position; ``offsets``: an M-RoPE model's rotary offset
+        per row (a prompt with images moves every later position; none: all 0)."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
-        return self.forward(slots, ids, pos, max(positions) + 1, loras=loras, step=True)
+        rope = None
+        if offsets is not None and any(offsets):
+            rope = pos + torch.tensor(offsets, dtype=torch.long, device=self.device).view(-1, 1)
+        return self.forward(
+            slots, ids, pos, max(positions) + 1, loras=loras, step=rope is None, rope=rope
+        )
 
     def prefill(
         self,
@@ -149,15 +171,19 @@ class ModelRunner:
         start: int,
         all_logits: bool = False,
         lora: int = -1,
+        media: Media | None = None,
     ) -> torch.Tensor:
         """A chunk of one sequence's prompt, written at positions start.. ; returns the last
         position's logits [1, V], or every position's [q, V] with ``all_logits``."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
         pos = torch.arange(start, start + len(tokens), device=self.device).view(1, -1)
         length = start + len(tokens)
-        if all_logits:
-            return self.forward([slot], ids, pos, length, keep=0, loras=[lora])[0]
-        return self.forward([slot], ids, pos, length, loras=[lora])
+        embeds, rope = self._media(ids, [start], [media]) if media is not None else (None, None)
+        keep = 0 if all_logits else 1
+        logits = self.forward(
+            [slot], ids, pos, length, keep=keep, loras=[lora], embeds=embeds, rope=rope
+        )
+        return logits[0] if all_logits else logits
 
     def prefill_batch(
         self,
@@ -165,16 +191,20 @@ class ModelRunner:
         prompts: list[list[int]],
         loras: list[int] | None = None,
         starts: list[int] | None = None,
+        media: list[Media | None] | None = None,
     ) -> torch.Tensor:
         """Prompts of several sequences in one forward, left-padded so every row's last
         column is its last prompt token; row i's tokens go at positions starts[i].. (0: a
         fresh prompt; more: the rest of a prompt whose beginning was already cached). Pad
         columns get the position ``capacity - 1``: their cache writes land where no real
         query looks (that position is rewritten before any sequence can attend to it) and
-        their outputs are unused."""
+        their outputs are unused. ``media``: each row's images (None: text only)."""
         starts = starts or [0] * len(prompts)
+        media = media or [None] * len(prompts)
         if len(prompts) == 1:
-            return self.prefill(slots[0], prompts[0], starts[0], lora=loras[0] if loras else -1)
+            return self.prefill(
+                slots[0], prompts[0], starts[0], lora=loras[0] if loras else -1, media=media[0]
+            )
         width = max(len(p) for p in prompts)
         junk = self.cache.capacity - 1
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -184,4 +214,92 @@ class ModelRunner:
             ids[row, pad:] = torch.tensor(prompt, dtype=torch.long)
             pos[row, pad:] = torch.arange(start, start + len(prompt))
         length = max(start + len(p) for p, start in zip(prompts, starts))
-        return self.forward(slots, ids.to(self.device), pos.to(self.device), length, loras=loras)
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        embeds, rope = None, None
+        if any(m is not None for m in media):
+            # a row's first column sits at its start, whatever its left padding
+            firsts = [start - (width - len(p)) for p, start in zip(prompts, starts)]
+            embeds, rope = self._media(ids, firsts, media)
+        return self.forward(slots, ids, pos, length, loras=loras, embeds=embeds, rope=rope)
+
+    # ------------------------------------------------------------ images
+
+    def _media(
+        self, ids: torch.Tensor, firsts: list[int], media: list[Media | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Input embeddings for ids [B, q] with the images' embeddings in place, and for an
+        M-RoPE model the rotary positions [3, B, q]; row i's column c is prompt position
+        firsts[i] + c (columns before 0 are padding)."""
+        vision = self.vision
+        if vision is None:
+            raise ValueError("this model does not take images")
+        self._encode([m for m in media if m is not None and m.features is None])
+        embeds = self.model.get_input_embeddings()(ids)  # [B, q, hidden]
+        width = ids.shape[1]
+        rope = None
+        if vision.mrope:
+            columns = torch.arange(width, device=self.device)
+            rope = (torch.tensor(firsts, device=self.device).view(-1, 1) + columns).clamp(min=0)
+            rope = rope.unsqueeze(0).repeat(3, 1, 1)  # [3, B, q]
+        for row, item in enumerate(media):
+            if item is None:
+                continue
+            first = firsts[row]
+            for image, features in zip(item.images, item.features or []):
+                # the columns of this row that hold the image's positions
+                low = max(image.start, first)
+                high = min(image.start + image.length, first + width)
+                if low < high:
+                    rows = features[low - image.start : high - image.start]
+                    embeds[row, low - first : high - first] = rows.to(embeds.dtype)
+            if rope is not None and item.rope is not None:
+                prompt = item.rope.shape[1]
+                low, high = max(first, 0), first + width
+                inside = min(high, prompt)
+                if low < inside:
+                    rope[:, row, low - first : inside - first] = item.rope[:, low:inside]
+                if high > max(prompt, low):  # generated tokens, fed again after a preemption
+                    start = max(prompt, low)
+                    rope[:, row, start - first :] += item.delta
+        return embeds, rope
+
+    def _encode(self, waiting: list[Media]) -> None:
+        """The embeddings of every image of these prompts, one encoder pass for all."""
+        vision = self.vision
+        if not waiting or vision is None:
+            return
+        images = [image for item in waiting for image in item.images]
+        with torch.inference_mode():
+            features = vision.encode(self.model, [image.pixels for image in images])
+        at = 0
+        for item in waiting:
+            item.features = features[at : at + len(item.images)]
+            at += len(item.images)
+            for image, made in zip(item.images, item.features):
+                if made.shape[0] != image.length:
+                    raise ValueError(
+                        f"an image gave {made.shape[0]} embeddings for {image.length} positions"
+                    )
+
+    def media_for(self, prompt: list[int], images: list[ImageInput]) -> Media:
+        """A prompt's images checked against its placeholders, with the cache's key and an
+        M-RoPE model's positions. Raises ValueError for a prompt that does not match."""
+        vision = self.vision
+        if vision is None:
+            raise ValueError("this model does not take images")
+        end = 0
+        for image in images:
+            span = prompt[image.start : image.start + image.length]
+            if image.start < end or image.length < 1 or len(span) != image.length:
+                raise ValueError("an image's placeholder positions are out of order or range")
+            if any(token != vision.image_token for token in span):
+                raise ValueError("an image's positions do not hold its placeholder tokens")
+            end = image.start + image.length
+        if sum(image.length for image in images) != prompt.count(vision.image_token):
+            raise ValueError("the prompt has image placeholders without an image")
+        media = Media(images, image_key(prompt, images))
+        if vision.mrope:
+            grids = [image.pixels["image_grid_thw"] for image in images]
+            rope, media.delta = vision.positions(self.model, prompt, grids)
+            media.rope = rope.to(self.device)
+        return media

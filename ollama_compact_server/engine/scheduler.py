@@ -111,7 +111,7 @@ class Scheduler:
         if wants_prompt_scores(seq):
             return NO_REUSE
         running = [(s.slot, s.held(), s.adapter_key) for s in self.by_slot.values() if s.cached > 0]
-        return self.prefix.find(seq.prefill_ids, seq.adapter_key, running)
+        return self.prefix.find(seq.prefill_key, seq.adapter_key, running)
 
     def _admit_many(self, ready: list[Sequence], plan: StepPlan) -> None:
         budget = self.prefill_chunk

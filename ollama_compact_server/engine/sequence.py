@@ -15,7 +15,33 @@ from .constraint import GuidedTokenizer, JsonConstraint
 from .detok import Detokenizer, StopMatcher
 from .mailbox import Mailbox
 from .sampler import RowState
-from .types import GenerateRequest, TokenLogprob
+from .types import GenerateRequest, ImageInput, TokenLogprob
+
+
+@dataclass(slots=True)
+class Media:
+    """A prompt's images on their way through prefill. ``key`` is the prompt with each
+    image's placeholder positions replaced by negative ids drawn from the image's digest,
+    so the prefix cache matches images by content, never by their identical placeholders.
+    The embeddings are made on first need, one encoder pass for all the prompt's images;
+    an M-RoPE model's rotary positions for the prompt (``rope``: [3, L]) and the offset of
+    every later position (``delta``) come with them."""
+
+    images: list[ImageInput]
+    key: list[int]
+    features: list[torch.Tensor] | None = None
+    rope: torch.Tensor | None = None
+    delta: int = 0
+
+
+def image_key(prompt: list[int], images: list[ImageInput]) -> list[int]:
+    """The prompt as the prefix cache compares it (see Media)."""
+    key = list(prompt)
+    for image in images:
+        base = int(image.digest[:15], 16)
+        for offset in range(image.length):
+            key[image.start + offset] = -1 - ((base + offset) % (1 << 62))
+    return key
 
 
 @dataclass(slots=True)
@@ -45,6 +71,16 @@ class Sequence:
     constraint: JsonConstraint | None = None  # structured output
     prompt_scores: list[TokenLogprob | None] | None = None  # prompt logprobs, when asked
     carry: torch.Tensor | None = None  # last prompt chunk's final logits (for the next chunk)
+    media: Media | None = None  # the prompt's images, for a vision model
+
+    @property
+    def key(self) -> list[int]:
+        """The prompt as the prefix cache compares it (images by their digests)."""
+        return self.media.key if self.media is not None else self.request.prompt_ids
+
+    @property
+    def prefill_key(self) -> list[int]:
+        return self.key if not self.generated else self.key + self.generated[:-1]
 
     @property
     def prompt(self) -> list[int]:
@@ -66,10 +102,11 @@ class Sequence:
         return self.adapter.key if self.adapter is not None else ""
 
     def held(self) -> list[int]:
-        """The tokens whose K/V this sequence's slot holds (positions 0..cached-1)."""
+        """The tokens whose K/V this sequence's slot holds (positions 0..cached-1), images
+        as their keys."""
         if self.cached <= len(self.prompt):
-            return self.prompt[: self.cached]
-        return (self.prompt + self.generated)[: self.cached]
+            return self.key[: self.cached]
+        return (self.key + self.generated)[: self.cached]
 
 
 @dataclass

@@ -119,6 +119,17 @@ class SamplingParams:
 
 
 @dataclass(slots=True)
+class ImageInput:
+    """One image of a prompt, made ready for the model's vision encoder: its embeddings fill
+    the prompt positions start .. start + length - 1 (placeholder tokens there)."""
+
+    digest: str  # sha256 of the image's bytes: the prefix cache keys its positions on it
+    start: int
+    length: int
+    pixels: dict[str, Any]  # the processor's tensors for this image (the family's names)
+
+
+@dataclass(slots=True)
 class GenerateRequest:
     request_id: str
     model: str
@@ -127,6 +138,7 @@ class GenerateRequest:
     keep_alive: KeepAlive = DEFAULT
     # structured output's JsonConstraint, built by the engine front off the device thread
     constraint: Any = None
+    images: list[ImageInput] = field(default_factory=list)  # in prompt order
 
 
 TokenLogprob = tuple[int, float, list[tuple[int, float]]]

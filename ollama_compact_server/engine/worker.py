@@ -137,6 +137,7 @@ class ModelWorker:
                 [s.prefill_ids[s.prefilled :] for s in rows],
                 [s.lora for s in rows],
                 [s.prefilled for s in rows],
+                [s.media for s in rows],
             )
 
         self._run(
@@ -168,9 +169,11 @@ class ModelWorker:
 
         def forward(rows: list[Sequence]) -> torch.Tensor:
             if not scoring:
-                return self.runner.prefill(seq.slot, chunk, seq.prefilled, lora=seq.lora)
+                return self.runner.prefill(
+                    seq.slot, chunk, seq.prefilled, lora=seq.lora, media=seq.media
+                )
             every = self.runner.prefill(
-                seq.slot, chunk, seq.prefilled, all_logits=True, lora=seq.lora
+                seq.slot, chunk, seq.prefilled, all_logits=True, lora=seq.lora, media=seq.media
             )
             self.post.score_prompt(seq, chunk, every)
             return every[-1:]
@@ -204,6 +207,7 @@ class ModelWorker:
                 [s.generated[-1] for s in rows],
                 [s.position for s in rows],
                 [s.lora for s in rows],
+                [s.media.delta if s.media is not None else 0 for s in rows],
             )
 
         def done(rows: list[Sequence], logits: torch.Tensor, elapsed: float) -> None:

@@ -223,8 +223,9 @@ def _derive(
         MT_MESSAGES: json.dumps(spec.messages).encode() if spec.messages is not None else None,
     }
     config = source.config.model_copy(deep=True)
-    if spec.template is not None:
-        config.capabilities = capabilities_for(spec.template)
+    if spec.template is not None:  # a new template: what it offers; vision stays the model's
+        keep = ["vision"] if "vision" in config.capabilities else []
+        config.capabilities = capabilities_for(spec.template) + keep
     if inherit is not None:
         config.parent_model = inherit.name.display()
     with registry.transaction() as txn:

@@ -23,7 +23,14 @@ def _transformers() -> Any:
     on a cold daemon) can fail with "cannot import name 'AutoTokenizer'"."""
     with _IMPORTS:
         import transformers
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        from transformers import (  # noqa: F401
+            AutoConfig,
+            AutoImageProcessor,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            AutoTokenizer,
+        )
 
         return transformers
 
@@ -49,13 +56,19 @@ def load_causal_lm(
     registry: Registry, record: ModelRecord, dtype: Any = None, *, dequantize: bool = False
 ) -> Any:
     """A transformers causal LM for a registry model (an adapter model loads its base plus
-    the adapter through peft). ``dequantize`` expands a compressed model to plain float
-    modules (for workflows that need float weights)."""
-    auto_model = _transformers().AutoModelForCausalLM
+    the adapter through peft; a vision model, its vision tower too). ``dequantize``
+    expands a compressed model to plain float modules (for workflows that need float
+    weights)."""
     base = (
         registry.get(record.config.base_model)
         if record.is_adapter and record.config.base_model
         else record
+    )
+    library = _transformers()
+    auto_model = (
+        library.AutoModelForImageTextToText
+        if "vision" in base.config.capabilities
+        else library.AutoModelForCausalLM
     )
     model: Any
     with model_dir(registry, base) as directory:
@@ -90,6 +103,23 @@ def load_causal_lm(
                 model = PeftModel.from_pretrained(model, directory, config=config)
     model.eval()
     return model
+
+
+def load_vision(registry: Registry, record: ModelRecord) -> Any:
+    """A vision model's family (modeling/vision.py) with its image processor, made from
+    preprocessor_config.json on transformers' Pillow backend (serving images must not need
+    torchvision). None for a model without the vision capability."""
+    from .vision import vision_family
+
+    if "vision" not in record.config.capabilities:
+        return None
+    library = _transformers()
+    with model_dir(registry, record) as directory:
+        config = library.AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        processor = library.AutoImageProcessor.from_pretrained(
+            directory, backend="pil", trust_remote_code=False
+        )
+    return vision_family(record.config.architecture, config, processor)
 
 
 def load_encoder(registry: Registry, record: ModelRecord, dtype: Any = None) -> Any:

@@ -47,6 +47,14 @@ HF_FILES = {
     "vocab.txt",
     "chat_template.jinja",
     "chat_template.json",
+    "preprocessor_config.json",  # a vision model's image processor
+    "processor_config.json",
+}
+# vision-language architectures the engine serves images for (modeling/vision.py), by family
+VISION_ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+    "LlavaForConditionalGeneration": "llava",
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_JSON_BYTES = 64 << 20
@@ -309,6 +317,13 @@ def import_hf_dir(
         parent_model=parent_model,
         quantization=quantization,
     )
+    if model_config.architecture in VISION_ARCHITECTURES:
+        if not (directory / "preprocessor_config.json").is_file():
+            raise InvalidModel(
+                f"{model_config.architecture} is a vision model, but the folder has no "
+                "preprocessor_config.json (its image processor's settings)"
+            )
+        model_config.capabilities.append("vision")
     embedding = embedding_info(directory, config)
     if embedding is not None:
         model_config.embedding = embedding

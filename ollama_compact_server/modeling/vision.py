@@ -1,0 +1,107 @@
+"""Vision-language families: what each needs to turn a decoded picture into the tensors its
+vision encoder takes and a count of placeholder tokens (off the device thread, in the chat
+layer), and, on the device, the encoder run over several images at once and the positions
+its language model rotates by. The language model itself runs as any other (runner.py).
+
+A family is chosen from the model's recorded architecture, never guessed: Qwen2-VL and
+Qwen2.5-VL (patches merged 2x2, 3-D rotary positions), LLaVA 1.5 (a CLIP tower and a
+projector, a fixed number of tokens per image, plain positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..registry.importers import VISION_ARCHITECTURES
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One picture made ready for a family's encoder (on the CPU, off the event loop)."""
+
+    pixels: dict[str, torch.Tensor]  # the processor's tensors for this image alone
+    length: int  # placeholder tokens it fills in the prompt
+
+
+class VisionFamily:
+    """What the engine and the chat layer need from one vision-language family."""
+
+    mrope = False  # rotary positions are [3, L] (temporal, height, width), not [L]
+
+    def __init__(self, config: Any, processor: Any = None) -> None:
+        self.config = config
+        self.processor = processor  # the image processor (chat layer side only)
+        token = getattr(config, "image_token_id", None)
+        if token is None:
+            token = getattr(config, "image_token_index", None)
+        if token is None:
+            raise ValueError("the model's config names no image token")
+        self.image_token = int(token)
+
+    def prepare(self, processor: Any, image: Any) -> Prepared:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each image's embeddings [length, hidden], one encoder pass for all of them."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def positions(self, model: Any, ids: list[int], grids: list[Any]) -> tuple[torch.Tensor, int]:
+        """A prompt's rotary positions [3, L] and the offset of every later position (its
+        text index plus the offset); only for families with ``mrope``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+def backbone(model: Any) -> Any:
+    """The transformers model under peft's wrapper, if any."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class Qwen2VL(VisionFamily):
+    """Qwen2-VL / Qwen2.5-VL: the processor cuts an image into 14-pixel patches (two
+    frames deep), the tower merges each 2x2 group into one token."""
+
+    mrope = True
+
+    def prepare(self, processor: Any, image: Any) -> Prepared:
+        out = processor(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"]  # [1, 3]
+        merge = int(self.config.vision_config.spatial_merge_size)
+        length = int(grid.prod()) // (merge * merge)
+        return Prepared({"pixel_values": out["pixel_values"], "image_grid_thw": grid}, length)
+
+    def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        inner = backbone(model).model
+        pixels = torch.cat([i["pixel_values"] for i in images])
+        grids = torch.cat([i["image_grid_thw"] for i in images])
+        out = inner.get_image_features(
+            pixels.to(inner.visual.device), grids.to(inner.visual.device), return_dict=True
+        )
+        return list(out.pooler_output)
+
+    def positions(self, model: Any, ids: list[int], grids: list[Any]) -> tuple[torch.Tensor, int]:
+        inner = backbone(model).model
+        tokens = torch.tensor([ids], dtype=torch.long)
+        types = (tokens == self.image_token).int()
+        grid = torch.cat(grids) if grids else None
+        positions, delta = inner.get_rope_index(tokens, types, image_grid_thw=grid)
+        return positions[:, 0, :], int(delta.view(-1)[0])
+
+
+FAMILIES: dict[str, type[VisionFamily]] = {"qwen2_vl": Qwen2VL}
+
+
+def vision_family(architecture: str, config: Any, processor: Any = None) -> VisionFamily | None:
+    """The family of a recorded architecture (None: not a vision model we serve)."""
+    name = VISION_ARCHITECTURES.get(architecture)
+    family = FAMILIES.get(name or "")
+    return family(config, processor) if family is not None else None
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config (vision-language configs nest it)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config

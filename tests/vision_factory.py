@@ -1,0 +1,185 @@
+"""Offline factory for tiny random-weight vision-language models (issue 16).
+
+Like tests/factory.py: nothing touches the network; the tokenizer is factory.py's byte-level
+BPE with the family's image tokens added as special tokens, the weights are random and
+seeded, everything is safetensors. Each model directory also holds the image processor's
+``preprocessor_config.json`` and a chat template close to the family's real one, so it
+imports through the registry like a checkpoint from the Hub.
+
+* :func:`make_tiny_qwen2_vl` -- ``Qwen2VLForConditionalGeneration`` (M-RoPE, merged
+  patches; images up to ``max_pixels`` become a few dozen tokens).
+* :func:`make_tiny_llava` -- ``LlavaForConditionalGeneration`` (a CLIP vision tower, a
+  projector and a Llama language model; a fixed number of tokens per image).
+* :func:`make_image` -- a deterministic RGB picture as PIL image or encoded bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+from os import PathLike
+from typing import Any
+
+from tests.factory import END_OF_TURN, SPECIAL_TOKENS, _reinit_, make_tokenizer
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = (
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+)
+
+# Qwen2-VL's own template, shortened (no video, no vision ids): images are content parts.
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAVA_IMAGE = "<image>"
+# LLaVA 1.5's template as transformers ships it (USER: <image>\n... ASSISTANT:)
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _tokenizer(extra: list[str], template: str) -> Any:
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS[4:], *extra]})
+    tok.chat_template = template
+    return tok
+
+
+def _save(model: Any, tok: Any, out: pathlib.Path, preprocessor: dict[str, Any]) -> None:
+    from transformers import GenerationConfig
+
+    end_of_turn = tok.convert_tokens_to_ids(END_OF_TURN)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, end_of_turn],
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+
+
+def make_tiny_qwen2_vl(
+    path: str | PathLike[str], seed: int = 0, *, hidden_size: int = 64, num_layers: int = 2
+) -> pathlib.Path:
+    """A tiny Qwen2-VL directory: 4 heads of 16 dims (M-RoPE sections 2/3/3), a 2-block
+    vision tower of width 32 with 14-pixel patches merged 2x2, images resized to at most
+    112x112 pixels (16 tokens)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(
+        [IM_START, IM_END, VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD], QWEN2_VL_TEMPLATE
+    )
+    heads = 4
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+            },
+            "tie_word_embeddings": True,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden_size,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
+        video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
+        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
+        tie_word_embeddings=True,
+        architectures=["Qwen2VLForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    _reinit_(model, torch.Generator().manual_seed(seed), std=0.5)
+    _save(
+        model,
+        tok,
+        out,
+        {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2VLProcessor",
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+            "rescale_factor": 1 / 255,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "min_pixels": 56 * 56,
+            "max_pixels": 112 * 112,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+        },
+    )
+    return out
+
+
+def make_image(width: int = 64, height: int = 48, seed: int = 0, fmt: str | None = "PNG") -> Any:
+    """A deterministic picture: smooth gradients plus seeded noise, so different seeds give
+    visibly different images. ``fmt``: encoded bytes in that format; None: the PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack(
+        [x * 255 / max(1, width - 1), y * 255 / max(1, height - 1), (x + y) % 256], axis=-1
+    )
+    noise = rng.integers(0, 64, size=(height, width, 3))
+    pixels = ((base + noise) % 256).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if fmt is None:
+        return image
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
