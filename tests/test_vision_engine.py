@@ -29,7 +29,7 @@ from ollama_compact_server.engine.types import (
     SamplingParams,
 )
 from ollama_compact_server.modeling.vision import VisionFamily, vision_family
-from tests.vision_factory import make_image, make_tiny_qwen2_vl
+from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl
 
 _ids = itertools.count()
 CONFIG = EngineConfig(
@@ -48,28 +48,31 @@ def picture(seed: int, width: int = 112, height: int = 112) -> Picture:
     return Picture(Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha256(data).hexdigest())
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2-vl") / "model")
+MAKERS = {"qwen2_vl": make_tiny_qwen2_vl, "llava": make_tiny_llava}
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return MAKERS[request.param](tmp_path_factory.mktemp(request.param) / "model")
 
 
 @pytest.fixture(scope="module")
-def family(qwen2_vl: Path) -> VisionFamily:
+def family(model_dir: Path) -> VisionFamily:
     from transformers import AutoConfig, AutoImageProcessor
 
-    config = AutoConfig.from_pretrained(qwen2_vl)
-    processor = AutoImageProcessor.from_pretrained(qwen2_vl, backend="pil")
-    found = vision_family("Qwen2VLForConditionalGeneration", config, processor)
+    config = AutoConfig.from_pretrained(model_dir)
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    found = vision_family(config.architectures[0], config, processor)
     assert found is not None
     return found
 
 
 @pytest.fixture(scope="module")
-def loaded(qwen2_vl: Path) -> LoadedModel:
+def loaded(model_dir: Path) -> LoadedModel:
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    model = AutoModelForImageTextToText.from_pretrained(qwen2_vl).eval()
-    return LoadedModel(model, AutoTokenizer.from_pretrained(qwen2_vl), stop_ids=set())
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(model_dir), stop_ids=set())
 
 
 @pytest.fixture
@@ -96,11 +99,9 @@ def reference(loaded: LoadedModel, ids: list[int], images: list[ImageInput], n: 
     tokens = torch.tensor([ids])
     extra: dict[str, Any] = {}
     if images:
-        extra = {
-            "pixel_values": torch.cat([i.pixels["pixel_values"] for i in images]),
-            "image_grid_thw": torch.cat([i.pixels["image_grid_thw"] for i in images]),
-            "mm_token_type_ids": (tokens == loaded.model.config.image_token_id).int(),
-        }
+        extra = {k: torch.cat([i.pixels[k] for i in images]) for k in images[0].pixels}
+        if "image_grid_thw" in extra:  # Qwen2-VL's generate wants the token types too
+            extra["mm_token_type_ids"] = (tokens == loaded.model.config.image_token_id).int()
     out = loaded.model.generate(
         input_ids=tokens,
         attention_mask=torch.ones_like(tokens),
@@ -132,6 +133,7 @@ async def test_an_image_prompt_equals_transformers_generate(
 ) -> None:
     ids, images = prompt(loaded, family, "What is in this picture?", [picture(1)])
     assert images[0].length == 16 and len(ids) > CONFIG.prefill_chunk  # spans prefill chunks
+    assert images[0].start % CONFIG.prefill_chunk != 0  # and an image spans two chunks
     tokens, final = await generate(engine, ids, images)
     assert tokens == reference(loaded, ids, images, 12)
     assert final.prompt_tokens == len(ids)
@@ -142,7 +144,8 @@ async def test_two_images_in_one_prompt(
 ) -> None:
     pics = [picture(2), picture(3, 168, 84)]
     ids, images = prompt(loaded, family, "Compare them.", pics)
-    assert [i.length for i in images] == [16, 10]  # 168x84 resizes to 168x56: 12x4 patches
+    # Qwen2-VL: 168x84 resizes to 168x56, 12x4 patches; LLaVA: a 56x56 crop of each
+    assert [i.length for i in images] == ([16, 10] if family.mrope else [16, 16])
     tokens, _ = await generate(engine, ids, images)
     assert tokens == reference(loaded, ids, images, 12)
 

@@ -183,3 +183,73 @@ def make_image(width: int = 64, height: int = 48, seed: int = 0, fmt: str | None
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def make_tiny_llava(
+    path: str | PathLike[str], seed: int = 0, *, hidden_size: int = 64, num_layers: int = 2
+) -> pathlib.Path:
+    """A tiny LLaVA 1.5 directory: a 2-layer CLIP tower of width 32 over 56x56 crops in
+    14-pixel patches (16 tokens per image, the CLS token dropped as LLaVA's "default"
+    strategy does), a two-layer projector, and a Llama language model."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer([LLAVA_IMAGE], LLAVA_TEMPLATE)
+    config = LlavaConfig(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+            "projection_dim": 32,
+        },
+        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        architectures=["LlavaForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    _reinit_(model, torch.Generator().manual_seed(seed), std=0.5)
+    _save(
+        model,
+        tok,
+        out,
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "processor_class": "LlavaProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": 56},
+            "do_center_crop": True,
+            "crop_size": {"height": 56, "width": 56},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_convert_rgb": True,
+            "resample": 3,
+        },
+    )
+    return out

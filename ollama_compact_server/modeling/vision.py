@@ -91,7 +91,33 @@ class Qwen2VL(VisionFamily):
         return positions[:, 0, :], int(delta.view(-1)[0])
 
 
-FAMILIES: dict[str, type[VisionFamily]] = {"qwen2_vl": Qwen2VL}
+class Llava(VisionFamily):
+    """LLaVA 1.5: a CLIP tower over a fixed-size crop, a projector into the language
+    model; one token per patch (and the CLS token with the "full" strategy)."""
+
+    def prepare(self, processor: Any, image: Any) -> Prepared:
+        pixels = processor(images=[image], return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
+        patch = int(self.config.vision_config.patch_size)
+        length = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+        if self.config.vision_feature_select_strategy == "full":
+            length += 1
+        return Prepared({"pixel_values": pixels}, length)
+
+    def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        inner = backbone(model).model
+        device = inner.multi_modal_projector.linear_1.weight.device
+        dtype = inner.multi_modal_projector.linear_1.weight.dtype
+        pixels = torch.cat([i["pixel_values"] for i in images]).to(device, dtype)
+        out = inner.get_image_features(
+            pixel_values=pixels,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return list(out.pooler_output)
+
+
+FAMILIES: dict[str, type[VisionFamily]] = {"qwen2_vl": Qwen2VL, "llava": Llava}
 
 
 def vision_family(architecture: str, config: Any, processor: Any = None) -> VisionFamily | None:
