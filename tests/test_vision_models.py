@@ -1,0 +1,96 @@
+"""Vision models in the registry and the daemon (issue 16): Qwen2-VL and LLaVA folders import
+with their image processor and the ``vision`` capability, a vision folder without its
+processor settings is refused, and a vision model answers text-only requests like any other
+(the same greedy tokens as transformers' generate)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from asgi_lifespan import LifespanManager
+
+from ollama_compact_server.app import create_app
+from ollama_compact_server.modeling.loader import load_causal_lm, load_vision
+from ollama_compact_server.registry.errors import InvalidModel
+from ollama_compact_server.registry.importers import import_hf_dir
+from ollama_compact_server.registry.store import Registry
+from ollama_compact_server.settings import Settings
+from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl
+
+MAKERS = {"qwen2_vl": make_tiny_qwen2_vl, "llava": make_tiny_llava}
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def vision_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return MAKERS[request.param](tmp_path_factory.mktemp(request.param) / "model")
+
+
+def test_a_vision_folder_imports_with_its_processor(registry: Registry, vision_dir: Path) -> None:
+    record = import_hf_dir(registry, vision_dir, "vl")
+    assert "vision" in record.config.capabilities and "completion" in record.config.capabilities
+    assert "preprocessor_config.json" in record.manifest.files()
+    vision = load_vision(registry, record)
+    assert vision is not None and vision.processor is not None
+    prepared = vision.prepare(vision.processor, make_image(fmt=None))
+    assert prepared.length > 0
+    model = load_causal_lm(registry, record)
+    assert type(model).__name__ == record.config.architecture
+
+
+def test_a_vision_folder_without_its_processor_settings_is_refused(
+    registry: Registry, vision_dir: Path, tmp_path: Path
+) -> None:
+    copy = shutil.copytree(vision_dir, tmp_path / "copy")
+    (copy / "preprocessor_config.json").unlink()
+    with pytest.raises(InvalidModel, match=r"preprocessor_config\.json"):
+        import_hf_dir(registry, copy, "vl")
+    assert registry.models() == []
+
+
+@pytest.fixture
+async def client(tmp_path: Path, registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app in float32, so replies compare with transformers' to the token."""
+    settings = Settings(
+        models=registry.root, adapters=tmp_path / "adapters", import_default=False, dtype="float32"
+    )
+    app = create_app(settings, registry=registry)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:11434") as c:
+            yield c
+
+
+async def test_a_vision_model_answers_text_like_transformers(
+    client: httpx.AsyncClient, registry: Registry, vision_dir: Path
+) -> None:
+    record = import_hf_dir(registry, vision_dir, "vl")
+    show = (await client.post("/api/show", json={"model": "vl"})).json()
+    assert "vision" in show["capabilities"]
+    prompt = "Once upon a time"
+    r = await client.post(
+        "/api/generate",
+        json={
+            "model": "vl",
+            "prompt": prompt,
+            "raw": True,
+            "stream": False,
+            "options": {"temperature": 0, "num_predict": 8, "repeat_penalty": 1.0},
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(vision_dir)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    model = load_causal_lm(registry, record)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+    )
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert body["response"] == expected and body["eval_count"] == 8
