@@ -6,6 +6,7 @@ images apart by content; a prompt whose placeholders do not match its images is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import itertools
@@ -48,7 +49,11 @@ def picture(seed: int, width: int = 112, height: int = 112) -> Picture:
     return Picture(Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha256(data).hexdigest())
 
 
-MAKERS = {"qwen2_vl": make_tiny_qwen2_vl, "llava": make_tiny_llava}
+MAKERS = {
+    "qwen2_vl": make_tiny_qwen2_vl,
+    "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
+    "llava": make_tiny_llava,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))

@@ -5,6 +5,7 @@ processor settings is refused, and a vision model answers text-only requests lik
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,11 @@ from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
 from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl
 
-MAKERS = {"qwen2_vl": make_tiny_qwen2_vl, "llava": make_tiny_llava}
+MAKERS = {
+    "qwen2_vl": make_tiny_qwen2_vl,
+    "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
+    "llava": make_tiny_llava,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))

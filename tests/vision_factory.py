@@ -6,8 +6,8 @@ seeded, everything is safetensors. Each model directory also holds the image pro
 ``preprocessor_config.json`` and a chat template close to the family's real one, so it
 imports through the registry like a checkpoint from the Hub.
 
-* :func:`make_tiny_qwen2_vl` -- ``Qwen2VLForConditionalGeneration`` (M-RoPE, merged
-  patches; images up to ``max_pixels`` become a few dozen tokens).
+* :func:`make_tiny_qwen2_vl` -- ``Qwen2VLForConditionalGeneration`` or Qwen2.5-VL's (M-RoPE,
+  merged patches; images up to ``max_pixels`` become a few dozen tokens).
 * :func:`make_tiny_llava` -- ``LlavaForConditionalGeneration`` (a CLIP vision tower, a
   projector and a Llama language model; a fixed number of tokens per image).
 * :func:`make_image` -- a deterministic RGB picture as PIL image or encoded bytes.
@@ -85,13 +85,46 @@ def _save(model: Any, tok: Any, out: pathlib.Path, preprocessor: dict[str, Any])
 
 
 def make_tiny_qwen2_vl(
-    path: str | PathLike[str], seed: int = 0, *, hidden_size: int = 64, num_layers: int = 2
+    path: str | PathLike[str],
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    version: str = "2",
 ) -> pathlib.Path:
-    """A tiny Qwen2-VL directory: 4 heads of 16 dims (M-RoPE sections 2/3/3), a 2-block
+    """A tiny Qwen2-VL directory (``version`` "2.5": Qwen2.5-VL, whose tower attends in
+    windows but for its last block): 4 heads of 16 dims (M-RoPE sections 2/3/3), a 2-block
     vision tower of width 32 with 14-pixel patches merged 2x2, images resized to at most
     112x112 pixels (16 tokens)."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    later = version == "2.5"
+    vision: dict[str, Any] = {
+        "depth": 2,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if later:
+        vision |= {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": hidden_size,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+    else:
+        vision |= {"embed_dim": 32, "hidden_size": hidden_size, "mlp_ratio": 2}
+    config_class = Qwen2_5_VLConfig if later else Qwen2VLConfig
+    model_class = Qwen2_5_VLForConditionalGeneration if later else Qwen2VLForConditionalGeneration
 
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +132,7 @@ def make_tiny_qwen2_vl(
         [IM_START, IM_END, VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD], QWEN2_VL_TEMPLATE
     )
     heads = 4
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config={
             "vocab_size": len(tok),
             "hidden_size": hidden_size,
@@ -119,26 +152,16 @@ def make_tiny_qwen2_vl(
             "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id,
         },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": hidden_size,
-            "mlp_ratio": 2,
-            "num_heads": 2,
-            "in_channels": 3,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
         video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
         vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
         vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
         tie_word_embeddings=True,
-        architectures=["Qwen2VLForConditionalGeneration"],
+        architectures=[model_class.__name__],
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    model = model_class(config).to(torch.float32).eval()
     _reinit_(model, torch.Generator().manual_seed(seed), std=0.5)
     _save(
         model,
@@ -146,7 +169,7 @@ def make_tiny_qwen2_vl(
         out,
         {
             "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor",
+            "processor_class": "Qwen2_5_VLProcessor" if later else "Qwen2VLProcessor",
             "do_resize": True,
             "do_rescale": True,
             "do_normalize": True,
