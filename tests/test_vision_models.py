@@ -5,6 +5,7 @@ processor settings is refused, and a vision model answers text-only requests lik
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import shutil
 from collections.abc import AsyncIterator
@@ -16,11 +17,18 @@ import torch
 from asgi_lifespan import LifespanManager
 
 from ollama_compact_server.app import create_app
-from ollama_compact_server.modeling.loader import load_causal_lm, load_vision
+from ollama_compact_server.engine.config import ModelSource
+from ollama_compact_server.engine.local import LocalEngine
+from ollama_compact_server.engine.loop import DeviceLoop
+from ollama_compact_server.engine.sequence import LoadedModel
+from ollama_compact_server.jobs.compressing import compress_registry_model
+from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer, load_vision
 from ollama_compact_server.registry.errors import InvalidModel
 from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
+from tests.test_vision_engine import CONFIG, generate, picture, reference
+from tests.test_vision_engine import prompt as render
 from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl
 
 MAKERS = {
@@ -99,3 +107,48 @@ async def test_a_vision_model_answers_text_like_transformers(
     )
     expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert body["response"] == expected and body["eval_count"] == 8
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_compressed_vision_model_keeps_its_tower_and_answers_images(
+    registry: Registry, vision_dir: Path, scheme: str
+) -> None:
+    """Compression applies to the language model only; the compressed model serves image
+    requests through the engine: with int8, exactly as transformers runs the same modules;
+    with int4 (whose CPU kernels quantize activations, so last-bit differences of attention
+    between our cache and transformers' round differently: see docs/PERFORMANCE.md on
+    batch invariance) the picture steers the reply."""
+    import_hf_dir(registry, vision_dir, "vl")
+    record = compress_registry_model(registry, "vl", f"vl:{scheme}", scheme)
+    modules = record.config.quantization
+    assert modules is not None and modules.scheme == scheme
+    model = load_causal_lm(registry, record, dtype=torch.float32)
+    compressed = {
+        n
+        for n, m in model.named_modules()
+        if type(m).__name__.endswith("Linear") and type(m).__name__ != "Linear"
+    }
+    assert compressed and all("language_model" in n or n == "lm_head" for n in compressed)
+    towers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert towers and all("language_model" not in n for n in towers)
+    vision = load_vision(registry, record)
+    loaded = LoadedModel(model, load_tokenizer(registry, record), stop_ids=set())
+    ids, images = render(loaded, vision, "What is in this picture?", [picture(11)])
+    other_ids, other = render(loaded, vision, "What is in this picture?", [picture(12)])
+
+    async def run() -> list[list[int]]:
+        loop = DeviceLoop(CONFIG, ModelSource(lambda name: loaded))
+        loop.start()
+        try:
+            engine = LocalEngine(loop)
+            return [
+                (await generate(engine, i, im, 8))[0]
+                for i, im in ((ids, images), (other_ids, other))
+            ]
+        finally:
+            loop.stop()
+
+    replies = asyncio.run(run())
+    if scheme == "int8":
+        assert replies[0] == reference(loaded, ids, images, 8)
+    assert len(replies[0]) == 8 and replies[0] != replies[1]

@@ -52,11 +52,26 @@ def _noop(status: str, completed: int | None = None, total: int | None = None) -
     return None
 
 
+def language_modules(model: nn.Module) -> set[int]:
+    """The modules of a vision-language model's language model (ids); every module of a
+    text model. A vision tower and its projector stay as they are: the encoder's weights
+    are a small share of the model and its features are sensitive to rounding."""
+    inner = getattr(model, "model", None)
+    language = getattr(inner, "language_model", None)
+    if getattr(getattr(model, "config", None), "vision_config", None) is None:
+        return {id(m) for m in model.modules()}
+    if not isinstance(language, nn.Module):
+        raise SchemeError("this vision model's language model cannot be told from its tower")
+    return {id(m) for m in language.modules()}
+
+
 def find_targets(model: nn.Module) -> tuple[list[Target], str | None]:
-    """The compressible modules, and the head's name when it is tied to the embedding."""
+    """The compressible modules (of the language model only, for a vision-language
+    model), and the head's name when it is tied to the embedding."""
     embed = model.get_input_embeddings()  # type: ignore[operator]
     head = model.get_output_embeddings()  # type: ignore[operator]
     names = {id(m): n for n, m in model.named_modules()}
+    language = language_modules(model)
     head_name = names.get(id(head)) if head is not None else None
     tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
     targets = [
@@ -69,7 +84,7 @@ def find_targets(model: nn.Module) -> tuple[list[Target], str | None]:
         )
     ]
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
+        if isinstance(module, nn.Linear) and module is not head and id(module) in language:
             targets.append(Target(name, module.weight, module.bias, energy_from=name))
     if head is not None and not tied and head_name:
         targets.append(Target(head_name, head.weight, head.bias, energy_from=head_name))

@@ -532,13 +532,20 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _materialize_buffers(model: nn.Module) -> None:
     """Non-persistent buffers (rotary frequencies) left on meta: computed by the model's
     own initialiser, as transformers does for missing keys."""
-    init = getattr(model, "_init_weights", None)
+    # each module is initialised by its own model's initialiser (a vision-language model's
+    # CLIP tower knows its position ids, the outer model does not)
+    owners: dict[int, Any] = {}
+    for part in model.modules():
+        if callable(getattr(part, "_init_weights", None)):
+            owners.update({id(m): part for m in part.modules()})
     for module in model.modules():
         metas = {n: b for n, b in module.named_buffers(recurse=False) if b.is_meta}
         if not metas:
             continue
         for n, b in metas.items():
             module._buffers[n] = torch.empty_like(b, device="cpu")
+        owner = owners.get(id(module))
+        init = getattr(owner, "_init_weights", None)
         if init is not None:
             # the initialiser also re-draws the module's weights (an embedding with a scale
             # buffer): keep the loaded ones
@@ -550,11 +557,20 @@ def _materialize_buffers(model: nn.Module) -> None:
                 setattr(module, n, p)
 
 
+def auto_class(config: Any) -> Any:
+    """transformers' auto class for a config: image-text-to-text for a vision model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if getattr(config, "vision_config", None) is not None:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
     """A transformers causal LM built on meta from ``config.json``, its compressed modules
     swapped in and every tensor taken from ``model.safetensors`` as stored."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cpu_kernels.get()  # built (once) here, on the loader thread, not in the first forward
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
@@ -565,7 +581,7 @@ def load_compressed(directory: Path, dtype: torch.dtype) -> nn.Module:
         specs = specs_from(json.loads(metadata[MODULES_KEY]))
         tensors = {key: _aligned(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
+        model = auto_class(config).from_config(
             config, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa"
         )
     embed_name = _embedding_name(model)
@@ -615,7 +631,7 @@ def load_dequantized(directory: Path, dtype: torch.dtype) -> nn.Module:
     are exactly what the compressed modules compute with), for workflows that need float
     weights: compressing an imported GGUF model with another scheme, merging an adapter."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
@@ -641,7 +657,7 @@ def load_dequantized(directory: Path, dtype: torch.dtype) -> nn.Module:
             state.update({f"{name}.{k}": v.to(dtype) for k, v in module.state_dict().items()})
     state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
+        model = auto_class(config).from_config(
             config, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa"
         )
     _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
