@@ -10,6 +10,7 @@ import functools
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,15 +22,16 @@ from ollama_compact_server.engine.config import ModelSource
 from ollama_compact_server.engine.local import LocalEngine
 from ollama_compact_server.engine.loop import DeviceLoop
 from ollama_compact_server.engine.sequence import LoadedModel
+from ollama_compact_server.engine.types import GenerateRequest, SamplingParams
 from ollama_compact_server.jobs.compressing import compress_registry_model
 from ollama_compact_server.modeling.loader import load_causal_lm, load_tokenizer, load_vision
 from ollama_compact_server.registry.errors import InvalidModel
-from ollama_compact_server.registry.importers import import_hf_dir
+from ollama_compact_server.registry.importers import import_adapter_dir, import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
 from tests.test_vision_engine import CONFIG, generate, picture, reference
 from tests.test_vision_engine import prompt as render
-from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl
+from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl, make_vision_lora
 
 MAKERS = {
     "qwen2_vl": make_tiny_qwen2_vl,
@@ -152,3 +154,60 @@ def test_a_compressed_vision_model_keeps_its_tower_and_answers_images(
     if scheme == "int8":
         assert replies[0] == reference(loaded, ids, images, 8)
     assert len(replies[0]) == 8 and replies[0] != replies[1]
+
+
+LANGUAGE_ONLY = r".*language_model.*\.(q_proj|v_proj)"
+
+
+async def test_a_lora_adapter_on_a_vision_model_answers_images_as_peft(
+    registry: Registry, vision_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter on the language model serves image requests through the engine with
+    peft's greedy tokens; the base, beside it, keeps its own."""
+    from peft import PeftModel
+
+    adapter = make_vision_lora(vision_dir, tmp_path / "lora", LANGUAGE_ONLY)
+    import_hf_dir(registry, vision_dir, "vl")
+    import_adapter_dir(registry, adapter, "vl-lora", "vl")
+    settings = Settings(
+        models=registry.root, adapters=tmp_path / "adapters", import_default=False, dtype="float32"
+    )
+    record = registry.get("vl")
+    vision = load_vision(registry, record)
+    base = load_causal_lm(registry, record, dtype=torch.float32)
+    loaded = LoadedModel(base, load_tokenizer(registry, record), stop_ids=set())
+    ids, images = render(loaded, vision, "What is in this picture?", [picture(13)])
+    expected_base = reference(loaded, ids, images, 8)
+    tuned = PeftModel.from_pretrained(base, adapter).eval()
+    expected = reference(LoadedModel(tuned, loaded.tokenizer, set()), ids, images, 8)
+    assert expected != expected_base
+    app = create_app(settings, registry=registry)
+    async with LifespanManager(app):
+        engine = app.state.engine
+        both = await asyncio.gather(
+            collect(engine, "vl-lora:latest", ids, images),
+            collect(engine, "vl:latest", ids, images),
+        )
+    assert both == [expected, expected_base]
+
+
+def test_an_adapter_on_the_vision_tower_is_refused(
+    registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """LLaVA's CLIP tower has q_proj / v_proj too: a LoRA on every q_proj touches it, and
+    only language-model adapters are served."""
+    model = make_tiny_llava(tmp_path_factory.mktemp("llava-tower") / "model")
+    adapter = make_vision_lora(model, tmp_path_factory.mktemp("tower") / "lora", ["q_proj"])
+    import_hf_dir(registry, model, "vl")
+    with pytest.raises(InvalidModel, match="vision tower"):
+        import_adapter_dir(registry, adapter, "vl-lora", "vl")
+    assert [r.name.display() for r in registry.models()] == ["vl:latest"]
+
+
+async def collect(engine: Any, model: str, ids: list[int], images: list[Any]) -> list[int]:
+    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=8)
+    request = GenerateRequest(f"lora-{model}", model, ids, params, images=images)
+    tokens: list[int] = []
+    async for event in engine.generate(request):
+        tokens += event.token_ids
+    return tokens

@@ -276,3 +276,32 @@ def make_tiny_llava(
         },
     )
     return out
+
+
+def make_vision_lora(
+    model_dir: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    target_modules: list[str] | str,
+    *,
+    r: int = 4,
+    seed: int = 0,
+) -> pathlib.Path:
+    """A peft LoRA adapter for a vision-language model (seeded random A and B, large enough
+    to change its greedy replies); ``target_modules`` as peft takes it (names or a regex)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False
+    )
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    out = pathlib.Path(out_dir)
+    model.save_pretrained(out)
+    return out

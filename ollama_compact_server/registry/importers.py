@@ -366,6 +366,34 @@ def _add_text_layers(
 # ---------------------------------------------------------------------------- PEFT adapters
 
 
+# A vision-language checkpoint keeps its original layout on disk; transformers 5 names the
+# modules at run time (and peft names adapter weights) as below. Pairs: (disk, run time).
+RUNTIME_PREFIXES = {
+    "qwen2_vl": (("model.", "model.language_model."), ("visual.", "model.visual.")),
+    "llava": (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ),
+}
+TOWER_PREFIXES = ("model.visual.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def runtime_names(shapes: dict[str, TensorInfo], family: str | None) -> dict[str, TensorInfo]:
+    """A vision-language model's tensor shapes also under their run-time names (the names
+    as stored stay: a checkpoint may already use the new layout)."""
+    out = dict(shapes)
+    for name, info in shapes.items():
+        if name.startswith(("model.language_model.", *TOWER_PREFIXES)):
+            continue
+        for disk, runtime in RUNTIME_PREFIXES.get(family or "", ()):
+            if name.startswith(disk):
+                out.setdefault(runtime + name[len(disk) :], info)
+                break
+    return out
+
+
 def base_tensors(registry: Registry, base: ModelRecord) -> dict[str, TensorInfo]:
     """Shapes of the base model's tensors, read from the stored safetensors headers."""
     shapes: dict[str, TensorInfo] = {}
@@ -429,7 +457,9 @@ def import_adapter_dir(
             f"'{base_record.name.display()}' is itself an adapter; name its base model"
         )
     adapter_tensors, _ = read_header(weights)
-    check_adapter_shapes(adapter_tensors, base_tensors(registry, base_record), info)
+    family = VISION_ARCHITECTURES.get(base_record.config.architecture)
+    shapes = runtime_names(base_tensors(registry, base_record), family)
+    check_adapter_shapes(adapter_tensors, shapes, info, TOWER_PREFIXES if family else ())
     base_config = base_record.config
     model_config = ModelConfig(
         kind="adapter",

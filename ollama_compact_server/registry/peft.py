@@ -168,11 +168,15 @@ def check_adapter_config(config: dict[str, Any]) -> AdapterInfo:
 
 
 def check_adapter_shapes(
-    adapter: dict[str, TensorInfo], base: dict[str, TensorInfo], info: AdapterInfo
+    adapter: dict[str, TensorInfo],
+    base: dict[str, TensorInfo],
+    info: AdapterInfo,
+    towers: tuple[str, ...] = (),
 ) -> None:
     """Every adapter tensor must be a part of its type (LoRA A / B, DoRA's magnitude, IA3's
     vector) on a base weight whose shape it fits, and every targeted module must carry
-    all of its type's parts."""
+    all of its type's parts. ``towers``: a vision model's module prefixes adapters may not
+    touch (only the language model's projections are served)."""
     if not adapter:
         raise InvalidModel("adapter_model.safetensors holds no tensors")
     kind = IA3 if info.peft_type == "IA3" else DORA if info.use_dora else LORA
@@ -192,6 +196,12 @@ def check_adapter_shapes(
             raise InvalidModel(
                 f"the adapter puts its weights on mixture-of-experts modules ({module[:100]!r}); "
                 "only attention and dense MLP projections can be served"
+            )
+        if towers and module.startswith(towers):
+            raise InvalidModel(
+                f"the adapter puts weights on the vision tower ({module[:100]!r}); only "
+                "adapters on the language model are served (target its modules only, e.g. "
+                "target_modules with a regex on 'language_model')"
             )
         if part in ("eA", "eB"):
             raise InvalidModel(
