@@ -13,8 +13,10 @@ import re
 import struct
 import threading
 import tracemalloc
+import warnings
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -330,8 +332,8 @@ class ImageServer(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def image_server() -> Iterator[tuple[str, list[str]]]:
+@contextmanager
+def serving_images() -> Iterator[tuple[str, list[str]]]:
     """A loopback HTTP server; yields its base URL and the paths requested."""
     raw = png(5, 4)
     ImageServer.seen = []
@@ -352,6 +354,12 @@ def image_server() -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def image_server() -> Iterator[tuple[str, list[str]]]:
+    with serving_images() as served:
+        yield served
 
 
 async def fetched(url: str, limits: ImageLimits) -> list[Picture]:
@@ -421,3 +429,16 @@ async def test_only_listed_hosts_and_http_schemes_are_fetched(
     assert seen == []
     [picture] = await fetched(f"HTTP://127.0.0.1:{port}/cat.png", limits)
     assert picture.width == 5
+
+
+def test_pillows_own_bomb_check_is_a_400_too() -> None:
+    """With a pixel cap above Pillow's own limits, Pillow's DecompressionBombError (past
+    twice its limit) and its warning (past the limit, when warnings are errors) are 400s."""
+    limits = ImageLimits(max_pixels=178_956_970)
+    assert "decompression bomb" in refusal(
+        ImageData.of_bytes(png_header(20_000, 10_000)), 0, limits
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        message = refusal(ImageData.of_bytes(png_header(10_000, 10_000)), 0, limits)
+    assert "decompression bomb" in message

@@ -46,6 +46,7 @@ def png_bytes(width: int = 6, height: int = 4, color: tuple[int, int, int] = (9,
 PNG = png_bytes()
 B64 = base64.b64encode(PNG).decode()
 DATA_URI = "data:image/png;base64," + B64
+PATH = "/v1/chat/completions"
 
 
 def with_vision(registry: Registry, source: str, target: str) -> None:
@@ -341,3 +342,54 @@ async def test_the_official_clients_send_images(served: Served) -> None:
     )
     assert response.output_text == "I see blue"
     assert len(served.engine.requests) == 4
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+async def test_image_url_hosts_reach_the_chat_layer(registry: Registry) -> None:
+    from tests.test_images import serving_images
+
+    with serving_images() as (base, seen):
+        url = base + "/cat.png"
+        for hosts, status in (("", 400), ("localhost, example.com", 400), ("127.0.0.1", 200)):
+            async with serve_app(registry, FakeEngine(), image_url_hosts=hosts) as served:
+                r = await served.raw.post(PATH, json=bodies("seer", url)[PATH])
+                assert r.status_code == status, (hosts, r.text)
+        assert seen == ["/cat.png"]  # fetched only where the host was named
+
+
+def test_image_settings_are_checked() -> None:
+    from ollama_compact_server.settings import Settings, SettingsError, load_settings
+
+    settings = Settings(image_url_hosts=" Images.Example.com ,[::1], 127.0.0.1. ,")
+    assert settings.image_hosts == frozenset({"images.example.com", "::1", "127.0.0.1"})
+    assert Settings().max_image_bytes == 20 << 20 and Settings().image_hosts == frozenset()
+    for bad in (
+        {"image_url_hosts": "https://example.com"},
+        {"image_url_hosts": "example.com:8080"},
+        {"image_url_hosts": "example.com/x"},
+        {"max_image_size": "0"},
+        {"max_image_size": "2GiB"},
+        {"max_image_pixels": 0},
+        {"max_image_pixels": 10**9},
+        {"max_images": 0},
+    ):
+        with pytest.raises(SettingsError):
+            load_settings(**bad)
+
+
+def test_kept_responses_bound_the_images_they_hold() -> None:
+    from ollama_compact_server.api.openai.responses_store import ResponseStore, Stored
+    from ollama_compact_server.chat.images import ImageData
+    from ollama_compact_server.chat.turn import Message
+
+    def stored(size: int) -> Stored:
+        return Stored("seer", [Message("user", "q", images=[ImageData.of_base64("A" * size)])])
+
+    store = ResponseStore(capacity=10, image_bytes=1000)
+    store.put("big", stored(1001))
+    assert store.get("big") is None  # more than the whole bound: not kept
+    for name in ("a", "b", "c"):
+        store.put(name, stored(400))
+    assert store.get("a") is None and store.get("b") and store.get("c")
