@@ -153,10 +153,17 @@ def create_app(
         await to_fresh_thread(startup_registry, registry, settings)  # torch work: threads.py
         owned = engine is None
         app.state.engine = engine if engine is not None else build_engine(settings, registry)
+        from .chat.images import ImageLimits
         from .chat.service import ChatService
         from .chat.tokenizers import TokenizerCache
 
-        app.state.chat = ChatService(registry, app.state.engine, TokenizerCache(registry))
+        limits = ImageLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_images=settings.max_images,
+            url_hosts=settings.image_hosts,
+        )
+        app.state.chat = ChatService(registry, app.state.engine, TokenizerCache(registry), limits)
         log.info("ollama-compact-server %s ready, registry at %s", __version__, registry.root)
         sweeper = asyncio.create_task(_sweep_now_and_then(registry))
         try:

@@ -84,6 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", nargs="*", help="one-shot prompt; without it, an interactive chat")
     run.add_argument("--keepalive", default=None, help="how long the model stays loaded")
     run.add_argument("--verbose", action="store_true", help="print timings after each answer")
+    run.add_argument(
+        "--image",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="an image the question is about (repeat for several)",
+    )
+    run.add_argument(
+        "--images-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="batch: ask about each image of DIR (.jpg .png .bmp .tiff .gif .webp, by name)",
+    )
+    run.add_argument(
+        "--questions",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="batch: the questions, one a line, each asked about each image",
+    )
+    run.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default=None,
+        help="batch: print 'name: answer' lines (text) or JSON lines",
+    )
 
     sub.add_parser("list", aliases=["ls"], help="list models")
     sub.add_parser("ps", help="list loaded models")
@@ -337,6 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .commands import plan_command
 
             return plan_command(settings_from(args), args)
+        if args.command == "run":
+            from .run_images import run_images_command, wants_images
+
+            if wants_images(args):
+                return run_images_command(load_settings(), args)
         from .commands import client_command
 
         return client_command(load_settings(), args)

@@ -204,6 +204,29 @@ class Settings(BaseSettings):
         description="Largest file /api/blobs takes (a model shard, a GGUF file); an upload "
         "that would leave less than 1 GiB free on the registry's disk is refused too (507).",
     )
+    max_image_size: str = Field(
+        "20MiB",
+        description="Largest image a request may carry (the encoded file, before base64); "
+        "a larger one is a 400 naming the image.",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        le=178_956_970,
+        description="Most pixels (width x height) of one image, checked from its header "
+        "before it is decoded (a decompression bomb is refused without allocating it). 50 "
+        "megapixels is above what phone and camera photos have and about 150 MB decoded; "
+        "Pillow's own bomb check refuses more than 178,956,970 whatever this says.",
+    )
+    max_images: int = Field(
+        16, ge=1, le=1024, description="Most images in one request, every message's together."
+    )
+    image_url_hosts: str = Field(
+        "",
+        description="Host names (comma-separated, compared exactly) whose http(s) image URLs "
+        "the daemon fetches for clients; unset: remote image URLs are refused and images "
+        "must be sent inline. Naming a host lets every client make the daemon reach it.",
+    )
     max_connections: int = Field(
         1024,
         ge=1,
@@ -317,6 +340,22 @@ class Settings(BaseSettings):
             raise ValueError("the blob size cap must be positive")
         return str(value).strip()
 
+    @field_validator("max_image_size")
+    @classmethod
+    def _check_image_size(cls, value: str) -> str:
+        if not 0 < parse_size(value) <= 1 << 30:
+            raise ValueError("the image size cap must be positive and at most 1GiB")
+        return str(value).strip()
+
+    @field_validator("image_url_hosts")
+    @classmethod
+    def _check_image_url_hosts(cls, value: str) -> str:
+        for host in value.split(","):
+            host = host.strip()
+            if host and not re.fullmatch(r"[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]", host):
+                raise ValueError(f"{host[:60]!r} is not a host name (no scheme, port or path)")
+        return value
+
     @field_validator("keep_alive")
     @classmethod
     def _check_keep_alive(cls, value: str) -> str:
@@ -357,6 +396,16 @@ class Settings(BaseSettings):
     @property
     def max_blob_bytes(self) -> int:
         return parse_size(self.max_blob_size)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return parse_size(self.max_image_size)
+
+    @property
+    def image_hosts(self) -> frozenset[str]:
+        """OCS_IMAGE_URL_HOSTS as lowercase names (an IPv6 address without brackets)."""
+        hosts = (h.strip().lower().strip("[]").rstrip(".") for h in self.image_url_hosts.split(","))
+        return frozenset(h for h in hosts if h)
 
     @property
     def extra_origins(self) -> list[str]:

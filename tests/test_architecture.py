@@ -71,7 +71,8 @@ ALLOWED: dict[str, set[str]] = {
         "units",
     },
     "serve_ray": {"api", "app", "server", "settings"},  # Ray Serve replicas; ray lazily
-    "cli": {"__init__", "commands", "serve_ray", "server", "settings", "units"},
+    "run_images": {"commands", "settings"},  # `run` with --image / --images-dir
+    "cli": {"__init__", "commands", "run_images", "serve_ray", "server", "settings", "units"},
     "__main__": {"cli"},
 }
 

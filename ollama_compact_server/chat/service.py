@@ -9,7 +9,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.protocol import Engine
@@ -21,6 +21,8 @@ from ..registry.errors import ModelNotFound as RegistryModelNotFound
 from ..registry.names import ModelName
 from ..registry.store import ModelRecord, Registry
 from .errors import ChatError, ModelNotFound, Unsupported
+from .image_urls import ImageFetcher
+from .images import ImageLimits, Picture, decode_images
 from .options import merge_options, to_sampling
 from .special import (
     check_fits,
@@ -58,10 +60,18 @@ class ModelView:
 
 
 class ChatService:
-    def __init__(self, registry: Registry, engine: Engine, tokenizers: Any) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        engine: Engine,
+        tokenizers: Any,
+        image_limits: ImageLimits | None = None,
+    ) -> None:
         self.registry = registry
         self.engine = engine
         self.tokenizers = tokenizers  # callable: ModelRecord -> tokenizer (may be slow)
+        self.image_limits = image_limits or ImageLimits()
+        self.fetch_image = ImageFetcher(self.image_limits) if self.image_limits.url_hosts else None
         self._views: dict[str, ModelView] = {}
 
     # ------------------------------------------------------------------ models
@@ -154,11 +164,15 @@ class ChatService:
         if "completion" not in capabilities:
             what = "chat" if request.messages else "generate"
             raise Unsupported(f'"{view.name}" does not support {what}')
-        if request.images or any(m.images for m in request.messages):
+        images = request.all_images()
+        if images and "vision" not in capabilities:
             raise Unsupported(f'"{view.name}" does not support vision')
         if len(request.messages) > MAX_MESSAGES:
             raise ChatError(f"too many messages (at most {MAX_MESSAGES})")
         check_roles(request.messages)
+        # every image is fetched and decoded (off the loop) before anything is rendered, so
+        # a bad image is refused before any tokenizer or engine work
+        pictures = await decode_images(images, self.image_limits, self.fetch_image)
         think = self._think(view, request)
         tools = request.tools if request.tool_choice != ToolChoice.NONE else None
         if tools and "tools" not in capabilities:
@@ -167,7 +181,7 @@ class ChatService:
         sampling = self._sampling(view, request, tools, fmt)
         tokenizer = await self.tokenizer(view)
         prompts, inside = await asyncio.to_thread(
-            self._render_all, view, tokenizer, request, tools, think
+            self._render_all, view, tokenizer, request, tools, think, pictures
         )
         if request.context or sampling.logit_bias:
             vocab = len(tokenizer)
@@ -176,7 +190,7 @@ class ChatService:
             if sampling.logit_bias and max(sampling.logit_bias) >= vocab:
                 raise ChatError("logit_bias holds token ids outside the vocabulary")
         names = frozenset(t["function"]["name"] for t in tools or [])
-        return Prepared(view, sampling, prompts, inside, bool(tools), fmt, names)
+        return Prepared(view, sampling, prompts, inside, bool(tools), fmt, names, pictures)
 
     def _think(self, view: ModelView, request: ChatRequest) -> bool | None:
         """None for a model that does not think; else whether this turn thinks."""
@@ -224,9 +238,12 @@ class ChatService:
         request: ChatRequest,
         tools: list[dict[str, Any]] | None,
         think: bool | None,
+        pictures: list[Picture],
     ) -> tuple[list[list[int]], list[bool | None]]:
         """Each prompt's token ids, and for a thinking turn whether the rendered prompt
-        already opened the <think> block (some templates do)."""
+        already opened the <think> block (some templates do). ``pictures``: the request's
+        decoded images in order, each with its message (``Picture.message`` indexes
+        ``request.messages``; None for a completion's); the model side places them."""
         if request.messages:
             history = [*view.messages, *(m.for_template() for m in request.messages)]
             if view.system and not any(m["role"] == "system" for m in history[:1]):
@@ -354,6 +371,7 @@ class Prepared:
     tools: bool
     tool_format: ToolFormat
     tool_names: frozenset[str]
+    pictures: list[Picture] = field(default_factory=list)  # decoded images, request order
 
 
 def check_messages(messages: Any) -> None:

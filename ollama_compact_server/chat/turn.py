@@ -13,6 +13,7 @@ from typing import Any
 
 from ..engine.types import DEFAULT, FinishReason, KeepAlive, TokenEvent, TokenLogprob
 from .errors import ChatError, GenerationFailed
+from .images import ImageData
 from .thinking import ThinkSplitter
 from .toolcalls import ToolStream
 from .tools import ToolCall
@@ -37,7 +38,7 @@ class Message:
     tool_calls: list[CallSpec] = field(default_factory=list)
     tool_call_id: str | None = None  # a tool result: the call it answers
     name: str | None = None  # a tool result: the tool's name
-    images: list[str] = field(default_factory=list)
+    images: list[ImageData] = field(default_factory=list)  # in the order the client sent them
 
     def for_template(self) -> dict[str, Any]:
         """The message as Hugging Face chat templates read it."""
@@ -76,7 +77,7 @@ class ChatRequest:
     model: str
     messages: list[Message] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)  # a completion's images (base64)
+    images: list[ImageData] = field(default_factory=list)  # a completion's images
     raw: bool = False  # prompts go to the model as they are, no template
     system: str | None = None  # a completion's system prompt (the model's by default)
     context: list[int] | None = None  # Ollama generate: token ids of the earlier exchange
@@ -92,6 +93,14 @@ class ChatRequest:
     echo: bool = False  # score the prompt too (legacy completions' echo with logprobs)
     n: int = 1  # choices per prompt
     keep_alive: KeepAlive = DEFAULT
+
+    def all_images(self) -> list[tuple[int | None, ImageData]]:
+        """Every image in request order: the messages' (with their message's index), then a
+        completion's (message None)."""
+        pairs: list[tuple[int | None, ImageData]] = [
+            (i, image) for i, message in enumerate(self.messages) for image in message.images
+        ]
+        return pairs + [(None, image) for image in self.images]
 
 
 @dataclass(slots=True)

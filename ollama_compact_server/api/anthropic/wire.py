@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from ...chat.images import ImageData
 from ...chat.tools import check_tools
 from ...chat.turn import CallSpec, ChatRequest, Message, ToolChoice
 from ..errors import APIError
@@ -16,6 +17,15 @@ from ..wire import WireModel
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 1 << 20
+
+
+class Source(WireModel):
+    """An image block's source: ``base64`` (``media_type`` and ``data``) or ``url``."""
+
+    type: str
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
 
 
 class Block(WireModel):
@@ -32,6 +42,7 @@ class Block(WireModel):
     is_error: bool | None = None
     thinking: str | None = None
     signature: str | None = None
+    source: Source | None = None
 
 
 class MessageParam(WireModel):
@@ -175,9 +186,24 @@ def _assistant(blocks: list[Block], names: dict[str, str]) -> Message:
     return message
 
 
+def _image(block: Block) -> ImageData:
+    source = block.source
+    if source is None:
+        raise APIError(400, "messages: an image block needs a source")
+    if source.type == "base64":
+        if source.data is None or source.media_type is None:
+            raise APIError(400, "messages: a base64 image source needs media_type and data")
+        return ImageData.of_base64(source.data, source.media_type)
+    if source.type == "url":
+        if source.url is None:
+            raise APIError(400, "messages: a url image source needs a url")
+        return ImageData.of_url(source.url)
+    raise APIError(400, f"messages: image sources of type {source.type[:40]!r} are not supported")
+
+
 def _user(blocks: list[Block], names: dict[str, str]) -> list[Message]:
     """Tool results become tool messages (before the user's own text, as Anthropic
-    orders them); images wait for vision models."""
+    orders them); image blocks become the message's images, in order."""
     results: list[Message] = []
     text = []
     images = []
@@ -197,10 +223,13 @@ def _user(blocks: list[Block], names: dict[str, str]) -> list[Message]:
                     output,
                     tool_call_id=block.tool_use_id,
                     name=names.get(block.tool_use_id),
+                    images=[_image(b) for b in content if b.type == "image"]
+                    if isinstance(content, list)
+                    else [],
                 )
             )
-        elif block.type in ("image", "document"):
-            images.append(block.type)
+        elif block.type == "image":
+            images.append(_image(block))
         else:
             raise APIError(400, f"messages: {block.type[:40]!r} blocks are not supported")
     out = results
@@ -214,6 +243,6 @@ def _result_text(blocks: list[Block]) -> str:
     for block in blocks:
         if block.type == "text":
             parts.append(block.text or "")
-        else:
+        elif block.type != "image":  # images go to the tool message's images
             parts.append(json.dumps(block.model_dump(exclude_none=True)))
     return "".join(parts)

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
+from ...chat.images import ImageData
 from ...chat.options import merge_options
 from ...chat.tools import ToolCall, check_tools, template_tool_calls
 from ...chat.turn import CallSpec, ChatRequest, Message, Usage
@@ -171,7 +172,7 @@ class OllamaMessage(WireModel):
             tool_calls=[CallSpec(c["function"]["name"], c["function"]["arguments"]) for c in calls],
             tool_call_id=self.tool_call_id,
             name=self.tool_name or self.name,
-            images=list(self.images or []),
+            images=[ImageData.of_base64(i) for i in self.images or []],
         )
 
 
@@ -249,7 +250,7 @@ class GenerateRequestWire(Run):
             common["think"] = None
         return ChatRequest(
             prompts=[self.prompt or ""],
-            images=list(self.images or []),
+            images=[ImageData.of_base64(i) for i in self.images or []],
             raw=raw,
             system=system,
             context=context,

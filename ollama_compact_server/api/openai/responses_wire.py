@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from ...chat.images import ImageData
 from ...chat.tools import check_tools
 from ...chat.turn import CallSpec, ChatRequest, Message, ToolChoice
 from ...engine.types import ANY_JSON_OBJECT
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 class Part(WireModel):
     type: str
     text: str | None = None
+    image_url: str | None = None  # input_image: a data: URI (or a URL of an allowed host)
+    file_id: str | None = None  # input_image: refused (no file store here)
+    detail: str | None = None  # input_image: accepted, not used
 
 
 class Item(WireModel):
@@ -144,8 +148,7 @@ class ResponsesRequest(WireModel):
                 role = {"developer": "system"}.get(item.role or "", item.role or "")
                 if role not in ("user", "system", "assistant"):
                     raise APIError(400, f"input: invalid message role {str(item.role)[:20]!r}")
-                images = [p.type for p in _parts(item.content) if p.type == "input_image"]
-                message = Message(role, _text(item.content), images=images)
+                message = Message(role, _text(item.content), images=_images(item.content))
                 if role == "assistant" and thinking:
                     message.thinking, thinking = "".join(thinking), []
                 out.append(message)
@@ -189,6 +192,18 @@ class ResponsesRequest(WireModel):
 
 def _parts(content: str | list[Part] | None) -> list[Part]:
     return content if isinstance(content, list) else []
+
+
+def _images(content: str | list[Part] | None) -> list[ImageData]:
+    images = []
+    for part in _parts(content):
+        if part.type != "input_image":
+            continue
+        if part.image_url is None:
+            what = "file_id images need a file store" if part.file_id else "it needs an image_url"
+            raise APIError(400, f"input: an input_image part is not supported here: {what}")
+        images.append(ImageData.of_url(part.image_url))
+    return images
 
 
 def _text(content: str | list[Part] | None) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from ...chat.images import ImageData
 from ...chat.options import stop_list
 from ...chat.tools import ToolCall, check_tools, template_tool_calls
 from ...chat.turn import CallSpec, ChatRequest, Message, ToolChoice
@@ -79,9 +80,15 @@ class Sampling(WireModel):
         return bias
 
 
+class ImageURL(WireModel):
+    url: str
+    detail: str | None = None  # accepted, not used: the model's processor sizes images
+
+
 class ContentPart(WireModel):
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = None
 
 
 class FunctionCall(WireModel):
@@ -114,28 +121,38 @@ class ChatMessage(WireModel):
                 self.tool_calls or [],
             )
         ]
+        text, images = content_of(self.content)
         return Message(
             role=role,
-            content=text_of(self.content),
+            content=text,
             thinking=self.reasoning_content or None,
             tool_calls=calls,
             tool_call_id=self.tool_call_id,
             name=self.name,
+            images=images,
         )
 
 
-def text_of(content: str | list[ContentPart] | None) -> str:
-    """A message's content: a string, or an array of text parts joined."""
+def content_of(content: str | list[ContentPart] | None) -> tuple[str, list[ImageData]]:
+    """A message's content: a string, or an array of parts: the text parts joined, the
+    ``image_url`` parts' images in order (a ``data:`` URI, or a URL the chat layer refuses
+    unless its host is allowed)."""
     if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
+        return content or "", []
+    texts, images = [], []
     for part in content:
+        if part.type == "image_url":
+            if part.image_url is None:
+                raise APIError(400, "an image_url content part needs an image_url")
+            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+            images.append(ImageData.of_url(url))
+            continue
         if part.type not in ("text", "input_text"):
             raise APIError(400, f"content parts of type {part.type[:20]!r} are not supported")
         if part.text is None:
             raise APIError(400, "a text content part needs a text string")
         texts.append(part.text)
-    return "".join(texts)
+    return "".join(texts), images
 
 
 class FunctionDef(WireModel):
