@@ -54,6 +54,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_vision_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny vision-language model directories (tests/vision_factory.py), once per session."""
+    from tests.vision_factory import make_tiny_llava, make_tiny_qwen2_vl
+
+    root = tmp_path_factory.mktemp("tiny-vision")
+    return {
+        "qwen2_vl": make_tiny_qwen2_vl(root / "qwen2_vl"),
+        "qwen2_5_vl": make_tiny_qwen2_vl(root / "qwen2_5_vl", version="2.5"),
+        "llava": make_tiny_llava(root / "llava"),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_adapter(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-adapters")
     return make_lora_adapter(tiny_models["llama"], root / "lora", base_name="tiny-llama")

@@ -26,7 +26,6 @@ from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
 from tests.conftest import running_server
 from tests.fakes import FakeEngine
-from tests.test_images_api import with_vision
 
 
 def image_file(path: Path, color: tuple[int, int, int] = (1, 2, 3)) -> Path:
@@ -174,10 +173,12 @@ def test_a_batch_prints_json_lines(
     assert rows[1]["error"].startswith("image 1: ") and "answer" not in rows[1]
 
 
-async def test_against_the_real_app(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+async def test_against_the_real_app(
+    tmp_path: Path, tiny_models: dict[str, Path], tiny_vision_models: dict[str, Path]
+) -> None:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "tiny")
-    with_vision(registry, "tiny", "seer")
+    import_hf_dir(registry, tiny_vision_models["qwen2_vl"], "seer")
     folder = tmp_path / "photos"
     folder.mkdir()
     image_file(folder / "good.png")

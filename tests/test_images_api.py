@@ -5,9 +5,8 @@ model whose record has the ``vision`` capability every image is decoded, in orde
 its message, before anything is rendered, and every bad image is a 400 before the engine
 hears of the request.
 
-The model side (placeholders rendered by the model's processor, the vision encoder) lands
-separately: here a "vision" model is the tiny text model with the capability recorded, so a
-request that passes the input layer is rendered as text and answered by the fake engine."""
+Here the vision model is a tiny Qwen2-VL (its own template and image processor), answered
+by the fake engine; tests/test_vision_api.py runs the real engine."""
 
 from __future__ import annotations
 
@@ -49,24 +48,13 @@ DATA_URI = "data:image/png;base64," + B64
 PATH = "/v1/chat/completions"
 
 
-def with_vision(registry: Registry, source: str, target: str) -> None:
-    """A copy of ``source`` whose record says it sees images (the lead's importer records
-    it for real vision-language models)."""
-    record = registry.get(source)
-    config = record.config.model_copy(
-        update={"capabilities": [*record.config.capabilities, "vision"]}
-    )
-    with registry.transaction() as txn:
-        for layer in record.manifest.layers:
-            txn.add_existing(layer)
-        txn.commit(target, config)
-
-
 @pytest.fixture
-def registry(tmp_path: Path, tiny_models: dict[str, Path]) -> Registry:
+def registry(
+    tmp_path: Path, tiny_models: dict[str, Path], tiny_vision_models: dict[str, Path]
+) -> Registry:
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, tiny_models["llama"], "tiny", template=TEMPLATE)
-    with_vision(registry, "tiny", "seer")
+    import_hf_dir(registry, tiny_vision_models["qwen2_vl"], "seer")
     return registry
 
 

@@ -8,14 +8,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine.protocol import Engine
-from ..engine.types import EngineError, GenerateRequest, KeepAlive, SamplingParams, TokenEvent
+from ..engine.types import (
+    EngineError,
+    GenerateRequest,
+    ImageInput,
+    KeepAlive,
+    SamplingParams,
+    TokenEvent,
+)
 from ..logs import note_request
 from ..logs import request_id as current_request_id
+from ..modeling.vision import VisionFamily
 from ..registry.errors import InvalidName
 from ..registry.errors import ModelNotFound as RegistryModelNotFound
 from ..registry.names import ModelName
@@ -37,6 +46,7 @@ from .templates import plain_chat, render
 from .thinking import ThinkSplitter
 from .toolcalls import ToolFormat, ToolStream, forced_call, tool_format
 from .turn import ChatRequest, Running, ToolChoice, Turn, check_roles
+from .vision import expand, with_images
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +124,7 @@ class ChatService:
         prepared = await self.prepare(request)
         view, sampling = prepared.view, prepared.sampling
         runs: list[tuple[Running, AsyncGenerator[TokenEvent, None]]] = []
-        for prompt_ids, inside in zip(prepared.prompts, prepared.inside):
+        for prompt_ids, inside, images in zip(prepared.prompts, prepared.inside, prepared.images):
             for sample in range(request.n):
                 params = SamplingParams(**{f: getattr(sampling, f) for f in sampling.__slots__})
                 if params.seed is not None:
@@ -126,7 +136,8 @@ class ChatService:
                     if prepared.tools
                     else None,
                 )
-                runs.append((running, self._generate(view, prompt_ids, params, request.keep_alive)))
+                stream = self._generate(view, prompt_ids, params, request.keep_alive, images)
+                runs.append((running, stream))
         # every choice is submitted at once (they share prefill steps); each first event
         # is awaited, so a refusal has its status before any byte goes out
         try:
@@ -164,15 +175,15 @@ class ChatService:
         if "completion" not in capabilities:
             what = "chat" if request.messages else "generate"
             raise Unsupported(f'"{view.name}" does not support {what}')
-        images = request.all_images()
-        if images and "vision" not in capabilities:
+        sent = request.all_images()
+        if sent and "vision" not in capabilities:
             raise Unsupported(f'"{view.name}" does not support vision')
         if len(request.messages) > MAX_MESSAGES:
             raise ChatError(f"too many messages (at most {MAX_MESSAGES})")
         check_roles(request.messages)
         # every image is fetched and decoded (off the loop) before anything is rendered, so
         # a bad image is refused before any tokenizer or engine work
-        pictures = await decode_images(images, self.image_limits, self.fetch_image)
+        pictures = await decode_images(sent, self.image_limits, self.fetch_image)
         think = self._think(view, request)
         tools = request.tools if request.tool_choice != ToolChoice.NONE else None
         if tools and "tools" not in capabilities:
@@ -180,7 +191,7 @@ class ChatService:
         fmt = tool_format(view.template)
         sampling = self._sampling(view, request, tools, fmt)
         tokenizer = await self.tokenizer(view)
-        prompts, inside = await asyncio.to_thread(
+        prompts, inside, images = await asyncio.to_thread(
             self._render_all, view, tokenizer, request, tools, think, pictures
         )
         if request.context or sampling.logit_bias:
@@ -190,7 +201,7 @@ class ChatService:
             if sampling.logit_bias and max(sampling.logit_bias) >= vocab:
                 raise ChatError("logit_bias holds token ids outside the vocabulary")
         names = frozenset(t["function"]["name"] for t in tools or [])
-        return Prepared(view, sampling, prompts, inside, bool(tools), fmt, names, pictures)
+        return Prepared(view, sampling, prompts, inside, bool(tools), fmt, names, images, pictures)
 
     def _think(self, view: ModelView, request: ChatRequest) -> bool | None:
         """None for a model that does not think; else whether this turn thinks."""
@@ -239,16 +250,31 @@ class ChatService:
         tools: list[dict[str, Any]] | None,
         think: bool | None,
         pictures: list[Picture],
-    ) -> tuple[list[list[int]], list[bool | None]]:
-        """Each prompt's token ids, and for a thinking turn whether the rendered prompt
-        already opened the <think> block (some templates do). ``pictures``: the request's
-        decoded images in order, each with its message (``Picture.message`` indexes
-        ``request.messages``; None for a completion's); the model side places them."""
+    ) -> tuple[list[list[int]], list[bool | None], list[list[ImageInput]]]:
+        """Each prompt's token ids, for a thinking turn whether the rendered prompt already
+        opened the <think> block (some templates do), and each prompt's images made ready
+        for the model's encoder. ``pictures``: the request's decoded images in order, each
+        with its message (``Picture.message`` indexes ``request.messages``; None for a
+        completion's): they go into their message as image parts before its text."""
+        vision = self._vision(view) if pictures else None
+        counts = Counter(p.message for p in pictures)
+        images: list[list[ImageInput]] = []
         if request.messages:
-            history = [*view.messages, *(m.for_template() for m in request.messages)]
+            history = [*view.messages]
+            history += [
+                with_images(m.for_template(), counts[i]) for i, m in enumerate(request.messages)
+            ]
             if view.system and not any(m["role"] == "system" for m in history[:1]):
                 history = [{"role": "system", "content": view.system}, *history]
-            prompts = [self._encode(view, tokenizer, history, tools, think)]
+            ids = self._encode(view, tokenizer, history, tools, think)
+            if vision is not None:
+                ids, placed = expand(ids, vision, pictures)
+                images.append(placed)
+            prompts = [ids]
+        elif request.raw and pictures:
+            raise ChatError("images need the model's template: send them without raw")
+        elif len(request.prompts) > 1 and pictures:
+            raise ChatError("images go with a single prompt")
         elif request.raw:
             for prompt in request.prompts:
                 self._fits(view, tokenizer, prompt)
@@ -258,16 +284,29 @@ class ChatService:
             prompts = []
             for prompt in request.prompts:
                 history = [{"role": "system", "content": system}] if system else []
-                history.append({"role": "user", "content": prompt})
+                history.append(with_images({"role": "user", "content": prompt}, counts[None]))
                 ids = self._encode(view, tokenizer, history, None, think)
-                prompts.append([*(request.context or []), *ids])
+                context = request.context or []
+                if vision is not None:
+                    ids, placed = expand(ids, vision, pictures)
+                    images.append([replace(i, start=i.start + len(context)) for i in placed])
+                prompts.append([*context, *ids])
         if not prompts:
             raise ChatError("nothing to generate from: no messages and no prompt")
         inside: list[bool | None] = [
             None if not think else str(tokenizer.decode(p[-8:])).rstrip().endswith("<think>")
             for p in prompts
         ]
-        return prompts, inside
+        images += [[] for _ in range(len(prompts) - len(images))]
+        return prompts, inside, images
+
+    def _vision(self, view: ModelView) -> VisionFamily:
+        """The model's vision family with its image processor (loaded once per model)."""
+        load = getattr(self.tokenizers, "vision", None)
+        vision = load(view.record) if load is not None else None
+        if vision is None:
+            raise Unsupported(f'"{view.name}" does not support vision')
+        return vision
 
     def _encode(
         self,
@@ -311,6 +350,7 @@ class ChatService:
         prompt_ids: list[int],
         sampling: SamplingParams,
         keep_alive: KeepAlive,
+        images: list[ImageInput] | None = None,
     ) -> AsyncGenerator[TokenEvent, None]:
         """One engine request; its usage is logged when it ends. Raises EngineError before
         any output."""
@@ -321,6 +361,7 @@ class ChatService:
             prompt_ids=prompt_ids,
             sampling=sampling,
             keep_alive=keep_alive,
+            images=images or [],
         )
         events = self.engine.generate(request)
         try:
@@ -371,7 +412,8 @@ class Prepared:
     tools: bool
     tool_format: ToolFormat
     tool_names: frozenset[str]
-    pictures: list[Picture] = field(default_factory=list)  # decoded images, request order
+    images: list[list[ImageInput]] = field(default_factory=list)  # each prompt's, in order
+    pictures: list[Picture] = field(default_factory=list)  # the request's, decoded, in order
 
 
 def check_messages(messages: Any) -> None:

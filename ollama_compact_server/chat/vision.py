@@ -17,7 +17,7 @@ class PictureLike(Protocol):
     """A decoded image of the request (chat/images.py's Picture)."""
 
     image: Any  # PIL image, RGB
-    digest: str  # sha256 of the bytes the client sent
+    sha256: str  # hex digest of the bytes the client sent
 
 
 def with_images(message: dict[str, Any], count: int) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def expand(
     for spot, picture in zip(spots, pictures):
         prepared = family.prepare(family.processor, picture.image)
         out += ids[last:spot]
-        images.append(ImageInput(picture.digest, len(out), prepared.length, prepared.pixels))
+        images.append(ImageInput(picture.sha256, len(out), prepared.length, prepared.pixels))
         out += [token] * prepared.length
         last = spot + 1
     out += ids[last:]
