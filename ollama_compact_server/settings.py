@@ -225,7 +225,8 @@ class Settings(BaseSettings):
         "",
         description="Host names (comma-separated, compared exactly) whose http(s) image URLs "
         "the daemon fetches for clients; unset: remote image URLs are refused and images "
-        "must be sent inline. Naming a host lets every client make the daemon reach it.",
+        "must be sent inline. Naming a host lets every client make the daemon reach it "
+        "(on any port).",
     )
     max_connections: int = Field(
         1024,

@@ -165,6 +165,7 @@ def test_base64_and_data_uris_decode() -> None:
         ImageData.of_url("data:image/png;base64," + text),
         ImageData.of_url("DATA:image/jpeg;base64," + text),  # a mislabelled type is read anyway
         ImageData.of_url("data:image/png;name=a.png;base64," + text),
+        ImageData.of_base64("data:image/png;base64," + text),  # a URI where base64 belongs
     ]
     for form in forms:
         assert (

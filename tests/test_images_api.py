@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import ollama
 import openai
 import pytest
@@ -329,7 +330,21 @@ async def test_the_official_clients_send_images(served: Served) -> None:
         ],
     )
     assert response.output_text == "I see blue"
-    assert len(served.engine.requests) == 4
+
+    blocks: Any = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": B64}},
+        {"type": "text", "text": "What is this?"},
+    ]
+    with pytest.raises(anthropic.BadRequestError) as no:
+        await served.anthropic.messages.create(
+            model="tiny", max_tokens=8, messages=[{"role": "user", "content": blocks}]
+        )
+    assert "does not support vision" in str(no.value.message)
+    message = await served.anthropic.messages.create(
+        model="seer", max_tokens=8, messages=[{"role": "user", "content": blocks}]
+    )
+    assert message.content[0].text == "I see blue"  # type: ignore[union-attr]
+    assert len(served.engine.requests) == 5
 
 
 # ------------------------------------------------------------------------------ settings

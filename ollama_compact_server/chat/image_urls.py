@@ -1,8 +1,8 @@
 """Remote image URLs: refused unless their host is one the operator named (OCS_IMAGE_URL_HOSTS);
 then fetched with httpx under the byte cap, without redirects, proxies or decompression.
 
-Allowing a host lets every client make the daemon send GET requests to it (and whatever that
-name resolves to), so name only hosts meant to be reached from here."""
+Allowing a host lets every client make the daemon send GET requests to it (on any port, and
+to whatever that name resolves to), so name only hosts meant to be reached from here."""
 
 from __future__ import annotations
 

@@ -164,6 +164,8 @@ def raw_bytes(data: ImageData, index: int, limits: ImageLimits) -> bytes:
         check_media_type(index, data.media_type)
     if data.raw is not None:
         raw = data.raw
+    elif data.base64 is not None and data.base64[:5].lower() == "data:":
+        raw = _data_uri(index, data.base64, limits)  # some clients send a URI as "base64"
     elif data.base64 is not None:
         raw = _base64(index, data.base64, limits)
     elif data.url is not None and not data.remote:
