@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine.protocol import Engine
 from ..engine.types import (
@@ -24,7 +24,6 @@ from ..engine.types import (
 )
 from ..logs import note_request
 from ..logs import request_id as current_request_id
-from ..modeling.vision import VisionFamily
 from ..registry.errors import InvalidName
 from ..registry.errors import ModelNotFound as RegistryModelNotFound
 from ..registry.names import ModelName
@@ -47,6 +46,9 @@ from .thinking import ThinkSplitter
 from .toolcalls import ToolFormat, ToolStream, forced_call, tool_format
 from .turn import ChatRequest, Running, ToolChoice, Turn, check_roles
 from .vision import expand, with_images
+
+if TYPE_CHECKING:  # torch: imported only where a vision model is served
+    from ..modeling.vision import VisionFamily
 
 log = logging.getLogger(__name__)
 

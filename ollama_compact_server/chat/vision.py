@@ -6,11 +6,13 @@ takes. Runs off the event loop (the image processor is CPU work)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..engine.types import ImageInput
-from ..modeling.vision import VisionFamily
 from .errors import ChatError
+
+if TYPE_CHECKING:  # torch: imported only where a vision model is served
+    from ..modeling.vision import VisionFamily
 
 
 class PictureLike(Protocol):
