@@ -25,7 +25,8 @@ others see the result. ``/api/ps`` and ``/metrics`` describe the whole deploymen
 live replica asked through ``handle.broadcast``, see ``Ingress.fan_out``); ``/api/tags``
 reads the shared registry, the same on every replica. The ingress holds at most the
 daemon's cap on a JSON body (32 MiB, 413 past it) and streams ``/api/blobs`` uploads to the
-shared registry itself. ``ray`` is imported lazily: the package works without the ``ray``
+shared registry itself, a chunk at a time (Serve's proxy in front reads ahead without
+back-pressure: README). ``ray`` is imported lazily: the package works without the ``ray``
 extra; replica.py and ingress.py hold what needs no ray.
 """
 

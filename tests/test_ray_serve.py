@@ -45,6 +45,38 @@ def test_model_ids_are_registry_names(registry: Registry) -> None:
     assert model_id(registry, "GET", b"") == ""
 
 
+async def test_a_replica_that_does_not_answer_in_time_is_left_out() -> None:
+    """The deployment-wide views ask every replica; a slow (or failing) one is skipped after
+    the timeout instead of failing or stalling the answer."""
+    import asyncio
+    import time
+
+    from ollama_compact_server.serve_ray import gather_answers
+
+    class Result:
+        def __init__(self, answer: object, delay: float = 0.0) -> None:
+            self.answer, self.delay = answer, delay
+
+        async def get_async(self) -> object:
+            await asyncio.sleep(self.delay)
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    class Broadcast:
+        async def _fetch_replica_results_async(self) -> list[Result]:
+            return [
+                Result("a"),
+                Result("slow", delay=60),
+                Result(RuntimeError("gone")),
+                Result("b"),
+            ]
+
+    started = time.monotonic()
+    assert sorted(await gather_answers(Broadcast(), 0.5)) == ["a", "b"]
+    assert time.monotonic() - started < 5
+
+
 FAKE_PACKAGE = """
 import pathlib, shutil
 MODEL_NAME = "tiny.gguf"
