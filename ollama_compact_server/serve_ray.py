@@ -232,7 +232,7 @@ def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> i
     import sys
     import threading
 
-    from .server import open_bind_refusal
+    from .server import open_bind_refusal, prepare_registry
 
     address = settings.address
     refusal = open_bind_refusal(settings)
@@ -251,6 +251,11 @@ def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> i
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
+        # The replicas of a local cluster share this machine's registry: the default model
+        # is imported here first, with the daemon's progress and errors (the replicas then
+        # find it; on a remote cluster the first replica imports it).
+        if prepare_registry(settings) is None:
+            return 1
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": address.host, "port": address.port})
     serve.run(build_app(replicas, overrides), name="ollama-compact", route_prefix="/")

@@ -77,6 +77,22 @@ async def test_a_replica_that_does_not_answer_in_time_is_left_out() -> None:
     assert time.monotonic() - started < 5
 
 
+def test_serve_ray_prepares_the_registry_before_starting_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a local cluster, ``serve --ray`` prepares the registry (the default model) as the
+    daemon does, and stops with the daemon's error when it cannot, before starting Ray."""
+    from ollama_compact_server.serve_ray import serve_ray
+    from ollama_compact_server.settings import load_settings
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "file").write_text("not a folder")
+    settings = load_settings(models=str(tmp_path / "file" / "registry"))
+    assert serve_ray(settings, 1, {}) == 1
+    assert "cannot prepare the registry" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 FAKE_PACKAGE = """
 import pathlib, shutil
 MODEL_NAME = "tiny.gguf"
