@@ -133,13 +133,18 @@ def body_receive(body: bytes) -> tuple[Receive, asyncio.Event]:
 class _Resident:
     """One multiplexed model id held by a replica; Serve calls ``__del__`` on eviction."""
 
-    def __init__(self, app: Any, model: str) -> None:
+    def __init__(self, app: Any, model: str, held: set[str]) -> None:
         self.app = app
         self.model = model
+        self.held = held
+        held.add(model)
 
     def __del__(self) -> None:
         app, self.app = getattr(self, "app", None), None
-        engine = getattr(getattr(app, "state", None), "engine", None)
+        if app is None:
+            return
+        self.held.discard(self.model)
+        engine = getattr(app.state, "engine", None)
         if engine is not None:
             with contextlib.suppress(Exception):
                 engine.unload(self.model)
@@ -156,6 +161,7 @@ class ReplicaServer:
         self.replica_id = os.environ.get("OCS_REPLICA_ID") or f"pid{os.getpid()}"
         self._lifespan: contextlib.AsyncExitStack | None = None
         self._started = asyncio.Lock()
+        self.model_ids: set[str] = set()  # the multiplexed model ids Serve has this hold
 
     @property
     def max_models(self) -> int:
@@ -189,7 +195,7 @@ class ReplicaServer:
         await self.start()
         with contextlib.suppress(Exception):
             await self.app.state.engine.load(model)
-        return _Resident(self.app, model)
+        return _Resident(self.app, model, self.model_ids)
 
     async def call(self, request: dict[str, Any]) -> AsyncIterator[Any]:
         """Runs one forwarded request: the head, then the body chunks (see ``drive``)."""

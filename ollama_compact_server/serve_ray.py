@@ -136,6 +136,11 @@ def build_app(
         async def whole(self, request: dict[str, Any]) -> dict[str, Any]:
             return await self.server.whole(request)
 
+        def model_ids(self) -> tuple[str, list[str]]:
+            """This replica's id and the multiplexed model ids it holds (for operators:
+            ``serve.get_deployment_handle("Replica", app).broadcast("model_ids")``)."""
+            return self.server.replica_id, sorted(self.server.model_ids)
+
         async def __del__(self) -> None:
             await self.server.stop()
 

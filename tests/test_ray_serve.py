@@ -402,8 +402,10 @@ async def test_ps_metrics_and_tags_describe_the_deployment(cluster: str) -> None
 async def test_made_up_model_names_do_not_churn_the_replicas(cluster: str) -> None:
     """Only registry names become multiplexed ids: a flood of unknown names gets the
     daemon's 404 and leaves every replica's resident models where they were."""
+    from ray import serve
+
     async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
-        r = await ask_generate(client, "tiny")
+        r = await ask_generate(client, "TINY:latest")
         assert r.status_code == 200
         before = {(e["name"], e["replica"]) for e in (await client.get("/api/ps")).json()["models"]}
         for i in range(20):
@@ -412,6 +414,11 @@ async def test_made_up_model_names_do_not_churn_the_replicas(cluster: str) -> No
             assert "not found" in r.json()["error"]
         after = {(e["name"], e["replica"]) for e in (await client.get("/api/ps")).json()["models"]}
         assert before <= after, (before, after)
+    replicas = serve.get_deployment_handle("Replica", app_name="ocs")
+    held = dict(await replicas.broadcast("model_ids").results_async(timeout_s=30))
+    assert len(held) == 2
+    ids = [model for models in held.values() for model in models]
+    assert "tiny:latest" in ids and not any("made-up" in m or "TINY" in m for m in ids), held
 
 
 @pytest.mark.ray
