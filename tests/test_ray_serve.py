@@ -431,6 +431,9 @@ async def test_one_request_id_per_response(cluster: str) -> None:
         assert len(ids) == 1 and ids[0], r.headers
         r = await client.get("/api/tags", headers={"x-request-id": "client-id-42"})
         assert r.headers.get_list("x-request-id") == ["client-id-42"]
+        # not a plain token: still one header (Ray's echo); the replica logs its own id
+        r = await client.get("/api/tags", headers={"x-request-id": "two words"})
+        assert r.status_code == 200 and r.headers.get_list("x-request-id") == ["two words"]
         r = await ask_generate(client, "tiny")
         assert len(r.headers.get_list("x-request-id")) == 1
 
