@@ -4,13 +4,15 @@
 deploys two Serve deployments:
 
 - ``Ingress`` takes every HTTP request (all our dialects unchanged: Ollama, OpenAI, Anthropic,
-  the web page), reads the request's model name (the JSON body's ``model`` field; none -> any
-  replica) and forwards the request, headers unchanged (Host, Origin, Authorization: the app's
-  own guards run on the replica), to a ``Replica`` through a DeploymentHandle with
-  ``multiplexed_model_id=model``: Ray Serve's model multiplexing sends it to a replica that
-  already holds that model, a new model to the least loaded one.
+  the web page), reads the request's model name (the JSON body's ``model`` field) and
+  forwards the request, headers unchanged (Host, Origin, Authorization: the app's own guards
+  run on the replica), to a ``Replica`` through a DeploymentHandle with
+  ``multiplexed_model_id`` the registry's name for that model: Ray Serve's model multiplexing
+  sends it to a replica that already holds that model, a new model to the least loaded one.
+  A name the registry lacks (or none) gets no id: any replica, which answers its 404.
 - ``Replica`` runs our real app in process (``create_app`` with its own engine, its lifespan
-  started once) and executes the forwarded request against it through ASGI, streaming the
+  started with the replica: Serve routes to it, and its health check passes, only once the
+  engine runs) and executes the forwarded request against it through ASGI, streaming the
   response back chunk by chunk (NDJSON and SSE pass through as they are produced) with its
   status and headers plus ``x-ocs-replica``. Its resident set is bounded like the daemon's:
   ``max_num_models_per_replica`` is ``OCS_MAX_LOADED_MODELS`` plus the adapter slots
@@ -19,161 +21,69 @@ deploys two Serve deployments:
 The registry is shared: every replica reads its settings from the environment as the daemon
 does, so all see one ``OCS_MODELS`` path (a shared volume across machines). Management calls
 (create, copy, delete, pull) need no special routing: any replica does them on disk and the
-others see the result. ``/api/ps`` answers for the replica that served it (not yet the whole
-deployment). ``ray`` is imported lazily: the package works without the ``ray`` extra.
+others see the result. ``/api/ps`` and ``/metrics`` describe the whole deployment (every
+live replica asked through ``handle.broadcast``, see ``Ingress.fan_out``); ``/api/tags``
+reads the shared registry, the same on every replica. The ingress holds at most the
+daemon's cap on a JSON body (32 MiB, 413 past it) and streams ``/api/blobs`` uploads to the
+shared registry itself, a chunk at a time (Serve's proxy in front reads ahead without
+back-pressure: README). ``ray`` is imported lazily: the package works without the ``ray``
+extra; replica.py and ingress.py hold what needs no ray.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
+from .ingress import (
+    BLOB_PREFIX,
+    FAN_OUT_TIMEOUT,
+    FANNED_OUT,
+    BodyTooLarge,
+    merge,
+    model_id,
+    model_of,
+    read_capped,
+    too_large,
+)
+from .replica import REPLICA_HEADER, ReplicaServer, _Resident, drive, scope_of
 from .settings import Settings, load_settings
+
+__all__ = ["REPLICA_HEADER", "ReplicaServer", "build_app", "model_of", "serve_ray"]
 
 log = logging.getLogger(__name__)
 
-REPLICA_HEADER = "x-ocs-replica"
-_HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"connection"}
 
-
-def model_of(method: str, body: bytes) -> str:
-    """The multiplexed model id of a request: the JSON body's ``model`` (or ``name``, as
-    /api/show takes it) for POSTs; empty (any replica) otherwise or when unreadable."""
-    if method != "POST" or not body:
-        return ""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return ""
-    if not isinstance(data, dict):
-        return ""
-    model = data.get("model") or data.get("name") or ""
-    return model if isinstance(model, str) else ""
-
-
-class _Resident:
-    """One multiplexed model id held by a replica; Serve calls ``__del__`` on eviction."""
-
-    def __init__(self, app: Any, model: str) -> None:
-        self.app = app
-        self.model = model
-
-    def __del__(self) -> None:
-        app, self.app = getattr(self, "app", None), None
-        engine = getattr(getattr(app, "state", None), "engine", None)
-        if engine is not None:
-            with contextlib.suppress(Exception):
-                engine.unload(self.model)
-
-
-class ReplicaServer:
-    """Our app in process, driven request by request through ASGI (the Replica's body)."""
-
-    def __init__(self, overrides: dict[str, Any] | None = None) -> None:
-        from .app import create_app
-
-        self.settings: Settings = load_settings(**(overrides or {}))
-        self.app = create_app(self.settings)
-        self.replica_id = os.environ.get("OCS_REPLICA_ID") or f"pid{os.getpid()}"
-        self._lifespan: contextlib.AsyncExitStack | None = None
-        self._started = asyncio.Lock()
-
-    @property
-    def max_models(self) -> int:
-        return self.settings.max_loaded_models + self.settings.max_loras
-
-    async def start(self) -> None:
-        async with self._started:
-            if self._lifespan is None:
-                stack = contextlib.AsyncExitStack()
-                await stack.enter_async_context(self.app.router.lifespan_context(self.app))
-                self._lifespan = stack
-
-    async def stop(self) -> None:
-        if self._lifespan is not None:
-            stack, self._lifespan = self._lifespan, None
-            await stack.aclose()
-
-    async def load(self, model: str) -> _Resident:
-        """Serve's multiplexed "load": warm the model on this replica's engine (best effort: a
-        name the registry lacks is left for the request itself to answer 404)."""
-        await self.start()
-        with contextlib.suppress(Exception):
-            await self.app.state.engine.load(model)
-        return _Resident(self.app, model)
-
-    async def call(self, request: dict[str, Any]) -> AsyncIterator[Any]:
-        """Runs one forwarded request; yields the head ``{"status", "headers"}``, then the body
-        chunks as the app sends them. Closing the generator (client gone) cancels the call."""
-        await self.start()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": request["method"],
-            "scheme": "http",
-            "path": request["path"],
-            "raw_path": request["path"].encode(),
-            "root_path": "",
-            "query_string": request["query_string"],
-            "headers": [(bytes(k), bytes(v)) for k, v in request["headers"]],
-            "client": tuple(request["client"]) if request.get("client") else None,
-            "server": tuple(request["server"]) if request.get("server") else None,
-            "state": {},
-        }
-        out: asyncio.Queue[MutableMapping[str, Any] | None] = asyncio.Queue()
-        disconnected = asyncio.Event()
-        body_sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": request["body"], "more_body": False}
-            await disconnected.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: MutableMapping[str, Any]) -> None:
-            await out.put(message)
-
-        async def run() -> None:
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                await out.put(None)
-
-        task = asyncio.create_task(run())
+async def gather_answers(broadcast: Any, timeout: float) -> list[Any]:
+    """The answers of a ``handle.broadcast`` from the replicas that answer within
+    ``timeout``: one that is slow, restarting or gone is left out, not an error. (Serve's
+    ``results_async`` fails as a whole on one slow replica, so each is awaited alone.)"""
+    fetch = getattr(broadcast, "_fetch_replica_results_async", None)
+    if fetch is None:  # another Ray version: all or nothing
         try:
-            while True:
-                message = await out.get()
-                if message is None:
-                    break
-                if message["type"] == "http.response.start":
-                    headers = [
-                        (bytes(k), bytes(v))
-                        for k, v in message.get("headers", [])
-                        if bytes(k).lower() not in _HOP_BY_HOP
-                    ]
-                    headers.append((REPLICA_HEADER.encode(), self.replica_id.encode()))
-                    yield {"status": message["status"], "headers": headers}
-                elif message["type"] == "http.response.body":
-                    chunk = message.get("body", b"")
-                    if chunk:
-                        yield bytes(chunk)
-                    if not message.get("more_body", False):
-                        break
-            await task
-        finally:
-            disconnected.set()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            answers = await broadcast.results_async(timeout_s=timeout, return_exceptions=True)
+        except TimeoutError:
+            return []
+        return [a for a in answers if not isinstance(a, BaseException)]
+    try:
+        results = await asyncio.wait_for(fetch(), timeout)
+    except Exception:  # no replica yet, or none reachable
+        log.warning("no replica to ask", exc_info=True)
+        return []
+
+    async def one(result: Any) -> Any:
+        try:
+            return await asyncio.wait_for(result.get_async(), timeout)
+        except Exception as exc:  # a replica that is slow, failing or gone: left out
+            log.warning("a replica did not answer in %.0f s: %r", timeout, exc)
+            return None
+
+    answers = await asyncio.gather(*(one(r) for r in results))
+    return [a for a in answers if a is not None]
 
 
 def build_app(
@@ -196,7 +106,7 @@ def build_app(
         max_ongoing_requests=64,
     )
     class Replica:
-        def __init__(self, overrides: dict[str, Any] | None) -> None:
+        async def __init__(self, overrides: dict[str, Any] | None) -> None:  # type: ignore[misc]  # Serve awaits it
             with contextlib.suppress(Exception):
                 os.environ.setdefault(
                     "OCS_REPLICA_ID", serve.get_replica_context().replica_id.unique_id
@@ -208,6 +118,13 @@ def build_app(
                 return await server.load(model_id)
 
             self.get_model = serve.multiplexed(max_num_models_per_replica=max_models)(load)
+            # Started now, not on the first request: Serve sends none until this returns.
+            await self.server.start()
+
+        async def check_health(self) -> None:
+            """Serve's periodic health check: a dead engine loop gets the replica replaced."""
+            if not self.server.healthy():
+                raise RuntimeError(f"replica {self.server.replica_id}: engine not running")
 
         async def handle(self, request: dict[str, Any]) -> AsyncIterator[Any]:
             model = serve.get_multiplexed_model_id()
@@ -216,42 +133,101 @@ def build_app(
             async for item in self.server.call(request):
                 yield item
 
+        async def whole(self, request: dict[str, Any]) -> dict[str, Any]:
+            return await self.server.whole(request)
+
+        def model_ids(self) -> tuple[str, list[str]]:
+            """This replica's id and the multiplexed model ids it holds (for operators:
+            ``serve.get_deployment_handle("Replica", app).broadcast("model_ids")``)."""
+            return self.server.replica_id, sorted(self.server.model_ids)
+
         async def __del__(self) -> None:
             await self.server.stop()
 
     @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
     class Ingress:
         def __init__(self, replica: Any) -> None:
+            from .app import create_app
+            from .registry.store import Registry
+
             self.replica = replica
+            self.settings = load_settings(**(overrides or {}))
+            self.registry = Registry(self.settings.models)
+            # The app without its lifespan (no engine): the ingress answers /api/blobs with
+            # it, streaming uploads to the shared registry as the daemon does.
+            self.local = create_app(self.settings, registry=self.registry)
 
         async def __call__(self, request: Request) -> Response:
-            body = await request.body()
-            model = model_of(request.method, body)
             forwarded = {
                 "method": request.method,
                 "path": request.url.path,
                 "query_string": request.scope.get("query_string", b""),
                 "headers": list(request.scope.get("headers", [])),
-                "body": body,
+                "body": b"",
                 "client": list(request.client) if request.client else None,
                 "server": list(request.scope["server"]) if request.scope.get("server") else None,
             }
+            path = forwarded["path"]
+            if path.startswith(BLOB_PREFIX):
+                local = drive(self.local, scope_of(forwarded), request.receive, "ingress")
+                return await respond(local, lambda: local.aclose())
+            try:
+                body = await read_capped(request.stream(), request.headers.get("content-length"))
+            except BodyTooLarge:
+                return cast(Response, too_large(path))
+            forwarded["body"] = body
+            if request.method == "GET" and path in FANNED_OUT:
+                return await self.fan_out(path, forwarded)
+            model = await asyncio.to_thread(model_id, self.registry, request.method, body)
             handle = self.replica.options(multiplexed_model_id=model, stream=True)
             stream = handle.handle.remote(forwarded)
-            head = await stream.__anext__()
+            return await respond(stream, stream.cancel)
 
-            async def rest() -> AsyncIterator[bytes]:
-                try:
-                    async for chunk in stream:
-                        yield chunk
-                finally:
-                    stream.cancel()
+        async def fan_out(self, path: str, forwarded: dict[str, Any]) -> Response:
+            """/api/ps and /metrics of the whole deployment: every live replica answers its
+            own (through its guards, with the caller's headers); the answers are merged. A
+            refusal (401, 403) is passed on as it is."""
+            broadcast = self.replica.broadcast("whole", forwarded)
+            answers = await gather_answers(broadcast, FAN_OUT_TIMEOUT)
+            if not answers:
+                return cast(Response, _unavailable(path))
+            refusal = next((a for a in answers if a["status"] != 200), None)
+            if refusal is not None:
+                response = Response(refusal["body"], status_code=refusal["status"])
+                response.raw_headers = list(refusal["headers"])
+                return response
+            body, media_type = merge(path, answers)
+            replicas = ",".join(sorted(a["replica"] for a in answers))
+            return Response(body, media_type=media_type, headers={REPLICA_HEADER: replicas})
 
-            response = StreamingResponse(rest(), status_code=head["status"])
-            response.raw_headers = list(head["headers"])
-            return response
+    async def respond(stream: Any, close: Any) -> Response:
+        """A streaming response of a head-then-chunks stream; ``close`` ends the stream
+        when the client has gone (or the response is done)."""
+        head = await stream.__anext__()
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await _maybe_await(close())
+
+        response = StreamingResponse(rest(), status_code=head["status"])
+        response.raw_headers = list(head["headers"])
+        return response
 
     return cast(Any, Ingress).bind(cast(Any, Replica).bind(overrides))
+
+
+def _unavailable(path: str) -> Any:
+    from .api.errors import error_response
+
+    return error_response(503, "no replica answered in time", path)
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value):
+        await value
 
 
 def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> int:
@@ -261,7 +237,7 @@ def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> i
     import sys
     import threading
 
-    from .server import open_bind_refusal
+    from .server import open_bind_refusal, prepare_registry
 
     address = settings.address
     refusal = open_bind_refusal(settings)
@@ -280,6 +256,11 @@ def serve_ray(settings: Settings, replicas: int, overrides: dict[str, Any]) -> i
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
+        # The replicas of a local cluster share this machine's registry: the default model
+        # is imported here first, with the daemon's progress and errors (the replicas then
+        # find it; on a remote cluster the first replica imports it).
+        if prepare_registry(settings) is None:
+            return 1
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": address.host, "port": address.port})
     serve.run(build_app(replicas, overrides), name="ollama-compact", route_prefix="/")

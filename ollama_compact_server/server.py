@@ -56,6 +56,19 @@ def open_bind_refusal(settings: Settings) -> str | None:
     )
 
 
+def prepare_registry(settings: Settings) -> Registry | None:
+    """The registry, with the default model imported on first start (progress shown); None
+    after saying why it cannot be prepared."""
+    registry = Registry(settings.models)
+    try:
+        registry.root.mkdir(parents=True, exist_ok=True)
+        prepare_default_model(registry, settings, _ProgressPrinter())
+    except (RegistryError, OSError) as exc:
+        print(f"Error: cannot prepare the registry at {settings.models}: {exc}", file=sys.stderr)
+        return None
+    return registry
+
+
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_json)
     address = settings.address
@@ -63,12 +76,8 @@ def serve(settings: Settings) -> int:
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
-    registry = Registry(settings.models)
-    try:
-        registry.root.mkdir(parents=True, exist_ok=True)
-        prepare_default_model(registry, settings, _ProgressPrinter())
-    except (RegistryError, OSError) as exc:
-        print(f"Error: cannot prepare the registry at {settings.models}: {exc}", file=sys.stderr)
+    registry = prepare_registry(settings)
+    if registry is None:
         return 1
     from .engine.device import resolve_device
     from .engine.types import EngineError

@@ -110,7 +110,7 @@ def tree_hash(root: Path) -> str:
     if not root.exists():
         return "absent"
     for path in sorted(root.rglob("*")):
-        if path.name == ".lock":
+        if path.name.endswith(".lock"):  # the registry's and the default import's locks
             continue
         rel = path.relative_to(root).as_posix()
         if path.is_file():

@@ -70,7 +70,17 @@ ALLOWED: dict[str, set[str]] = {
         "training",
         "units",
     },
-    "serve_ray": {"api", "app", "server", "settings"},  # Ray Serve replicas; ray lazily
+    "replica": {"api", "app", "settings", "threads"},  # a daemon replica over ASGI; no ray
+    "ingress": {"api", "registry"},  # the Ray ingress's model ids, body cap, merges; no ray
+    "serve_ray": {
+        "api",
+        "app",
+        "ingress",
+        "registry",
+        "replica",
+        "server",
+        "settings",
+    },  # Ray Serve's deployments; ray lazily
     "run_images": {"commands", "settings"},  # `run` with --image / --images-dir
     "cli": {"__init__", "commands", "run_images", "serve_ray", "server", "settings", "units"},
     "__main__": {"cli"},

