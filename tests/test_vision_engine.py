@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ollama_compact_server.chat.vision import expand, with_images
+from ollama_compact_server.chat.vision import ImagePlan, with_images
 from ollama_compact_server.engine.config import EngineConfig, ModelSource
 from ollama_compact_server.engine.local import LocalEngine
 from ollama_compact_server.engine.loop import DeviceLoop
@@ -41,7 +41,7 @@ CONFIG = EngineConfig(
 @dataclass
 class Picture:
     image: Any
-    digest: str
+    sha256: str
 
 
 def picture(seed: int, width: int = 112, height: int = 112) -> Picture:
@@ -95,8 +95,9 @@ def prompt(
     rendered = loaded.tokenizer.apply_chat_template(
         [message], tokenize=False, add_generation_prompt=True
     )
-    ids = list(loaded.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return expand(ids, family, pictures)
+    plan = ImagePlan(family, loaded.tokenizer, pictures)
+    ids = list(loaded.tokenizer(plan.text(rendered, ""), add_special_tokens=False)["input_ids"])
+    return ids, plan.inputs(ids)
 
 
 def reference(loaded: LoadedModel, ids: list[int], images: list[ImageInput], n: int) -> list[int]:

@@ -45,7 +45,7 @@ from .templates import plain_chat, render
 from .thinking import ThinkSplitter
 from .toolcalls import ToolFormat, ToolStream, forced_call, tool_format
 from .turn import ChatRequest, Running, ToolChoice, Turn, check_roles
-from .vision import expand, with_images
+from .vision import ImagePlan, with_images
 
 if TYPE_CHECKING:  # torch: imported only where a vision model is served
     from ..modeling.vision import VisionFamily
@@ -268,10 +268,10 @@ class ChatService:
             ]
             if view.system and not any(m["role"] == "system" for m in history[:1]):
                 history = [{"role": "system", "content": view.system}, *history]
-            ids = self._encode(view, tokenizer, history, tools, think)
-            if vision is not None:
-                ids, placed = expand(ids, vision, pictures)
-                images.append(placed)
+            plan = ImagePlan(vision, tokenizer, pictures) if vision is not None else None
+            ids = self._encode(view, tokenizer, history, tools, think, plan)
+            if plan is not None:
+                images.append(plan.inputs(ids))
             prompts = [ids]
         elif request.raw and pictures:
             raise ChatError("images need the model's template: send them without raw")
@@ -287,10 +287,11 @@ class ChatService:
             for prompt in request.prompts:
                 history = [{"role": "system", "content": system}] if system else []
                 history.append(with_images({"role": "user", "content": prompt}, counts[None]))
-                ids = self._encode(view, tokenizer, history, None, think)
+                plan = ImagePlan(vision, tokenizer, pictures) if vision is not None else None
+                ids = self._encode(view, tokenizer, history, None, think, plan)
                 context = request.context or []
-                if vision is not None:
-                    ids, placed = expand(ids, vision, pictures)
+                if plan is not None:
+                    placed = plan.inputs(ids)
                     images.append([replace(i, start=i.start + len(context)) for i in placed])
                 prompts.append([*context, *ids])
         if not prompts:
@@ -317,7 +318,9 @@ class ChatService:
         history: list[dict[str, Any]],
         tools: list[Any] | None,
         think: bool | None,
+        images: ImagePlan | None = None,
     ) -> list[int]:
+        """The prompt's token ids; with ``images``, its placeholders expanded first."""
         if view.template:
             extra = {} if think is None else {"enable_thinking": think}
             # special-token text in what the client sent stays text (chat/special.py)
@@ -331,8 +334,12 @@ class ChatService:
                 eos_token=tokenizer.eos_token or "",
                 **extra,
             )
+            if images is not None:
+                text = images.text(text, mark)
             self._fits(view, tokenizer, text)
             return encode_marked(tokenizer, text, mark)
+        if images is not None:
+            raise ChatError(f'"{view.name}" has no chat template to place images with')
         text = plain_chat(history)
         self._fits(view, tokenizer, text)
         return encode_text(tokenizer, text)

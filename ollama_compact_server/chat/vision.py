@@ -1,7 +1,9 @@
 """Images in a chat turn for a vision model: the messages as Hugging Face templates read
 them (a message's images as image parts before its text), and the rendered prompt's
-placeholders expanded to as many tokens as each image fills, with the tensors its encoder
-takes. Runs off the event loop (the image processor is CPU work)."""
+placeholders expanded as the model's own processor does it (a text replacement before
+tokenizing: each placeholder becomes as many image tokens as its image fills, with what the
+family puts around them), then the images' positions found in the token ids, with the
+tensors their encoder takes. Runs off the event loop (the image processor is CPU work)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from ..engine.types import ImageInput
 from .errors import ChatError
 
 if TYPE_CHECKING:  # torch: imported only where a vision model is served
-    from ..modeling.vision import VisionFamily
+    from ..modeling.vision import Prepared, VisionFamily
 
 
 class PictureLike(Protocol):
@@ -36,27 +38,54 @@ def with_images(message: dict[str, Any], count: int) -> dict[str, Any]:
     return {**message, "content": parts}
 
 
-def expand(
-    ids: list[int], family: VisionFamily, pictures: Sequence[PictureLike]
-) -> tuple[list[int], list[ImageInput]]:
-    """The prompt with each image's one placeholder token (as the template wrote it; text
-    the client typed never encodes to it, chat/special.py) repeated as many times as the
-    image fills, and the images made ready for the encoder."""
-    token = family.image_token
-    spots = [i for i, t in enumerate(ids) if t == token]
-    if len(spots) != len(pictures):
-        raise ChatError(
-            f"the model's template placed {len(spots)} image(s) for the "
-            f"{len(pictures)} sent; this template cannot show images here"
-        )
-    out: list[int] = []
-    images: list[ImageInput] = []
-    last = 0
-    for spot, picture in zip(spots, pictures):
-        prepared = family.prepare(family.processor, picture.image)
-        out += ids[last:spot]
-        images.append(ImageInput(picture.sha256, len(out), prepared.length, prepared.pixels))
-        out += [token] * prepared.length
-        last = spot + 1
-    out += ids[last:]
-    return out, images
+class ImagePlan:
+    """One prompt's pictures through the model's processor: ``text`` expands the rendered
+    template's placeholders, ``inputs`` finds the images in the token ids."""
+
+    def __init__(
+        self, family: VisionFamily, tokenizer: Any, pictures: Sequence[PictureLike]
+    ) -> None:
+        self.family = family
+        self.tokenizer = tokenizer
+        self.pictures = list(pictures)
+        self.prepared: list[Prepared] = [
+            family.prepare(family.processor, p.image) for p in self.pictures
+        ]
+
+    def text(self, rendered: str, mark: str) -> str:
+        """The rendered prompt with each placeholder the template wrote expanded; text
+        between ``mark``s is what the client typed (special-token text kept literal,
+        chat/special.py) and is never expanded."""
+        placeholder = self.family.placeholder(self.tokenizer)
+        parts = rendered.split(mark) if mark else [rendered]
+        found = sum(parts[i].count(placeholder) for i in range(0, len(parts), 2))
+        if found != len(self.pictures):
+            raise ChatError(
+                f"the model's template placed {found} image(s) for the {len(self.pictures)} "
+                "sent; this template cannot show images here"
+            )
+        pending = iter(self.prepared)
+        for i in range(0, len(parts), 2):
+            pieces = parts[i].split(placeholder)
+            parts[i] = pieces[0] + "".join(
+                self.family.expansion(self.tokenizer, next(pending)) + rest for rest in pieces[1:]
+            )
+        return mark.join(parts) if mark else parts[0]
+
+    def inputs(self, ids: list[int]) -> list[ImageInput]:
+        """The images at their positions: each run of image tokens, in order, as long as
+        its image fills."""
+        token = self.family.image_token
+        out: list[ImageInput] = []
+        at = 0
+        for picture, prepared in zip(self.pictures, self.prepared):
+            while at < len(ids) and ids[at] != token:
+                at += 1
+            span = ids[at : at + prepared.length]
+            if len(span) != prepared.length or any(t != token for t in span):
+                raise ChatError("the prompt's image tokens do not match the images")
+            out.append(ImageInput(picture.sha256, at, prepared.length, prepared.pixels))
+            at += prepared.length
+        if token in ids[at:]:
+            raise ChatError("the prompt's image tokens do not match the images")
+        return out

@@ -44,6 +44,15 @@ class VisionFamily:
     def prepare(self, processor: Any, image: Any) -> Prepared:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def placeholder(self, tokenizer: Any) -> str:
+        """The token text the chat template writes for an image."""
+        return str(tokenizer.convert_ids_to_tokens(self.image_token))
+
+    def expansion(self, tokenizer: Any, prepared: Prepared) -> str:
+        """What the processor puts in its place: the image's tokens (and for some
+        families text around them)."""
+        return str(tokenizer.convert_ids_to_tokens(self.image_token)) * prepared.length
+
     def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Each image's embeddings [length, hidden], one encoder pass for all of them."""
         raise NotImplementedError  # pragma: no cover - abstract
