@@ -25,13 +25,13 @@ from ollama_compact_server.registry.importers import import_hf_dir
 from ollama_compact_server.registry.store import Registry
 from tests.conftest import Served, serve_app
 from tests.fakes import FakeEngine
-from tests.vision_factory import IMAGE_PAD, LLAVA_IMAGE, make_image
+from tests.vision_factory import BOI, EOI, IMAGE_PAD, IMAGE_SOFT, LLAVA_IMAGE, make_image
 
 N = 8
 GREEDY = {"temperature": 0, "num_predict": N, "repeat_penalty": 1.0}
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "llava"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "llava", "gemma3"])
 def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -60,7 +60,7 @@ class Reference:
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
-        self.qwen = "qwen" in self.model.config.model_type
+        self.kind = str(self.model.config.model_type)
 
     def reply(self, messages: list[dict[str, Any]], images: list[bytes]) -> str:
         text = self.tokenizer.apply_chat_template(
@@ -71,16 +71,23 @@ class Reference:
         if pictures:
             out = self.processor(images=pictures, return_tensors="pt")
             extra = dict(out)
-            if self.qwen:
+            extra.pop("num_crops", None)
+            if self.kind == "qwen2_vl":
                 counts = (out["image_grid_thw"].prod(-1) // 4).tolist()
                 for n in counts:
                     text = text.replace(IMAGE_PAD, "<|placeholder|>" * n, 1)
                 text = text.replace("<|placeholder|>", IMAGE_PAD)
+            elif self.kind == "gemma3":  # Gemma3Processor's full image sequence
+                text = text.replace(BOI, f"\n\n<|placeholder|>{IMAGE_SOFT * 16}{EOI}\n\n")
+                text = text.replace("<|placeholder|>", BOI)
             else:
                 text = text.replace(LLAVA_IMAGE, LLAVA_IMAGE * 16)
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if self.qwen and pictures:
-            extra["mm_token_type_ids"] = (ids == self.model.config.image_token_id).int()
+        image = (ids == self.model.config.image_token_id).long()
+        if self.kind == "qwen2_vl" and pictures:
+            extra["mm_token_type_ids"] = image.int()
+        if self.kind == "gemma3":
+            extra["token_type_ids"] = image
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -204,18 +211,21 @@ async def test_image_tokens_a_user_types_stay_text(
     registry = Registry(tmp_path / "registry")
     import_hf_dir(registry, model_dir, "vl")
     service = ChatService(registry, FakeEngine(), TokenizerCache(registry), ImageLimits())
-    typed = IMAGE_PAD if family == "qwen2_vl" else LLAVA_IMAGE
-    message = Message("user", f"look {typed}{typed} here", images=[ImageData(raw=PHOTO)])
+    # what the template writes for an image, and the tokens the image becomes
+    typed = {"qwen2_vl": IMAGE_PAD, "llava": LLAVA_IMAGE, "gemma3": BOI}[family]
+    soft = {"qwen2_vl": IMAGE_PAD, "llava": LLAVA_IMAGE, "gemma3": IMAGE_SOFT}[family]
+    message = Message("user", f"look {typed}{soft} here", images=[ImageData(raw=PHOTO)])
     prepared = await service.prepare(ChatRequest(model="vl", messages=[message]))
     tokenizer = service.tokenizers(registry.get("vl"))
-    token = tokenizer.convert_tokens_to_ids(typed)
+    placeholder, token = tokenizer.convert_tokens_to_ids([typed, soft])
     (ids,) = prepared.prompts
     (images,) = prepared.images
     assert len(images) == 1 and ids.count(token) == images[0].length
     span = ids[images[0].start : images[0].start + images[0].length]
     assert set(span) == {token}
+    assert ids.count(placeholder) == (1 if placeholder != token else images[0].length)
     after = tokenizer.decode(ids[images[0].start + images[0].length :])
-    assert f"look {typed}{typed} here" in after
+    assert f"look {typed}{soft} here" in after
     # with no image at all, typed tokens are text and the engine takes the prompt
-    alone = await service.prepare(ChatRequest(model="vl", messages=[Message("user", typed)]))
-    assert token not in alone.prompts[0]
+    alone = await service.prepare(ChatRequest(model="vl", messages=[Message("user", typed + soft)]))
+    assert placeholder not in alone.prompts[0] and token not in alone.prompts[0]

@@ -30,7 +30,12 @@ from ollama_compact_server.engine.types import (
     SamplingParams,
 )
 from ollama_compact_server.modeling.vision import VisionFamily, vision_family
-from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl
+from tests.vision_factory import (
+    make_image,
+    make_tiny_gemma3_vision,
+    make_tiny_llava,
+    make_tiny_qwen2_vl,
+)
 
 _ids = itertools.count()
 CONFIG = EngineConfig(
@@ -53,6 +58,7 @@ MAKERS = {
     "qwen2_vl": make_tiny_qwen2_vl,
     "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
     "llava": make_tiny_llava,
+    "gemma3": make_tiny_gemma3_vision,
 }
 
 
@@ -106,8 +112,11 @@ def reference(loaded: LoadedModel, ids: list[int], images: list[ImageInput], n: 
     extra: dict[str, Any] = {}
     if images:
         extra = {k: torch.cat([i.pixels[k] for i in images]) for k in images[0].pixels}
+        image = tokens == loaded.model.config.image_token_id
         if "image_grid_thw" in extra:  # Qwen2-VL's generate wants the token types too
-            extra["mm_token_type_ids"] = (tokens == loaded.model.config.image_token_id).int()
+            extra["mm_token_type_ids"] = image.int()
+        if loaded.model.config.model_type == "gemma3":  # its images attend both ways
+            extra["token_type_ids"] = image.long()
     out = loaded.model.generate(
         input_ids=tokens,
         attention_mask=torch.ones_like(tokens),
@@ -139,7 +148,8 @@ async def test_an_image_prompt_equals_transformers_generate(
 ) -> None:
     ids, images = prompt(loaded, family, "What is in this picture?", [picture(1)])
     assert images[0].length == 16 and len(ids) > CONFIG.prefill_chunk  # spans prefill chunks
-    assert images[0].start % CONFIG.prefill_chunk != 0  # and an image spans two chunks
+    first, last = images[0].start, images[0].start + images[0].length - 1
+    assert first // CONFIG.prefill_chunk != last // CONFIG.prefill_chunk  # an image spans two
     tokens, final = await generate(engine, ids, images)
     assert tokens == reference(loaded, ids, images, 12)
     assert final.prompt_tokens == len(ids)

@@ -31,12 +31,19 @@ from ollama_compact_server.registry.store import Registry
 from ollama_compact_server.settings import Settings
 from tests.test_vision_engine import CONFIG, generate, picture, reference
 from tests.test_vision_engine import prompt as render
-from tests.vision_factory import make_image, make_tiny_llava, make_tiny_qwen2_vl, make_vision_lora
+from tests.vision_factory import (
+    make_image,
+    make_tiny_gemma3_vision,
+    make_tiny_llava,
+    make_tiny_qwen2_vl,
+    make_vision_lora,
+)
 
 MAKERS = {
     "qwen2_vl": make_tiny_qwen2_vl,
     "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
     "llava": make_tiny_llava,
+    "gemma3": make_tiny_gemma3_vision,
 }
 
 

@@ -10,6 +10,8 @@ imports through the registry like a checkpoint from the Hub.
   merged patches; images up to ``max_pixels`` become a few dozen tokens).
 * :func:`make_tiny_llava` -- ``LlavaForConditionalGeneration`` (a CLIP vision tower, a
   projector and a Llama language model; a fixed number of tokens per image).
+* :func:`make_tiny_gemma3_vision` -- ``Gemma3ForConditionalGeneration`` (a SigLIP tower;
+  image tokens framed by begin/end-of-image tokens, attending to each other both ways).
 * :func:`make_image` -- a deterministic RGB picture as PIL image or encoded bytes.
 """
 
@@ -304,4 +306,102 @@ def make_vision_lora(
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     out = pathlib.Path(out_dir)
     model.save_pretrained(out)
+    return out
+
+
+BOI, EOI, IMAGE_SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+# Gemma 3's template, shortened: images are content parts written as <start_of_image>
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def make_tiny_gemma3_vision(
+    path: str | PathLike[str], seed: int = 0, *, hidden_size: int = 64, num_layers: int = 4
+) -> pathlib.Path:
+    """A tiny Gemma 3 with vision: a 2-layer SigLIP tower over 56x56 images in 14-pixel
+    patches (16 tokens per image, pooled 1:1), and a Gemma 3 language model whose layers
+    alternate sliding (window 32) and full attention; image tokens attend to each other
+    both ways, as Gemma 3 does."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer([BOI, EOI, IMAGE_SOFT], GEMMA3_TEMPLATE)
+    heads = 4
+    layer_types = [
+        "full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(num_layers)
+    ]
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 1,
+            "head_dim": hidden_size // heads,
+            "query_pre_attn_scalar": hidden_size // heads,
+            "sliding_window": 32,
+            "layer_types": layer_types,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=16,
+        boi_token_index=tok.convert_tokens_to_ids(BOI),
+        eoi_token_index=tok.convert_tokens_to_ids(EOI),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_SOFT),
+        architectures=["Gemma3ForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).to(torch.float32).eval()
+    model.config.hidden_size = hidden_size  # _reinit_ scales Gemma's embeddings by it
+    _reinit_(model, torch.Generator().manual_seed(seed), std=0.5)
+    del model.config.hidden_size
+    with torch.no_grad():  # _reinit_ gives norms Gemma's (1 + w) gains; SigLIP's are w
+        for module in model.model.vision_tower.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+    _save(
+        model,
+        tok,
+        out,
+        {
+            "image_processor_type": "Gemma3ImageProcessor",
+            "processor_class": "Gemma3Processor",
+            "do_resize": True,
+            "size": {"height": 56, "width": 56},
+            "resample": 2,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+            "do_convert_rgb": True,
+            "do_pan_and_scan": False,
+        },
+    )
     return out

@@ -16,6 +16,9 @@ from .kv import KVShape, SlotKVCache
 from .sequence import Media, image_key
 from .types import ImageInput
 
+Blocks = list[list[tuple[int, int]]]
+"""Each row's spans of positions (start, end) whose tokens attend to each other both ways."""
+
 # architectures whose every layer attends within config.sliding_window when it is set
 # (transformers' Mistral and Phi-3 masks); others name their sliding layers in layer_types
 WINDOWED_FAMILIES = ("mistral", "phi3")
@@ -72,11 +75,15 @@ class ModelRunner:
                 self.compact.lora = self.lora
         return self.lora
 
-    def _masks(self, positions: torch.Tensor, length: int) -> Any:
+    def _masks(self, positions: torch.Tensor, length: int, blocks: Blocks | None = None) -> Any:
         # positions: [B, q] -> bool masks [B, 1, q, length]; True = attend
         keys = torch.arange(length, device=self.device).view(1, 1, 1, length)
         query = positions.view(positions.shape[0], 1, positions.shape[1], 1)
         full = keys <= query
+        for row, spans in enumerate(blocks or []):
+            for start, end in spans:  # an image's tokens see each other both ways
+                inside = (query[row] >= start) & (query[row] < end)  # [1, q, 1]
+                full[row] |= inside & (keys[0] >= start) & (keys[0] < end)
         if not self.mask_dict:
             if self.window is not None:  # every layer slides (Mistral, Phi-3)
                 return self._windowed(full, keys, query, positions)
@@ -111,12 +118,14 @@ class ModelRunner:
         step: bool = False,
         embeds: torch.Tensor | None = None,
         rope: torch.Tensor | None = None,
+        blocks: Blocks | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [B, q]; attends over ``length`` cached positions; returns
         the last column's logits [B, V]. ``loras``: each row's adapter slot (-1: none);
         ``step``: a decode step (see CompactModel.forward). A prompt with images comes as
         ``embeds`` [B, q, hidden] (its images' embeddings in place), and for an M-RoPE model
-        with its rotary positions ``rope`` ([3, B, q] or [B, q]; ``positions`` stay the cache's)."""
+        with its rotary positions ``rope`` ([3, B, q] or [B, q]; ``positions`` stay the cache's)
+        and, where images attend both ways, each row's image spans ``blocks``."""
         self.cache.bind(slots, positions, length)
         if self.lora is not None:
             self.lora.select(loras)
@@ -135,7 +144,7 @@ class ModelRunner:
                 input_ids=input_ids if embeds is None else None,
                 inputs_embeds=embeds,
                 position_ids=positions if rope is None else rope,
-                attention_mask=self._masks(positions, length),
+                attention_mask=self._masks(positions, length, blocks),
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=keep,
@@ -178,10 +187,10 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
         pos = torch.arange(start, start + len(tokens), device=self.device).view(1, -1)
         length = start + len(tokens)
-        embeds, rope = self._media(ids, [start], [media]) if media is not None else (None, None)
+        embeds, rope, blocks = self._media(ids, [start], [media]) if media else (None, None, None)
         keep = 0 if all_logits else 1
         logits = self.forward(
-            [slot], ids, pos, length, keep=keep, loras=[lora], embeds=embeds, rope=rope
+            [slot], ids, pos, length, keep, [lora], embeds=embeds, rope=rope, blocks=blocks
         )
         return logits[0] if all_logits else logits
 
@@ -215,20 +224,23 @@ class ModelRunner:
             pos[row, pad:] = torch.arange(start, start + len(prompt))
         length = max(start + len(p) for p, start in zip(prompts, starts))
         ids, pos = ids.to(self.device), pos.to(self.device)
-        embeds, rope = None, None
+        embeds, rope, blocks = None, None, None
         if any(m is not None for m in media):
             # a row's first column sits at its start, whatever its left padding
             firsts = [start - (width - len(p)) for p, start in zip(prompts, starts)]
-            embeds, rope = self._media(ids, firsts, media)
-        return self.forward(slots, ids, pos, length, loras=loras, embeds=embeds, rope=rope)
+            embeds, rope, blocks = self._media(ids, firsts, media)
+        return self.forward(
+            slots, ids, pos, length, loras=loras, embeds=embeds, rope=rope, blocks=blocks
+        )
 
     # ------------------------------------------------------------ images
 
     def _media(
         self, ids: torch.Tensor, firsts: list[int], media: list[Media | None]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Input embeddings for ids [B, q] with the images' embeddings in place, and for an
-        M-RoPE model the rotary positions [3, B, q]; row i's column c is prompt position
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Blocks | None]:
+        """Input embeddings for ids [B, q] with the images' embeddings in place, for an
+        M-RoPE model the rotary positions [3, B, q], and where an image's tokens attend to
+        each other both ways each row's image spans; row i's column c is prompt position
         firsts[i] + c (columns before 0 are padding)."""
         vision = self.vision
         if vision is None:
@@ -261,7 +273,13 @@ class ModelRunner:
                 if high > max(prompt, low):  # generated tokens, fed again after a preemption
                     start = max(prompt, low)
                     rope[:, row, start - first :] += item.delta
-        return embeds, rope
+        blocks = None
+        if vision.bidirectional:
+            blocks = [
+                [(i.start, i.start + i.length) for i in item.images] if item else []
+                for item in media
+            ]
+        return embeds, rope, blocks
 
     def _encode(self, waiting: list[Media]) -> None:
         """The embeddings of every image of these prompts, one encoder pass for all."""

@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..modeling.lora import LoraError
 from .adapters import AdapterSlots
 from .faults import adapter_error
-from .prefix import NO_REUSE, PrefixCache, Reuse
+from .prefix import MIN_COPY, NO_REUSE, PrefixCache, Reuse
 from .runner import ModelRunner
 from .sequence import AdapterWait, Sequence, wants_prompt_scores
 from .stats import EngineStats
@@ -54,6 +54,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.by_slot: dict[int, Sequence] = {}
         self.prefix = PrefixCache(runner.cache)
+        self.vision = runner.vision  # a vision model's family (its images' needs)
         self.adapter_waits: deque[AdapterWait] = deque()
 
     @property
@@ -111,7 +112,15 @@ class Scheduler:
         if wants_prompt_scores(seq):
             return NO_REUSE
         running = [(s.slot, s.held(), s.adapter_key) for s in self.by_slot.values() if s.cached > 0]
-        return self.prefix.find(seq.prefill_key, seq.adapter_key, running)
+        reuse = self.prefix.find(seq.prefill_key, seq.adapter_key, running)
+        vision = self.vision
+        if reuse.length and seq.media is not None and vision is not None and vision.bidirectional:
+            # an image whose tokens see each other both ways is computed whole or reused whole
+            length = seq.media.cut(reuse.length, forward=False)
+            if length != reuse.length:
+                short = length == 0 or (reuse.running and length < MIN_COPY)
+                reuse = NO_REUSE if short else replace(reuse, length=length)
+        return reuse
 
     def _admit_many(self, ready: list[Sequence], plan: StepPlan) -> None:
         budget = self.prefill_chunk

@@ -33,6 +33,15 @@ class Media:
     rope: torch.Tensor | None = None
     delta: int = 0
 
+    def cut(self, end: int, forward: bool) -> int:
+        """``end`` moved out of any image it falls inside: past the image (``forward``)
+        or back to its start. For images whose tokens attend to each other both ways,
+        which must go through one forward."""
+        for image in self.images:
+            if image.start < end < image.start + image.length:
+                return image.start + image.length if forward else image.start
+        return end
+
 
 def image_key(prompt: list[int], images: list[ImageInput]) -> list[int]:
     """The prompt as the prefix cache compares it (see Media)."""

@@ -165,7 +165,11 @@ class ModelWorker:
         target = seq.prefill_ids
         scoring = wants_prompt_scores(seq)
         size = min(self.prefill_chunk, PROMPT_SCORE_CHUNK) if scoring else self.prefill_chunk
-        chunk = target[seq.prefilled : seq.prefilled + size]
+        stop = seq.prefilled + size
+        vision = self.runner.vision
+        if seq.media is not None and vision is not None and vision.bidirectional:
+            stop = seq.media.cut(stop, forward=True)  # an image goes in one forward
+        chunk = target[seq.prefilled : stop]
 
         def forward(rows: list[Sequence]) -> torch.Tensor:
             if not scoring:

@@ -5,7 +5,8 @@ its language model rotates by. The language model itself runs as any other (runn
 
 A family is chosen from the model's recorded architecture, never guessed: Qwen2-VL and
 Qwen2.5-VL (patches merged 2x2, 3-D rotary positions), LLaVA 1.5 (a CLIP tower and a
-projector, a fixed number of tokens per image, plain positions).
+projector, a fixed number of tokens per image, plain positions), Gemma 3 (a SigLIP tower
+pooled to a fixed number of tokens that attend to each other both ways).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class VisionFamily:
     """What the engine and the chat layer need from one vision-language family."""
 
     mrope = False  # rotary positions are [3, L] (temporal, height, width), not [L]
+    bidirectional = False  # an image's tokens attend to each other both ways (one forward)
 
     def __init__(self, config: Any, processor: Any = None) -> None:
         self.config = config
@@ -126,7 +128,35 @@ class Llava(VisionFamily):
         return list(out.pooler_output)
 
 
-FAMILIES: dict[str, type[VisionFamily]] = {"qwen2_vl": Qwen2VL, "llava": Llava}
+class Gemma3(VisionFamily):
+    """Gemma 3: a SigLIP tower over a fixed-size image, pooled to ``mm_tokens_per_image``
+    tokens framed by begin/end-of-image tokens and blank lines; an image's tokens attend to
+    each other both ways."""
+
+    bidirectional = True
+
+    def prepare(self, processor: Any, image: Any) -> Prepared:
+        out = processor(images=[image], do_pan_and_scan=False, return_tensors="pt")
+        return Prepared({"pixel_values": out["pixel_values"]}, int(self.config.mm_tokens_per_image))
+
+    def placeholder(self, tokenizer: Any) -> str:
+        return str(tokenizer.convert_ids_to_tokens(int(self.config.boi_token_id)))
+
+    def expansion(self, tokenizer: Any, prepared: Prepared) -> str:
+        begin = tokenizer.convert_ids_to_tokens(int(self.config.boi_token_id))
+        end = tokenizer.convert_ids_to_tokens(int(self.config.eoi_token_id))
+        image = tokenizer.convert_ids_to_tokens(self.image_token)
+        return f"\n\n{begin}{image * prepared.length}{end}\n\n"
+
+    def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        inner = backbone(model).model
+        weight = inner.multi_modal_projector.mm_input_projection_weight
+        pixels = torch.cat([i["pixel_values"] for i in images]).to(weight.device, weight.dtype)
+        out = inner.get_image_features(pixel_values=pixels, return_dict=True)
+        return list(out.pooler_output)  # [n, tokens, hidden] -> each [tokens, hidden]
+
+
+FAMILIES: dict[str, type[VisionFamily]] = {"qwen2_vl": Qwen2VL, "llava": Llava, "gemma3": Gemma3}
 
 
 def vision_family(architecture: str, config: Any, processor: Any = None) -> VisionFamily | None:

@@ -55,6 +55,7 @@ VISION_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "LlavaForConditionalGeneration": "llava",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_JSON_BYTES = 64 << 20
@@ -370,6 +371,12 @@ def _add_text_layers(
 # modules at run time (and peft names adapter weights) as below. Pairs: (disk, run time).
 RUNTIME_PREFIXES = {
     "qwen2_vl": (("model.", "model.language_model."), ("visual.", "model.visual.")),
+    "gemma3": (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ),
     "llava": (
         ("language_model.model.", "model.language_model."),
         ("language_model.lm_head.", "lm_head."),
