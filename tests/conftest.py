@@ -56,7 +56,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_vision_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny vision-language model directories (tests/vision_factory.py), once per session."""
-    from tests.vision_factory import make_tiny_gemma3_vision, make_tiny_llava, make_tiny_qwen2_vl
+    from tests.vision_factory import (
+        make_tiny_gemma3_vision,
+        make_tiny_idefics3,
+        make_tiny_llava,
+        make_tiny_qwen2_vl,
+    )
 
     root = tmp_path_factory.mktemp("tiny-vision")
     return {
@@ -64,6 +69,7 @@ def tiny_vision_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
         "qwen2_5_vl": make_tiny_qwen2_vl(root / "qwen2_5_vl", version="2.5"),
         "llava": make_tiny_llava(root / "llava"),
         "gemma3": make_tiny_gemma3_vision(root / "gemma3"),
+        "idefics3": make_tiny_idefics3(root / "idefics3"),
     }
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ollama_compact_server.chat.vision import ImagePlan, with_images
+from ollama_compact_server.chat.vision import ImagePlan, as_parts, with_images
 from ollama_compact_server.engine.config import EngineConfig, ModelSource
 from ollama_compact_server.engine.local import LocalEngine
 from ollama_compact_server.engine.loop import DeviceLoop
@@ -29,10 +29,11 @@ from ollama_compact_server.engine.types import (
     ImageInput,
     SamplingParams,
 )
-from ollama_compact_server.modeling.vision import VisionFamily, vision_family
+from ollama_compact_server.modeling.vision import Idefics3, Qwen2VL, VisionFamily, vision_family
 from tests.vision_factory import (
     make_image,
     make_tiny_gemma3_vision,
+    make_tiny_idefics3,
     make_tiny_llava,
     make_tiny_qwen2_vl,
 )
@@ -59,6 +60,8 @@ MAKERS = {
     "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
     "llava": make_tiny_llava,
     "gemma3": make_tiny_gemma3_vision,
+    "idefics3": make_tiny_idefics3,
+    "smolvlm": functools.partial(make_tiny_idefics3, smolvlm=True),
 }
 
 
@@ -97,7 +100,7 @@ def engine(loaded: LoadedModel):
 def prompt(
     loaded: LoadedModel, family: VisionFamily, text: str, pictures: list[Picture]
 ) -> tuple[list[int], list[ImageInput]]:
-    message = with_images({"role": "user", "content": text}, len(pictures))
+    message = as_parts(with_images({"role": "user", "content": text}, len(pictures)))
     rendered = loaded.tokenizer.apply_chat_template(
         [message], tokenize=False, add_generation_prompt=True
     )
@@ -111,7 +114,11 @@ def reference(loaded: LoadedModel, ids: list[int], images: list[ImageInput], n: 
     tokens = torch.tensor([ids])
     extra: dict[str, Any] = {}
     if images:
-        extra = {k: torch.cat([i.pixels[k] for i in images]) for k in images[0].pixels}
+        tiled = "pixel_attention_mask" in images[0].pixels  # Idefics3: [1, tiles, ...]
+        extra = {
+            k: torch.cat([i.pixels[k] for i in images], dim=1 if tiled else 0)
+            for k in images[0].pixels
+        }
         image = tokens == loaded.model.config.image_token_id
         if "image_grid_thw" in extra:  # Qwen2-VL's generate wants the token types too
             extra["mm_token_type_ids"] = image.int()
@@ -147,9 +154,9 @@ async def test_an_image_prompt_equals_transformers_generate(
     engine: LocalEngine, loaded: LoadedModel, family: VisionFamily
 ) -> None:
     ids, images = prompt(loaded, family, "What is in this picture?", [picture(1)])
-    assert images[0].length == 16 and len(ids) > CONFIG.prefill_chunk  # spans prefill chunks
-    first, last = images[0].start, images[0].start + images[0].length - 1
-    assert first // CONFIG.prefill_chunk != last // CONFIG.prefill_chunk  # an image spans two
+    assert sum(i.length for i in images) == 16 + 4 * isinstance(family, Idefics3)
+    assert len(ids) > CONFIG.prefill_chunk  # spans prefill chunks, and an image spans two
+    assert any(i.start // 16 != (i.start + i.length - 1) // 16 for i in images)
     tokens, final = await generate(engine, ids, images)
     assert tokens == reference(loaded, ids, images, 12)
     assert final.prompt_tokens == len(ids)
@@ -160,8 +167,10 @@ async def test_two_images_in_one_prompt(
 ) -> None:
     pics = [picture(2), picture(3, 168, 84)]
     ids, images = prompt(loaded, family, "Compare them.", pics)
-    # Qwen2-VL: 168x84 resizes to 168x56, 12x4 patches; LLaVA: a 56x56 crop of each
-    assert [i.length for i in images] == ([16, 10] if family.mrope else [16, 16])
+    # Qwen2-VL: 168x84 resizes to 168x56, 12x4 patches; LLaVA, Gemma 3: 56x56 each;
+    # Idefics3: 2x2 tiles and the whole, then 1x2 tiles and the whole, 4 tokens each
+    expected = {Qwen2VL: [16, 10], Idefics3: [4] * 8}.get(type(family), [16, 16])
+    assert [i.length for i in images] == expected
     tokens, _ = await generate(engine, ids, images)
     assert tokens == reference(loaded, ids, images, 12)
 

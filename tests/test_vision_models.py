@@ -34,6 +34,7 @@ from tests.test_vision_engine import prompt as render
 from tests.vision_factory import (
     make_image,
     make_tiny_gemma3_vision,
+    make_tiny_idefics3,
     make_tiny_llava,
     make_tiny_qwen2_vl,
     make_vision_lora,
@@ -44,6 +45,8 @@ MAKERS = {
     "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
     "llava": make_tiny_llava,
     "gemma3": make_tiny_gemma3_vision,
+    "idefics3": make_tiny_idefics3,
+    "smolvlm": functools.partial(make_tiny_idefics3, smolvlm=True),
 }
 
 
@@ -59,7 +62,7 @@ def test_a_vision_folder_imports_with_its_processor(registry: Registry, vision_d
     vision = load_vision(registry, record)
     assert vision is not None and vision.processor is not None
     prepared = vision.prepare(vision.processor, make_image(fmt=None))
-    assert prepared.length > 0
+    assert prepared and all(run.length > 0 for run in prepared)
     model = load_causal_lm(registry, record)
     assert type(model).__name__ == record.config.architecture
 
@@ -137,9 +140,10 @@ def test_a_compressed_vision_model_keeps_its_tower_and_answers_images(
         for n, m in model.named_modules()
         if type(m).__name__.endswith("Linear") and type(m).__name__ != "Linear"
     }
-    assert compressed and all("language_model" in n or n == "lm_head" for n in compressed)
+    language = ("language_model", "text_model")
+    assert compressed and all(any(p in n for p in language) or n == "lm_head" for n in compressed)
     towers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert towers and all("language_model" not in n for n in towers)
+    assert towers and all(not any(p in n for p in language) for n in towers)
     vision = load_vision(registry, record)
     loaded = LoadedModel(model, load_tokenizer(registry, record), stop_ids=set())
     ids, images = render(loaded, vision, "What is in this picture?", [picture(11)])
@@ -163,7 +167,7 @@ def test_a_compressed_vision_model_keeps_its_tower_and_answers_images(
     assert len(replies[0]) == 8 and replies[0] != replies[1]
 
 
-LANGUAGE_ONLY = r".*language_model.*\.(q_proj|v_proj)"
+LANGUAGE_ONLY = r".*(language_model|text_model).*\.(q_proj|v_proj)"
 
 
 async def test_a_lora_adapter_on_a_vision_model_answers_images_as_peft(

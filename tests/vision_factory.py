@@ -405,3 +405,105 @@ def make_tiny_gemma3_vision(
         },
     )
     return out
+
+
+IDEFICS_IMAGE, AROUND, GLOBAL, END_OF_UTTERANCE = (
+    "<image>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+)
+ROW_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+# Idefics3's template as shipped: content is always a list of parts
+IDEFICS3_TEMPLATE = (
+    "<bos>{% for message in messages %}{{ message['role'].capitalize() }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def make_tiny_idefics3(
+    path: str | PathLike[str],
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    smolvlm: bool = False,
+) -> pathlib.Path:
+    """A tiny Idefics3 (``smolvlm``: SmolVLM, the same design): pictures scaled to at most
+    112 pixels and cut into 56-pixel tiles (rows x columns, plus the whole picture at 56),
+    each tile through a 2-layer SigLIP tower in 14-pixel patches, pixel-shuffled 2x2 into 4
+    tokens, then a Llama."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
+
+    config_class = SmolVLMConfig if smolvlm else Idefics3Config
+    model_class = SmolVLMForConditionalGeneration if smolvlm else Idefics3ForConditionalGeneration
+    kind = "SmolVLM" if smolvlm else "Idefics3"
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(
+        [IDEFICS_IMAGE, AROUND, GLOBAL, END_OF_UTTERANCE, *ROW_COLS], IDEFICS3_TEMPLATE
+    )
+    config = config_class(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+        },
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids(IDEFICS_IMAGE),
+        tie_word_embeddings=False,
+        architectures=[model_class.__name__],
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32).eval()
+    _reinit_(model, torch.Generator().manual_seed(seed), std=0.5)
+    _save(
+        model,
+        tok,
+        out,
+        {
+            "image_processor_type": f"{kind}ImageProcessor",
+            "processor_class": f"{kind}Processor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"longest_edge": 112},
+            "resample": 1,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+            "do_pad": True,
+            "do_image_splitting": True,
+            "max_image_size": {"longest_edge": 56},
+        },
+    )
+    return out

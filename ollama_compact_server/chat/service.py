@@ -45,7 +45,7 @@ from .templates import plain_chat, render
 from .thinking import ThinkSplitter
 from .toolcalls import ToolFormat, ToolStream, forced_call, tool_format
 from .turn import ChatRequest, Running, ToolChoice, Turn, check_roles
-from .vision import ImagePlan, with_images
+from .vision import ImagePlan, as_parts, with_images
 
 if TYPE_CHECKING:  # torch: imported only where a vision model is served
     from ..modeling.vision import VisionFamily
@@ -268,6 +268,8 @@ class ChatService:
             ]
             if view.system and not any(m["role"] == "system" for m in history[:1]):
                 history = [{"role": "system", "content": view.system}, *history]
+            if "vision" in view.record.config.capabilities:
+                history = [as_parts(m) for m in history]
             plan = ImagePlan(vision, tokenizer, pictures) if vision is not None else None
             ids = self._encode(view, tokenizer, history, tools, think, plan)
             if plan is not None:
@@ -287,6 +289,8 @@ class ChatService:
             for prompt in request.prompts:
                 history = [{"role": "system", "content": system}] if system else []
                 history.append(with_images({"role": "user", "content": prompt}, counts[None]))
+                if "vision" in view.record.config.capabilities:
+                    history = [as_parts(m) for m in history]
                 plan = ImagePlan(vision, tokenizer, pictures) if vision is not None else None
                 ids = self._encode(view, tokenizer, history, None, think, plan)
                 context = request.context or []

@@ -7,6 +7,7 @@ tensors their encoder takes. Runs off the event loop (the image processor is CPU
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +39,15 @@ def with_images(message: dict[str, Any], count: int) -> dict[str, Any]:
     return {**message, "content": parts}
 
 
+def as_parts(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose text content becomes a list of parts, the form vision models'
+    templates are written for (some, as Idefics3's, read nothing else)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return message
+    return {**message, "content": [{"type": "text", "text": content or ""}]}
+
+
 class ImagePlan:
     """One prompt's pictures through the model's processor: ``text`` expands the rendered
     template's placeholders, ``inputs`` finds the images in the token ids."""
@@ -48,7 +58,7 @@ class ImagePlan:
         self.family = family
         self.tokenizer = tokenizer
         self.pictures = list(pictures)
-        self.prepared: list[Prepared] = [
+        self.prepared: list[list[Prepared]] = [
             family.prepare(family.processor, p.image) for p in self.pictures
         ]
 
@@ -74,18 +84,22 @@ class ImagePlan:
 
     def inputs(self, ids: list[int]) -> list[ImageInput]:
         """The images at their positions: each run of image tokens, in order, as long as
-        its image fills."""
+        its image (or tile) fills; a tile's digest is its picture's with its number."""
         token = self.family.image_token
         out: list[ImageInput] = []
         at = 0
-        for picture, prepared in zip(self.pictures, self.prepared):
-            while at < len(ids) and ids[at] != token:
-                at += 1
-            span = ids[at : at + prepared.length]
-            if len(span) != prepared.length or any(t != token for t in span):
-                raise ChatError("the prompt's image tokens do not match the images")
-            out.append(ImageInput(picture.sha256, at, prepared.length, prepared.pixels))
-            at += prepared.length
+        for picture, runs in zip(self.pictures, self.prepared):
+            for number, run in enumerate(runs):
+                while at < len(ids) and ids[at] != token:
+                    at += 1
+                span = ids[at : at + run.length]
+                if len(span) != run.length or any(t != token for t in span):
+                    raise ChatError("the prompt's image tokens do not match the images")
+                digest = picture.sha256
+                if number:
+                    digest = hashlib.sha256(f"{digest}:{number}".encode()).hexdigest()
+                out.append(ImageInput(digest, at, run.length, run.pixels))
+                at += run.length
         if token in ids[at:]:
             raise ChatError("the prompt's image tokens do not match the images")
         return out

@@ -57,7 +57,7 @@ def language_modules(model: nn.Module) -> set[int]:
     text model. A vision tower and its projector stay as they are: the encoder's weights
     are a small share of the model and its features are sensitive to rounding."""
     inner = getattr(model, "model", None)
-    language = getattr(inner, "language_model", None)
+    language = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
     if getattr(getattr(model, "config", None), "vision_config", None) is None:
         return {id(m) for m in model.modules()}
     if not isinstance(language, nn.Module):

@@ -21,10 +21,12 @@ from ..registry.importers import VISION_ARCHITECTURES
 
 @dataclass(slots=True)
 class Prepared:
-    """One picture made ready for a family's encoder (on the CPU, off the event loop)."""
+    """One run of a picture's tokens made ready for a family's encoder (on the CPU, off the
+    event loop): the whole picture for most families, one tile of it for Idefics3."""
 
-    pixels: dict[str, torch.Tensor]  # the processor's tensors for this image alone
-    length: int  # placeholder tokens it fills in the prompt
+    pixels: dict[str, torch.Tensor]  # the processor's tensors for this run alone
+    length: int  # image tokens it fills in the prompt
+    grid: tuple[int, int] = (0, 0)  # a tiled picture's rows and columns (on its first run)
 
 
 class VisionFamily:
@@ -43,17 +45,21 @@ class VisionFamily:
             raise ValueError("the model's config names no image token")
         self.image_token = int(token)
 
-    def prepare(self, processor: Any, image: Any) -> Prepared:  # pragma: no cover - abstract
+    def prepare(self, processor: Any, image: Any) -> list[Prepared]:
+        """The picture's runs of image tokens, in prompt order."""
+        return [self.whole(processor, image)]
+
+    def whole(self, processor: Any, image: Any) -> Prepared:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def placeholder(self, tokenizer: Any) -> str:
         """The token text the chat template writes for an image."""
         return str(tokenizer.convert_ids_to_tokens(self.image_token))
 
-    def expansion(self, tokenizer: Any, prepared: Prepared) -> str:
+    def expansion(self, tokenizer: Any, runs: list[Prepared]) -> str:
         """What the processor puts in its place: the image's tokens (and for some
         families text around them)."""
-        return str(tokenizer.convert_ids_to_tokens(self.image_token)) * prepared.length
+        return str(tokenizer.convert_ids_to_tokens(self.image_token)) * runs[0].length
 
     def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Each image's embeddings [length, hidden], one encoder pass for all of them."""
@@ -77,7 +83,7 @@ class Qwen2VL(VisionFamily):
 
     mrope = True
 
-    def prepare(self, processor: Any, image: Any) -> Prepared:
+    def whole(self, processor: Any, image: Any) -> Prepared:
         out = processor(images=[image], return_tensors="pt")
         grid = out["image_grid_thw"]  # [1, 3]
         merge = int(self.config.vision_config.spatial_merge_size)
@@ -106,7 +112,7 @@ class Llava(VisionFamily):
     """LLaVA 1.5: a CLIP tower over a fixed-size crop, a projector into the language
     model; one token per patch (and the CLS token with the "full" strategy)."""
 
-    def prepare(self, processor: Any, image: Any) -> Prepared:
+    def whole(self, processor: Any, image: Any) -> Prepared:
         pixels = processor(images=[image], return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
         patch = int(self.config.vision_config.patch_size)
         length = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
@@ -135,18 +141,18 @@ class Gemma3(VisionFamily):
 
     bidirectional = True
 
-    def prepare(self, processor: Any, image: Any) -> Prepared:
+    def whole(self, processor: Any, image: Any) -> Prepared:
         out = processor(images=[image], do_pan_and_scan=False, return_tensors="pt")
         return Prepared({"pixel_values": out["pixel_values"]}, int(self.config.mm_tokens_per_image))
 
     def placeholder(self, tokenizer: Any) -> str:
         return str(tokenizer.convert_ids_to_tokens(int(self.config.boi_token_id)))
 
-    def expansion(self, tokenizer: Any, prepared: Prepared) -> str:
+    def expansion(self, tokenizer: Any, runs: list[Prepared]) -> str:
         begin = tokenizer.convert_ids_to_tokens(int(self.config.boi_token_id))
         end = tokenizer.convert_ids_to_tokens(int(self.config.eoi_token_id))
         image = tokenizer.convert_ids_to_tokens(self.image_token)
-        return f"\n\n{begin}{image * prepared.length}{end}\n\n"
+        return f"\n\n{begin}{image * runs[0].length}{end}\n\n"
 
     def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         inner = backbone(model).model
@@ -156,7 +162,56 @@ class Gemma3(VisionFamily):
         return list(out.pooler_output)  # [n, tokens, hidden] -> each [tokens, hidden]
 
 
-FAMILIES: dict[str, type[VisionFamily]] = {"qwen2_vl": Qwen2VL, "llava": Llava, "gemma3": Gemma3}
+class Idefics3(VisionFamily):
+    """Idefics3 and SmolVLM: a large picture is cut into tiles (rows x columns, each
+    written with its <row_i_col_j> tag) plus the whole picture scaled down, each tile a run
+    of tokens from a SigLIP tower whose patches a pixel shuffle merges."""
+
+    def prepare(self, processor: Any, image: Any) -> list[Prepared]:
+        out = processor(images=[[image]], return_tensors="pt", return_row_col_info=True)
+        pixels = out["pixel_values"][0]  # [tiles, 3, H, W]: row-major tiles, then the whole
+        mask = out.get("pixel_attention_mask")
+        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        vision = self.config.vision_config
+        length = int((vision.image_size // vision.patch_size) ** 2 / self.config.scale_factor**2)
+        runs = []
+        for tile in range(pixels.shape[0]):
+            part = {"pixel_values": pixels[tile : tile + 1].unsqueeze(0)}  # [1, 1, 3, H, W]
+            if mask is not None:
+                part["pixel_attention_mask"] = mask[0][tile : tile + 1].unsqueeze(0)
+            runs.append(Prepared(part, length, (rows, cols) if tile == 0 else (0, 0)))
+        return runs
+
+    def expansion(self, tokenizer: Any, runs: list[Prepared]) -> str:
+        image = str(tokenizer.convert_ids_to_tokens(self.image_token)) * runs[0].length
+        around, whole = "<fake_token_around_image>", "<global-img>"
+        rows, cols = runs[0].grid
+        text = ""
+        for row in range(rows):
+            for col in range(cols):
+                text += f"{around}<row_{row + 1}_col_{col + 1}>{image}"
+            text += "\n"
+        return text + ("\n" if rows else "") + f"{around}{whole}{image}{around}"
+
+    def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        inner = backbone(model).model
+        # each tile its own row: [tiles, 1, 3, H, W]; a blank tile (all zeros) would be
+        # dropped as padding and fail the runner's length check
+        pixels = torch.cat([i["pixel_values"] for i in images]).to(inner.device)
+        masks = [i["pixel_attention_mask"] for i in images if "pixel_attention_mask" in i]
+        mask = torch.cat(masks).to(inner.device) if len(masks) == len(images) else None
+        out = inner.get_image_features(
+            pixel_values=pixels, pixel_attention_mask=mask, return_dict=True
+        )
+        return list(out.pooler_output)  # each [tokens, hidden]
+
+
+FAMILIES: dict[str, type[VisionFamily]] = {
+    "qwen2_vl": Qwen2VL,
+    "llava": Llava,
+    "gemma3": Gemma3,
+    "idefics3": Idefics3,
+}
 
 
 def vision_family(architecture: str, config: Any, processor: Any = None) -> VisionFamily | None:

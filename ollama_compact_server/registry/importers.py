@@ -56,6 +56,8 @@ VISION_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "LlavaForConditionalGeneration": "llava",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_JSON_BYTES = 64 << 20
@@ -384,7 +386,13 @@ RUNTIME_PREFIXES = {
         ("multi_modal_projector.", "model.multi_modal_projector."),
     ),
 }
-TOWER_PREFIXES = ("model.visual.", "model.vision_tower.", "model.multi_modal_projector.")
+TOWER_PREFIXES = (
+    "model.visual.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "model.vision_model.",  # Idefics3 / SmolVLM
+    "model.connector.",
+)
 
 
 def runtime_names(shapes: dict[str, TensorInfo], family: str | None) -> dict[str, TensorInfo]:
