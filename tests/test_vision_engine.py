@@ -29,12 +29,19 @@ from ollama_compact_server.engine.types import (
     ImageInput,
     SamplingParams,
 )
-from ollama_compact_server.modeling.vision import Idefics3, Qwen2VL, VisionFamily, vision_family
+from ollama_compact_server.modeling.vision import (
+    Idefics3,
+    LlavaNext,
+    Qwen2VL,
+    VisionFamily,
+    vision_family,
+)
 from tests.vision_factory import (
     make_image,
     make_tiny_gemma3_vision,
     make_tiny_idefics3,
     make_tiny_llava,
+    make_tiny_llava_next,
     make_tiny_qwen2_vl,
 )
 
@@ -59,6 +66,7 @@ MAKERS = {
     "qwen2_vl": make_tiny_qwen2_vl,
     "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
     "llava": make_tiny_llava,
+    "llava_next": make_tiny_llava_next,
     "gemma3": make_tiny_gemma3_vision,
     "idefics3": make_tiny_idefics3,
     "smolvlm": functools.partial(make_tiny_idefics3, smolvlm=True),
@@ -154,7 +162,8 @@ async def test_an_image_prompt_equals_transformers_generate(
     engine: LocalEngine, loaded: LoadedModel, family: VisionFamily
 ) -> None:
     ids, images = prompt(loaded, family, "What is in this picture?", [picture(1)])
-    assert sum(i.length for i in images) == 16 + 4 * isinstance(family, Idefics3)
+    total = {Idefics3: 20, LlavaNext: 88}.get(type(family), 16)  # tiles; crops and newlines
+    assert sum(i.length for i in images) == total
     assert len(ids) > CONFIG.prefill_chunk  # spans prefill chunks, and an image spans two
     assert any(i.start // 16 != (i.start + i.length - 1) // 16 for i in images)
     tokens, final = await generate(engine, ids, images)
@@ -169,7 +178,10 @@ async def test_two_images_in_one_prompt(
     ids, images = prompt(loaded, family, "Compare them.", pics)
     # Qwen2-VL: 168x84 resizes to 168x56, 12x4 patches; LLaVA, Gemma 3: 56x56 each;
     # Idefics3: 2x2 tiles and the whole, then 1x2 tiles and the whole, 4 tokens each
-    expected = {Qwen2VL: [16, 10], Idefics3: [4] * 8}.get(type(family), [16, 16])
+    # LLaVA-NeXT: 2x2 crops (64 patches, 8 newlines) and 1x2 (32, 4), with 16 each whole
+    expected = {Qwen2VL: [16, 10], Idefics3: [4] * 8, LlavaNext: [88, 52]}.get(
+        type(family), [16, 16]
+    )
     assert [i.length for i in images] == expected
     tokens, _ = await generate(engine, ids, images)
     assert tokens == reference(loaded, ids, images, 12)

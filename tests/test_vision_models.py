@@ -36,6 +36,7 @@ from tests.vision_factory import (
     make_tiny_gemma3_vision,
     make_tiny_idefics3,
     make_tiny_llava,
+    make_tiny_llava_next,
     make_tiny_qwen2_vl,
     make_vision_lora,
 )
@@ -44,6 +45,7 @@ MAKERS = {
     "qwen2_vl": make_tiny_qwen2_vl,
     "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
     "llava": make_tiny_llava,
+    "llava_next": make_tiny_llava_next,
     "gemma3": make_tiny_gemma3_vision,
     "idefics3": make_tiny_idefics3,
     "smolvlm": functools.partial(make_tiny_idefics3, smolvlm=True),

@@ -507,3 +507,77 @@ def make_tiny_idefics3(
         },
     )
     return out
+
+
+def make_tiny_llava_next(
+    path: str | PathLike[str], seed: int = 0, *, hidden_size: int = 64, num_layers: int = 2
+) -> pathlib.Path:
+    """A tiny LLaVA-NeXT: 56-pixel crops on a grid of 56 or 112 pixels a side, a 2-layer
+    CLIP tower in 14-pixel patches, a Llama; a picture fills 16 tokens for its whole view
+    plus its crops' unpadded patches and a newline per row."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer([LLAVA_IMAGE], LLAVA_TEMPLATE)
+    grid = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    config = LlavaNextConfig(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+            "projection_dim": 32,
+        },
+        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        architectures=["LlavaNextForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
+    _reinit_(model, torch.Generator().manual_seed(seed), std=0.5)
+    _save(
+        model,
+        tok,
+        out,
+        {
+            "image_processor_type": "LlavaNextImageProcessor",
+            "processor_class": "LlavaNextProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": 56},
+            "do_center_crop": True,
+            "crop_size": {"height": 56, "width": 56},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_convert_rgb": True,
+            "do_pad": True,
+            "image_grid_pinpoints": grid,
+            "resample": 3,
+        },
+    )
+    return out

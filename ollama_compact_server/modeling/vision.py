@@ -5,7 +5,8 @@ its language model rotates by. The language model itself runs as any other (runn
 
 A family is chosen from the model's recorded architecture, never guessed: Qwen2-VL and
 Qwen2.5-VL (patches merged 2x2, 3-D rotary positions), LLaVA 1.5 (a CLIP tower and a
-projector, a fixed number of tokens per image, plain positions), Gemma 3 (a SigLIP tower
+projector, a fixed number of tokens per image, plain positions) and LLaVA-NeXT (crops at
+the best grid resolution, packed), Gemma 3 (a SigLIP tower
 pooled to a fixed number of tokens that attend to each other both ways).
 """
 
@@ -134,6 +135,53 @@ class Llava(VisionFamily):
         return list(out.pooler_output)
 
 
+class LlavaNext(Llava):
+    """LLaVA-NeXT (1.6): the picture at the grid resolution that fits it best, cut into
+    crops beside a view of the whole, packed without the padding and with a newline
+    embedding after each row: how many tokens depends on the picture's size."""
+
+    def whole(self, processor: Any, image: Any) -> Prepared:
+        out = processor(images=[image], return_tensors="pt")
+        pixels, sizes = out["pixel_values"], out["image_sizes"]  # [1, crops, 3, H, W], [1, 2]
+        height, width = int(sizes[0][0]), int(sizes[0][1])
+        length = self._tokens(height, width, pixels.shape[-2], pixels.shape[-1])
+        return Prepared({"pixel_values": pixels[0], "image_sizes": sizes}, length)
+
+    def _tokens(self, height: int, width: int, crop_height: int, crop_width: int) -> int:
+        """As LlavaNextProcessor counts them: the base view's patches, the crops' patches
+        with the padding taken off, and a newline per row of them."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        best_height, best_width = select_best_resolution(
+            (height, width), self.config.image_grid_pinpoints
+        )
+        patch = int(self.config.vision_config.patch_size)
+        rows, cols = crop_height // patch, crop_width // patch
+        current_height = rows * (best_height // crop_height)
+        current_width = cols * (best_width // crop_width)
+        if width / height > current_width / current_height:
+            scaled = int(round(height * (current_width / width), 7))
+            current_height -= ((current_height - scaled) // 2) * 2
+        else:
+            scaled = int(round(width * (current_height / height), 7))
+            current_width -= ((current_width - scaled) // 2) * 2
+        count = current_height * current_width + current_height + rows * cols
+        return count + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    def encode(self, model: Any, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        inner = backbone(model).model
+        weight = inner.multi_modal_projector.linear_1.weight
+        pixels = torch.cat([i["pixel_values"] for i in images]).to(weight.device, weight.dtype)
+        out = inner.get_image_features(
+            pixel_values=pixels,  # every image's crops, one after another
+            image_sizes=torch.cat([i["image_sizes"] for i in images]),
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return list(out.pooler_output)
+
+
 class Gemma3(VisionFamily):
     """Gemma 3: a SigLIP tower over a fixed-size image, pooled to ``mm_tokens_per_image``
     tokens framed by begin/end-of-image tokens and blank lines; an image's tokens attend to
@@ -209,6 +257,7 @@ class Idefics3(VisionFamily):
 FAMILIES: dict[str, type[VisionFamily]] = {
     "qwen2_vl": Qwen2VL,
     "llava": Llava,
+    "llava_next": LlavaNext,
     "gemma3": Gemma3,
     "idefics3": Idefics3,
 }
