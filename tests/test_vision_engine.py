@@ -239,3 +239,32 @@ async def test_placeholders_that_do_not_match_the_images_are_refused(
         assert refused.value.status == 400
     tokens, _ = await generate(engine, ids, images, 4)  # the engine still serves
     assert tokens == reference(loaded, ids, images, 4)
+
+
+async def test_a_preempted_image_request_resumes_with_the_same_reply(
+    engine: LocalEngine, loaded: LoadedModel, family: VisionFamily
+) -> None:
+    """Out of memory in a decode step: the youngest request steps back and later prefills
+    its prompt (images again) and what it generated (rotary offsets included), then goes
+    on with the reply it would have given."""
+    await generate(engine, *prompt(loaded, family, "Warm up.", []), 1)  # loads the model
+    runner = engine.device_loop.workers["vl"].runner
+    real = runner.decode
+    together: list[int] = []
+    fired: list[int] = []
+
+    def decode(slots, tokens, positions, loras=None, offsets=None):  # type: ignore[no-untyped-def]
+        together.append(len(slots))
+        if not fired and together.count(2) == 3:  # both rows a few tokens in
+            fired.append(len(slots))
+            raise RuntimeError("out of memory (injected)")
+        return real(slots, tokens, positions, loras, offsets)
+
+    runner.decode = decode  # type: ignore[method-assign]
+    cases = [
+        prompt(loaded, family, "Describe it.", [picture(30)]),
+        prompt(loaded, family, "What colour is it?", [picture(31, 84, 56)]),
+    ]
+    expected = [reference(loaded, ids, images, 10) for ids, images in cases]
+    results = await asyncio.gather(*(generate(engine, ids, im, 10) for ids, im in cases))
+    assert fired and [tokens for tokens, _ in results] == expected
