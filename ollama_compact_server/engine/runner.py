@@ -289,15 +289,15 @@ class ModelRunner:
         images = [image for item in waiting for image in item.images]
         with torch.inference_mode():
             features = vision.encode(self.model, [image.pixels for image in images])
+        for image, made in zip(images, features, strict=True):
+            if made.shape[0] != image.length:
+                raise ValueError(
+                    f"an image gave {made.shape[0]} embeddings for {image.length} positions"
+                )
         at = 0
         for item in waiting:
             item.features = features[at : at + len(item.images)]
             at += len(item.images)
-            for image, made in zip(item.images, item.features):
-                if made.shape[0] != image.length:
-                    raise ValueError(
-                        f"an image gave {made.shape[0]} embeddings for {image.length} positions"
-                    )
 
     def media_for(self, prompt: list[int], images: list[ImageInput]) -> Media:
         """A prompt's images checked against its placeholders, with the cache's key and an

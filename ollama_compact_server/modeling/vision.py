@@ -1,13 +1,15 @@
 """Vision-language families: what each needs to turn a decoded picture into the tensors its
-vision encoder takes and a count of placeholder tokens (off the device thread, in the chat
-layer), and, on the device, the encoder run over several images at once and the positions
-its language model rotates by. The language model itself runs as any other (runner.py).
+vision encoder takes and a count of image tokens (off the device thread, in the chat layer),
+and, on the device, the encoder run over several images at once and the positions its
+language model rotates by. The language model itself runs as any other (runner.py).
 
-A family is chosen from the model's recorded architecture, never guessed: Qwen2-VL and
-Qwen2.5-VL (patches merged 2x2, 3-D rotary positions), LLaVA 1.5 (a CLIP tower and a
-projector, a fixed number of tokens per image, plain positions) and LLaVA-NeXT (crops at
-the best grid resolution, packed), Gemma 3 (a SigLIP tower
-pooled to a fixed number of tokens that attend to each other both ways).
+A family is chosen from the model's recorded architecture, never guessed:
+
+- Qwen2-VL and Qwen2.5-VL: patches merged 2x2, 3-D rotary positions;
+- LLaVA 1.5: a CLIP tower and a projector, a fixed number of tokens per image;
+- LLaVA-NeXT: crops at the grid resolution that fits the picture best, packed;
+- Gemma 3: a SigLIP tower pooled to a fixed number of tokens that attend both ways;
+- Idefics3 and SmolVLM: tiles of the picture and the whole, each a run of tokens.
 """
 
 from __future__ import annotations
