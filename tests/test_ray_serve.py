@@ -268,7 +268,7 @@ async def test_requests_for_a_model_keep_their_replica(cluster: str) -> None:
     import asyncio
 
     async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
-        for model in ("pirate", "tiny"):
+        for model in ("pirate", "tiny", "poet"):
             r = await client.post(
                 "/api/generate",
                 json={"model": model, "prompt": "Hi", "stream": False, "options": OPTIONS},
@@ -277,7 +277,7 @@ async def test_requests_for_a_model_keep_their_replica(cluster: str) -> None:
         await asyncio.sleep(3)
         seen: dict[str, set[str]] = {}
         for _ in range(4):
-            for model in ("pirate", "tiny"):
+            for model in ("pirate", "tiny", "poet"):
                 r = await client.post(
                     "/api/generate",
                     json={"model": model, "prompt": "Hi", "stream": False, "options": OPTIONS},
@@ -396,6 +396,32 @@ async def test_ps_metrics_and_tags_describe_the_deployment(cluster: str) -> None
 
         # the replicas' own guards answer a fanned-out request as they do any other
         assert (await client.get("/api/ps", headers={"Host": "evil.example"})).status_code == 403
+
+
+@pytest.mark.ray
+async def test_management_through_one_replica_is_seen_by_all(cluster: str) -> None:
+    """A copy made through the ingress (one replica writes the shared registry) is listed,
+    shown and served by every replica; once deleted, none serves it."""
+    async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
+        r = await client.post("/api/copy", json={"source": "tiny", "destination": "twin"})
+        assert r.status_code == 200, r.text
+        try:
+            listed: set[str] = set()
+            for _ in range(40):  # until both replicas have answered (the router picks)
+                r = await client.get("/api/tags")
+                assert "twin:latest" in {m["name"] for m in r.json()["models"]}
+                listed.add(r.headers[REPLICA_HEADER])
+                if len(listed) == 2:
+                    break
+            assert len(listed) == 2  # both see it
+            r = await ask_generate(client, "twin")
+            assert r.status_code == 200 and r.json()["response"], r.text
+        finally:
+            r = await client.request("DELETE", "/api/delete", json={"model": "twin"})
+            assert r.status_code == 200, r.text
+        for _ in range(4):
+            r = await ask_generate(client, "twin")
+            assert r.status_code == 404, r.text
 
 
 @pytest.mark.ray
