@@ -130,14 +130,15 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.select(loras)
         try:
-            if self.compact is not None and embeds is None and rope is None:
+            if self.compact is not None and rope is None:
                 logits = self.compact.forward(
                     input_ids,
                     positions,
-                    self._masks(positions, length),
+                    self._masks(positions, length, blocks),
                     self.cache,
                     keep,
                     step=step,
+                    embeds=embeds,
                 )
                 return logits[:, -1, :] if keep == 1 else logits
             out = self.model(

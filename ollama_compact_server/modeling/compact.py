@@ -179,15 +179,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class CompactModel:
-    """A transformers causal LM of one of :data:`FAMILIES`, run by one function."""
+    """A transformers causal LM of one of :data:`FAMILIES`, run by one function; or the
+    language model of a vision-language model (``backbone``: its decoder, ``prefix``: the
+    decoder's module path, which adapters name)."""
 
-    def __init__(self, model: Any) -> None:
-        config: Any = model.config
+    def __init__(self, model: Any, backbone: Any = None, prefix: str = "model") -> None:
+        backbone = backbone if backbone is not None else model.model
+        config: Any = backbone.config
         self.model = model
         self.config = config
         self.family = str(config.model_type)
         gemma = self.family == "gemma3_text"
-        backbone: Any = model.model
         self.embed = backbone.embed_tokens
         self.final_norm = Norm(backbone.norm, gemma)
         self.rotary = backbone.rotary_emb
@@ -219,13 +221,13 @@ class CompactModel:
         self.layers: list[Layer] = []
         for i, block in enumerate(backbone.layers):
             attn, mlp = block.self_attn, block.mlp
-            prefix = f"model.layers.{i}"
+            path = f"{prefix}.layers.{i}"
             if self.family == "phi3":
-                qkv = [Projection([f"{prefix}.self_attn.qkv_proj"], [attn.qkv_proj])]
-                gate_up = [Projection([f"{prefix}.mlp.gate_up_proj"], [mlp.gate_up_proj])]
+                qkv = [Projection([f"{path}.self_attn.qkv_proj"], [attn.qkv_proj])]
+                gate_up = [Projection([f"{path}.mlp.gate_up_proj"], [mlp.gate_up_proj])]
             else:
-                qkv = projection(f"{prefix}.self_attn", attn, ("q_proj", "k_proj", "v_proj"))
-                gate_up = projection(f"{prefix}.mlp", mlp, ("gate_proj", "up_proj"))
+                qkv = projection(f"{path}.self_attn", attn, ("q_proj", "k_proj", "v_proj"))
+                gate_up = projection(f"{path}.mlp", mlp, ("gate_proj", "up_proj"))
             has_qk_norm = hasattr(attn, "q_norm")
             self.layers.append(
                 Layer(
@@ -368,6 +370,7 @@ class CompactModel:
         keep: int = 1,
         hidden_only: bool = False,
         step: bool = False,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [B, q]; ``masks``: a bool mask [B, 1, q, L] or one per layer
         type; ``cache``: the bound slot KV cache. Returns the logits of the last ``keep``
@@ -376,8 +379,9 @@ class CompactModel:
         ``step``: a decode step (one new token per row), which the C decode step may run.
         Prompt tokens always take the torch path, even one alone (the rest of a prompt whose
         beginning the cache held): its last-bit results then do not depend on how much of
-        the prompt was cached, and a reply is the same with or without prefix reuse."""
-        h = self.embed(input_ids)  # [B, q, hidden]
+        the prompt was cached, and a reply is the same with or without prefix reuse.
+        ``embeds``: the input embeddings instead of the ids' (a prompt with images)."""
+        h = self.embed(input_ids) if embeds is None else embeds  # [B, q, hidden]
         batch, length = input_ids.shape
         kernel = self._kernel(cache, h) if step and length == 1 else None
         if kernel is not None:
@@ -435,17 +439,28 @@ class CompactModel:
 
 
 def compact_for(model: Any) -> CompactModel | None:
-    """The compact forward of ``model``, or None for an architecture it does not cover (or
-    any layer it cannot run: it says why once, and transformers' modules serve instead)."""
-    config = getattr(model, "config", None)
+    """The compact forward of ``model`` (of a vision-language model, of its language model),
+    or None for an architecture it does not cover (or any layer it cannot run: it says why
+    once, and transformers' modules serve instead)."""
+    backbone, prefix = getattr(model, "model", None), "model"
+    if getattr(getattr(model, "config", None), "vision_config", None) is not None:
+        for name in ("language_model", "text_model"):  # LLaVA, Gemma 3; Idefics3, SmolVLM
+            if hasattr(backbone, name):
+                backbone, prefix = getattr(backbone, name), f"model.{name}"
+                break
+        else:
+            return None
+        if not hasattr(model, "lm_head"):
+            return None
+    config = getattr(backbone, "config", None)
     family = getattr(config, "model_type", None)
-    if family not in FAMILIES or not hasattr(model, "model"):
+    if family not in FAMILIES or backbone is None:
         return None
     if getattr(config, "attn_logit_softcapping", None):
         log.info("%s: attention softcapping is not compiled in; transformers serves it", family)
         return None
     try:
-        return CompactModel(model)
+        return CompactModel(model, backbone, prefix)
     except (TypeError, AttributeError) as exc:
         log.info("%s: compact forward unavailable (%s); transformers serves it", family, exc)
         return None
