@@ -239,3 +239,13 @@ async def test_image_tokens_a_user_types_stay_text(
     # with no image at all, typed tokens are text and the engine takes the prompt
     alone = await service.prepare(ChatRequest(model="vl", messages=[Message("user", typed + soft)]))
     assert placeholder not in alone.prompts[0] and token not in alone.prompts[0]
+
+
+async def test_images_with_a_raw_prompt_are_refused(served: Served) -> None:
+    """A raw prompt has no template to place images with: a 400 before the engine."""
+    data = base64.b64encode(PHOTO).decode()
+    r = await served.raw.post(
+        "/api/generate",
+        json={"model": "vl", "prompt": "Hi", "raw": True, "images": [data], "stream": False},
+    )
+    assert r.status_code == 400 and "without raw" in r.json()["error"]
