@@ -41,6 +41,32 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def test_traffic_over_more_models_than_fit_always_finishes(
+    tiny_models: dict[str, Path],
+) -> None:
+    """Three models, room for two, requests for all three in flight at once: every request
+    ends. (A model whose load had just finished looked idle until its waiting requests were
+    queued, so the next waiting load could evict it under them: they never ended. Found by
+    benchmarks/bench_scale.py.)"""
+    import random
+
+    engine = make_engine(tiny_models, max_loaded_models=2)
+    rng = random.Random(0)
+    models = [rng.choice(["llama", "qwen2", "gemma3"]) for _ in range(48)]
+    gate = asyncio.Semaphore(6)
+
+    async def one(model: str) -> FinishReason | None:
+        async with gate:
+            _, _, final = await collect(engine, request(model, PROMPTS[0], greedy(6)))
+            return final.finish_reason
+
+    try:
+        reasons = await asyncio.wait_for(asyncio.gather(*(one(m) for m in models)), 120)
+    finally:
+        engine.close()
+    assert reasons == [FinishReason.LENGTH] * len(models)
+
+
 async def test_lru_eviction_never_touches_a_busy_model(tiny_models: dict[str, Path]) -> None:
     engine = make_engine(tiny_models, max_loaded_models=2)
     try:

@@ -129,6 +129,7 @@ class DeviceLoop:
         loaded, ready = self.residency.collect()
         for worker, item in ready:
             self._enqueue(worker, item, worker.load_time)
+        self.residency.retry()  # after the new models' requests are queued: they are busy
         worked = loaded or worked
         for worker in list(self.workers.values()):
             try:

@@ -115,7 +115,8 @@ class Residency:
 
     def collect(self) -> tuple[bool, list[tuple[ModelWorker, Pending]]]:
         """Finished loads become resident; the requests that waited for a failed load end
-        with its error. Returns (anything happened, the requests now ready for a worker)."""
+        with its error. Returns (anything happened, the requests now ready for a worker);
+        the caller queues them, then calls :meth:`retry`."""
         worked = False
         ready: list[tuple[ModelWorker, Pending]] = []
         for name, future in list(self.loads.items()):
@@ -138,10 +139,15 @@ class Residency:
                 continue
             self.workers[name] = worker
             ready.extend((worker, item) for item in waiting)
-        for name in list(self.pending):  # loads that waited for room
+        return worked, ready
+
+    def retry(self) -> None:
+        """Starts the loads that waited for room, if there is room now. Called once the
+        requests of newly loaded models are in their workers: a model whose requests are
+        not yet queued looks idle, and making room here would evict it under them."""
+        for name in list(self.pending):
             if name not in self.loads and self.pending[name]:
                 self._start_load(name)
-        return worked, ready
 
     # ------------------------------------------------------------ making room
 
