@@ -134,3 +134,16 @@ async def test_api_key_guards_every_route_but_the_probes(tmp_path: Path) -> None
                     assert isinstance(error, dict) == path.startswith("/v1/"), path
             ok = await c.get("/api/tags", headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200
+
+
+async def test_a_copy_answers_under_its_own_name(
+    client: httpx.AsyncClient, registry: Registry, tiny_models: dict[str, Path]
+) -> None:
+    """A copy has the same manifest as its source; its replies still name the copy."""
+    import_hf_dir(registry, tiny_models["llama"], "tiny")
+    r = await client.post("/api/copy", json={"source": "tiny", "destination": "twin"})
+    assert r.status_code == 200
+    for name in ("tiny:latest", "twin:latest"):
+        body = {"model": name, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
+        r = await client.post("/api/generate", json=body)
+        assert r.status_code == 200 and r.json()["model"] == name, r.text

@@ -97,7 +97,9 @@ class ChatService:
             record = self.registry.get(parsed)
         except RegistryModelNotFound:
             raise ModelNotFound(parsed.display()) from None
-        view = self._views.get(record.digest)
+        # by name and manifest: a copy (same manifest, another name) answers as itself
+        key = f"{record.name.display()}@{record.digest}"
+        view = self._views.get(key)
         if view is None:
             view = ModelView(
                 record=record,
@@ -107,7 +109,7 @@ class ChatService:
                 messages=self.registry.messages(record),
             )
             self._views = {k: v for k, v in self._views.items() if v.record.name != record.name}
-            self._views[record.digest] = view
+            self._views[key] = view
         return view
 
     async def tokenizer(self, view: ModelView) -> Any:
