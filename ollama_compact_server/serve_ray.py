@@ -8,7 +8,9 @@ deploys two Serve deployments:
   replica) and forwards the request, headers unchanged (Host, Origin, Authorization: the app's
   own guards run on the replica), to a ``Replica`` through a DeploymentHandle with
   ``multiplexed_model_id=model``: Ray Serve's model multiplexing sends it to a replica that
-  already holds that model, a new model to the least loaded one.
+  already holds that model, a new model to the least loaded one. ``OCS_RAY_ROUTING=round_robin``
+  forwards without a model id instead (Serve's model-blind default: the baseline of
+  ``benchmarks/bench_scale.py``).
 - ``Replica`` runs our real app in process (``create_app`` with its own engine, its lifespan
   started once) and executes the forwarded request against it through ASGI, streaming the
   response back chunk by chunk (NDJSON and SSE pass through as they are produced) with its
@@ -180,13 +182,19 @@ def build_app(
     replicas: int = 1,
     overrides: dict[str, Any] | None = None,
     replica_cpus: float = 1.0,
+    routing: str | None = None,
 ) -> Any:
-    """The Serve application (``serve.run`` it): ``replicas`` daemon replicas behind one ingress."""
+    """The Serve application (``serve.run`` it): ``replicas`` daemon replicas behind one ingress.
+    ``routing`` (else ``OCS_RAY_ROUTING``): ``"model"`` forwards with the request's model as the
+    multiplexed model id; ``"round_robin"`` without one (Serve's default replica choice)."""
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import Response, StreamingResponse
 
-    settings = load_settings(**(overrides or {}))
+    settings = load_settings(
+        **{**(overrides or {}), **({"ray_routing": routing} if routing else {})}
+    )
+    by_model = settings.ray_routing == "model"
     max_models = settings.max_loaded_models + settings.max_loras
 
     @serve.deployment(
@@ -226,7 +234,7 @@ def build_app(
 
         async def __call__(self, request: Request) -> Response:
             body = await request.body()
-            model = model_of(request.method, body)
+            model = model_of(request.method, body) if by_model else ""
             forwarded = {
                 "method": request.method,
                 "path": request.url.path,
