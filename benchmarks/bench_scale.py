@@ -96,7 +96,10 @@ class Run:
 
     @property
     def replicas_per_model(self) -> float:
-        return statistics.mean(len(r) for r in self.served.values()) if self.served else 0.0
+        """Replicas that answered each model's requests (a request that got no answer, "?",
+        names none), averaged over the models."""
+        counts = [len(set(r) - {"?"}) for r in self.served.values()]
+        return statistics.mean(counts) if counts else 0.0
 
 
 # ------------------------------------------------------------------------------ cluster

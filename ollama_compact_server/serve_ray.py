@@ -227,7 +227,14 @@ def build_app(
         async def __del__(self) -> None:
             await self.server.stop()
 
-    @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # Serve's default max_ongoing_requests (5) would cap the whole deployment at 5 requests
+    # in flight (streams hold theirs to the end): the ingress takes what the replicas take
+    @serve.deployment(
+        name="Ingress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=64 * replicas,
+    )
     class Ingress:
         def __init__(self, replica: Any) -> None:
             self.replica = replica
