@@ -10,6 +10,8 @@ deploys two Serve deployments:
   ``multiplexed_model_id`` the registry's name for that model: Ray Serve's model multiplexing
   sends it to a replica that already holds that model, a new model to the least loaded one.
   A name the registry lacks (or none) gets no id: any replica, which answers its 404.
+  ``OCS_RAY_ROUTING=round_robin`` forwards without a model id instead (Serve's model-blind
+  default: the baseline of ``benchmarks/bench_scale.py``).
 - ``Replica`` runs our real app in process (``create_app`` with its own engine, its lifespan
   started with the replica: Serve routes to it, and its health check passes, only once the
   engine runs) and executes the forwarded request against it through ASGI, streaming the
@@ -90,13 +92,19 @@ def build_app(
     replicas: int = 1,
     overrides: dict[str, Any] | None = None,
     replica_cpus: float = 1.0,
+    routing: str | None = None,
 ) -> Any:
-    """The Serve application (``serve.run`` it): ``replicas`` daemon replicas behind one ingress."""
+    """The Serve application (``serve.run`` it): ``replicas`` daemon replicas behind one ingress.
+    ``routing`` (else ``OCS_RAY_ROUTING``): ``"model"`` forwards with the request's model as the
+    multiplexed model id; ``"round_robin"`` without one (Serve's default replica choice)."""
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import Response, StreamingResponse
 
-    settings = load_settings(**(overrides or {}))
+    settings = load_settings(
+        **{**(overrides or {}), **({"ray_routing": routing} if routing else {})}
+    )
+    by_model = settings.ray_routing == "model"
     max_models = settings.max_loaded_models + settings.max_loras
 
     @serve.deployment(
@@ -144,7 +152,14 @@ def build_app(
         async def __del__(self) -> None:
             await self.server.stop()
 
-    @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # Serve's default max_ongoing_requests (5) would cap the whole deployment at 5 requests
+    # in flight (streams hold theirs to the end): the ingress takes what the replicas take
+    @serve.deployment(
+        name="Ingress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=64 * replicas,
+    )
     class Ingress:
         def __init__(self, replica: Any) -> None:
             from .app import create_app
@@ -178,7 +193,9 @@ def build_app(
             forwarded["body"] = body
             if request.method == "GET" and path in FANNED_OUT:
                 return await self.fan_out(path, forwarded)
-            model = await asyncio.to_thread(model_id, self.registry, request.method, body)
+            model = ""
+            if by_model:
+                model = await asyncio.to_thread(model_id, self.registry, request.method, body)
             handle = self.replica.options(multiplexed_model_id=model, stream=True)
             stream = handle.handle.remote(forwarded)
             return await respond(stream, stream.cancel)

@@ -82,6 +82,7 @@ def parse_host(value: str | None) -> HostAddress:
 _DEVICE_RE = re.compile(r"(auto|cpu|cuda|cuda:[0-9]{1,2})")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_RAY_ROUTINGS = ("model", "round_robin")
 
 
 def default_home() -> Path:
@@ -258,6 +259,12 @@ class Settings(BaseSettings):
         None,
         description="Folder for the compiled CPU kernels (unset: ~/.cache/ollama-compact/kernels).",
     )
+    ray_routing: str = Field(
+        "model",
+        description="serve --ray: how the ingress picks a replica. model: the request's model "
+        "is Ray Serve's multiplexed model id (a replica that holds it); round_robin: no model "
+        "id, Serve's default choice (the shorter queue of two replicas), a baseline.",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 
@@ -368,6 +375,14 @@ class Settings(BaseSettings):
     def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("the API key must not be empty")
+        return value
+
+    @field_validator("ray_routing")
+    @classmethod
+    def _check_ray_routing(cls, value: str) -> str:
+        value = value.strip().lower().replace("-", "_")
+        if value not in _RAY_ROUTINGS:
+            raise ValueError(f"unknown routing {value!r} (use {', '.join(_RAY_ROUTINGS)})")
         return value
 
     @field_validator("log_level")

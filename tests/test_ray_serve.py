@@ -122,6 +122,70 @@ def fake_default_package(root: Path) -> Path:
     return root
 
 
+@pytest.mark.parametrize("routing", ["model", "round_robin"])
+async def test_the_routing_switch_sets_the_multiplexed_model_id(
+    routing: str, registry: Registry
+) -> None:
+    """OCS_RAY_ROUTING / build_app(routing=...): the ingress forwards with the request's model as
+    the multiplexed model id, or with none (Serve's model-blind default, the benchmark's
+    baseline). The ingress class is driven directly, with a fake replica handle."""
+    from starlette.requests import Request
+
+    from ollama_compact_server.ingress import model_id
+    from ollama_compact_server.serve_ray import build_app
+
+    overrides = {"import_default": False, "models": str(registry.root)}
+    app = build_app(2, overrides, routing=routing)
+    ingress_class = app._bound_deployment.func_or_class
+    seen: dict[str, object] = {}
+
+    class Stream:
+        def __init__(self) -> None:
+            self.items = iter([{"status": 200, "headers": []}, b"ok"])
+
+        def __aiter__(self) -> Stream:
+            return self
+
+        async def __anext__(self) -> object:
+            try:
+                return next(self.items)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+        def cancel(self) -> None:
+            pass
+
+    class Handle:
+        def options(self, **kwargs: object) -> Handle:
+            seen.update(kwargs)
+            return self
+
+        @property
+        def handle(self) -> Handle:
+            return self
+
+        def remote(self, request: dict) -> Stream:
+            return Stream()
+
+    body = json.dumps({"model": "tiny", "prompt": "Hi"}).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/generate",
+        "query_string": b"",
+        "headers": [],
+        "server": ("127.0.0.1", 80),
+    }
+    response = await ingress_class(Handle())(Request(scope, receive))
+    assert response.status_code == 200
+    expected = model_id(registry, "POST", body) if routing == "model" else ""
+    assert seen["multiplexed_model_id"] == expected and (expected or routing != "model")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
