@@ -61,18 +61,27 @@ def model_of(method: str, body: bytes) -> str:
 
 
 def model_id(registry: Registry, method: str, body: bytes) -> str:
-    """The multiplexed model id of a request: the registry's own name for the model it names
-    (``Pirate`` and ``pirate:latest`` are both ``pirate``), so one model is one id; empty (any
-    replica, no id) for a name the registry lacks, which the replica answers with its 404.
-    A flood of made-up names thus never churns the replicas' resident sets."""
+    """The multiplexed model id of a request: the registry's own name for the base model it
+    runs on (``Pirate`` and ``pirate:latest`` are both ``pirate``; an adapter model is its
+    base's id), so one resident base model is one id; empty (any replica, no id) for a name
+    the registry lacks, which the replica answers with its 404. A flood of made-up names
+    thus never churns the replicas' resident sets, and a replica's ids are exactly the base
+    models its engine holds: an adapter goes where its base is and takes a slot there
+    (milliseconds), instead of counting as a model of its own."""
     name = model_of(method, body)
     if not name or len(name) > 512:
         return ""
     try:
         stored = registry.resolve(ModelName.parse(name))
+        if stored is None:
+            return ""
+        record = registry.get(stored)
+        if record.is_adapter and record.config.base_model:
+            base = registry.resolve(ModelName.parse(record.config.base_model))
+            return base.display() if base is not None else ""
     except (RegistryError, ValueError, OSError):  # an invalid name, an unreadable folder
         return ""
-    return stored.display() if stored is not None else ""
+    return stored.display()
 
 
 def merge_ps(answers: list[dict[str, Any]]) -> bytes:

@@ -165,7 +165,7 @@ class ReplicaServer:
 
     @property
     def max_models(self) -> int:
-        return self.settings.max_loaded_models + self.settings.max_loras
+        return self.settings.max_loaded_models  # model ids are base models
 
     async def start(self) -> None:
         """The default model (imported once per shared registry: the others wait for the

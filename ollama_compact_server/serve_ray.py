@@ -17,8 +17,9 @@ deploys two Serve deployments:
   engine runs) and executes the forwarded request against it through ASGI, streaming the
   response back chunk by chunk (NDJSON and SSE pass through as they are produced) with its
   status and headers plus ``x-ocs-replica``. Its resident set is bounded like the daemon's:
-  ``max_num_models_per_replica`` is ``OCS_MAX_LOADED_MODELS`` plus the adapter slots
-  (``OCS_MAX_LORAS``); a model Serve evicts is unloaded from the engine.
+  the model ids are base models (an adapter model's requests carry its base's id and take
+  an adapter slot on that replica), ``max_num_models_per_replica`` is
+  ``OCS_MAX_LOADED_MODELS``, and a model Serve evicts is unloaded from the engine.
 
 The registry is shared: every replica reads its settings from the environment as the daemon
 does, so all see one ``OCS_MODELS`` path (a shared volume across machines). Management calls
@@ -105,7 +106,7 @@ def build_app(
         **{**(overrides or {}), **({"ray_routing": routing} if routing else {})}
     )
     by_model = settings.ray_routing == "model"
-    max_models = settings.max_loaded_models + settings.max_loras
+    max_models = settings.max_loaded_models  # ids are base models (ingress.model_id)
 
     @serve.deployment(
         name="Replica",
