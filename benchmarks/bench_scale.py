@@ -18,9 +18,9 @@ mode, each to a freshly deployed application (fresh replicas, nothing loaded):
   replica with the shorter queue, ties at random), the model-blind baseline.
 
 With ``--rounds`` above 1 the modes alternate (model, round_robin, round_robin, model, ...).
-Measured per mode: model loads on each replica (read from each replica's ``/metrics``:
-``ocs_evictions_total + ocs_resident_models``, every model made resident since start; the
-GET is repeated until every replica has answered, told apart by ``x-ocs-replica``), how
+Measured per mode: model loads on each replica (read from the deployment's ``/metrics``, which
+the ingress merges from every replica with a ``replica`` label: ``ocs_evictions_total +
+ocs_resident_models``, every model made resident since start), how
 many replicas served each model, time to first token p50 / p99 (client side, from sending
 the request to the first NDJSON line with text) and the wall time of the whole mix.
 
@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import random
-import re
 import shlex
 import socket
 import statistics
@@ -182,13 +181,12 @@ def undeploy() -> None:
     serve.delete("scale")
 
 
-_METRIC = re.compile(r"^(ocs_evictions_total|ocs_resident_models) ([0-9.e+]+)$", re.M)
-
-
 async def loads_per_replica(client: httpx.AsyncClient, replicas: int) -> dict[str, int]:
     """Every model made resident on each replica since it started (evictions plus resident
-    models), read from each replica's /metrics; GETs are repeated until all have answered
-    (at most 100 times: a replica that never answers is missing from the result)."""
+    models), from the deployment's /metrics: the ingress merges every replica's series,
+    labelled ``replica``. Asked again (at most 100 times) until every replica is in it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     loads: dict[str, int] = {}
     for _ in range(100):
         try:
@@ -196,10 +194,12 @@ async def loads_per_replica(client: httpx.AsyncClient, replicas: int) -> dict[st
         except httpx.TimeoutException:
             continue
         r.raise_for_status()
-        values = {name: float(value) for name, value in _METRIC.findall(r.text)}
-        loads[r.headers["x-ocs-replica"]] = int(
-            values.get("ocs_evictions_total", 0) + values.get("ocs_resident_models", 0)
-        )
+        loads = {}
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                if sample.name in ("ocs_evictions_total", "ocs_resident_models"):
+                    replica = sample.labels.get("replica", "?")
+                    loads[replica] = loads.get(replica, 0) + int(sample.value)
         if len(loads) == replicas:
             break
     else:
