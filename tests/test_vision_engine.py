@@ -6,7 +6,6 @@ images apart by content; a prompt whose placeholders do not match its images is 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import io
 import itertools
@@ -37,12 +36,8 @@ from ollama_compact_server.modeling.vision import (
     vision_family,
 )
 from tests.vision_factory import (
+    MAKERS,
     make_image,
-    make_tiny_gemma3_vision,
-    make_tiny_idefics3,
-    make_tiny_llava,
-    make_tiny_llava_next,
-    make_tiny_qwen2_vl,
 )
 
 _ids = itertools.count()
@@ -60,17 +55,6 @@ class Picture:
 def picture(seed: int, width: int = 112, height: int = 112) -> Picture:
     data = make_image(width, height, seed=seed)
     return Picture(Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha256(data).hexdigest())
-
-
-MAKERS = {
-    "qwen2_vl": make_tiny_qwen2_vl,
-    "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
-    "llava": make_tiny_llava,
-    "llava_next": make_tiny_llava_next,
-    "gemma3": make_tiny_gemma3_vision,
-    "idefics3": make_tiny_idefics3,
-    "smolvlm": functools.partial(make_tiny_idefics3, smolvlm=True),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))

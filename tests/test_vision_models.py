@@ -6,7 +6,6 @@ processor settings is refused, and a vision model answers text-only requests lik
 from __future__ import annotations
 
 import asyncio
-import functools
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,24 +31,11 @@ from ollama_compact_server.settings import Settings
 from tests.test_vision_engine import CONFIG, generate, picture, reference
 from tests.test_vision_engine import prompt as render
 from tests.vision_factory import (
+    MAKERS,
     make_image,
-    make_tiny_gemma3_vision,
-    make_tiny_idefics3,
     make_tiny_llava,
-    make_tiny_llava_next,
-    make_tiny_qwen2_vl,
     make_vision_lora,
 )
-
-MAKERS = {
-    "qwen2_vl": make_tiny_qwen2_vl,
-    "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
-    "llava": make_tiny_llava,
-    "llava_next": make_tiny_llava_next,
-    "gemma3": make_tiny_gemma3_vision,
-    "idefics3": make_tiny_idefics3,
-    "smolvlm": functools.partial(make_tiny_idefics3, smolvlm=True),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))

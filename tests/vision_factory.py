@@ -17,6 +17,7 @@ imports through the registry like a checkpoint from the Hub.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pathlib
@@ -70,6 +71,25 @@ def _tokenizer(extra: list[str], template: str) -> Any:
     tok.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS[4:], *extra]})
     tok.chat_template = template
     return tok
+
+
+def _llama_text(tok: Any, hidden_size: int, num_layers: int) -> dict[str, Any]:
+    """The Llama language model of the LLaVA and Idefics3 families."""
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
 
 
 def _save(model: Any, tok: Any, out: pathlib.Path, preprocessor: dict[str, Any]) -> None:
@@ -223,21 +243,7 @@ def make_tiny_llava(
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer([LLAVA_IMAGE], LLAVA_TEMPLATE)
     config = LlavaConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 2048,
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": False,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
+        text_config=_llama_text(tok, hidden_size, num_layers),
         vision_config={
             "model_type": "clip_vision_model",
             "hidden_size": 32,
@@ -454,21 +460,7 @@ def make_tiny_idefics3(
         [IDEFICS_IMAGE, AROUND, GLOBAL, END_OF_UTTERANCE, *ROW_COLS], IDEFICS3_TEMPLATE
     )
     config = config_class(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 2048,
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": False,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
+        text_config=_llama_text(tok, hidden_size, num_layers),
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -523,21 +515,7 @@ def make_tiny_llava_next(
     tok = _tokenizer([LLAVA_IMAGE], LLAVA_TEMPLATE)
     grid = [[56, 56], [56, 112], [112, 56], [112, 112]]
     config = LlavaNextConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 2048,
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": False,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
+        text_config=_llama_text(tok, hidden_size, num_layers),
         vision_config={
             "model_type": "clip_vision_model",
             "hidden_size": 32,
@@ -581,3 +559,15 @@ def make_tiny_llava_next(
         },
     )
     return out
+
+
+MAKERS = {
+    "qwen2_vl": make_tiny_qwen2_vl,
+    "qwen2_5_vl": functools.partial(make_tiny_qwen2_vl, version="2.5"),
+    "llava": make_tiny_llava,
+    "llava_next": make_tiny_llava_next,
+    "gemma3": make_tiny_gemma3_vision,
+    "idefics3": make_tiny_idefics3,
+    "smolvlm": functools.partial(make_tiny_idefics3, smolvlm=True),
+}
+"""Every tiny vision family, by name: ``MAKERS[name](path)`` builds it."""
